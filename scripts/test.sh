@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: installs libtorch if needed (scripts/setup-libtorch.sh), then
+# checks formatting and lints and runs every unit and integration test.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup-libtorch.sh
+cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
+cargo test --all-targets -- --test-threads=2

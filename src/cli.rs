@@ -1,0 +1,44 @@
+//! Command-line arguments shared by every binary.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::config::Config;
+use crate::device::DeviceArg;
+
+/// `--device` and `--verbose`, which every command takes.
+#[derive(Debug, Clone, Args)]
+pub struct RuntimeArgs {
+    /// Compute device: auto (first CUDA GPU if any, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(DeviceArg))]
+    pub device: DeviceArg,
+    /// Debug-level logging (RUST_LOG, when set, takes precedence).
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+impl clap::builder::ValueParserFactory for DeviceArg {
+    type Parser = fn(&str) -> Result<DeviceArg, String>;
+    fn value_parser() -> Self::Parser {
+        |s| s.parse()
+    }
+}
+
+/// `--config FILE` and repeated `--set key=value`.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// Experiment YAML file (see configs/pascal_split0.yaml for every key).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Override a config key, in YAML syntax: --set shot=5 --set ppm_scales=[30,15]. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+impl ConfigArgs {
+    /// Reads and validates the configuration.
+    pub fn load(&self) -> anyhow::Result<Config> {
+        Ok(Config::load(&self.config, &self.overrides)?)
+    }
+}

@@ -1,0 +1,530 @@
+//! The experiment configuration: one flat YAML file per run with PFENet's key names, typed, with
+//! PFENet's PASCAL defaults, validated once at start-up. `--set key=value` overrides any key.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration could not be used. Every variant names the file or key and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; check the path given to --config")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("--set {arg}: {message}")]
+    Override { arg: String, message: String },
+    #[error("config key `{key}` ({source_name}): {message}")]
+    Invalid {
+        key: &'static str,
+        source_name: String,
+        message: String,
+    },
+}
+
+/// Mixed-precision mode for CUDA runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Amp {
+    /// Full float32 everywhere (the reference).
+    #[default]
+    None,
+    /// bfloat16 autocast on CUDA; ignored on CPU.
+    Bf16,
+}
+
+/// Every key of a run. Field names are PFENet's where PFENet has the key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    // --- data ---
+    /// Dataset root; list entries are relative to it.
+    pub data_root: PathBuf,
+    /// Training list (`JPEGImages/x.jpg SegmentationClassAug/x.png` per line).
+    pub train_list: PathBuf,
+    /// Validation list.
+    pub val_list: PathBuf,
+    /// COCO-20i instead of PASCAL-5i.
+    pub use_coco: bool,
+    /// COCO fold scheme i+1, i+5, ..., i+77 (true) or 20i+1..20i+20 (false).
+    pub use_split_coco: bool,
+    /// Fold index, 0..=3.
+    pub split: usize,
+    /// Support images per episode (K).
+    pub shot: usize,
+    /// Training crop height; `(train_h - 1) % 8 == 0`.
+    pub train_h: i64,
+    /// Training crop width; `(train_w - 1) % 8 == 0`.
+    pub train_w: i64,
+    /// Validation canvas size; `(val_size - 1) % 8 == 0`.
+    pub val_size: i64,
+    pub scale_min: f64,
+    pub scale_max: f64,
+    /// Rotation range in degrees.
+    pub rotate_min: f64,
+    pub rotate_max: f64,
+    /// Loader worker threads.
+    pub workers: usize,
+    /// Training episodes per epoch; `null` = one per query image of the train list (the reference).
+    pub train_episodes: Option<usize>,
+    /// Validation episodes during training.
+    pub val_episodes: usize,
+    /// Compare predictions with the original-size label (the reference's `ori_resize`).
+    pub ori_resize: bool,
+
+    // --- model ---
+    /// ResNet depth: 18 or 34 (basic blocks, for tests and the CPU demo), 50 or 101 (PSPNet v2).
+    pub layers: usize,
+    /// VGG16-BN backbone instead of ResNet.
+    pub vgg: bool,
+    /// Channel width multiplier of the backbone (1.0 = the standard widths; smaller for tests).
+    pub backbone_width: f64,
+    /// Pretrained full-rank backbone weights (safetensors, PSPNet or PFENet names); `null` = random.
+    pub backbone_weights: Option<PathBuf>,
+    /// Whole-model weights to start from (safetensors), e.g. a previous run's checkpoint.
+    pub weight: Option<PathBuf>,
+    /// Head width (PFENet's `reduce_dim`).
+    pub reduce_dim: i64,
+    /// Pyramid bins of the PFENet head.
+    pub ppm_scales: Vec<i64>,
+
+    // --- SVF ---
+    /// Decompose layer0..layer4 by SVD and train only `vector_S` of layer2..layer4.
+    pub svf: bool,
+    pub svf_rank_ratio: f64,
+    /// Rank rounded down to a multiple of this (4 = the reference; 1 = exact decomposition).
+    pub svf_rank_multiple: usize,
+    pub svf_skip_1x1: bool,
+    pub svf_skip_3x3: bool,
+    /// Parameter-name prefixes of convolutions left full-rank (e.g. `layer0.0`).
+    pub svf_exclude: Vec<String>,
+    /// Keep backbone BatchNorm in eval mode (BAM); `false` reproduces PFENet's drifting statistics.
+    pub fix_bn: bool,
+
+    // --- optimisation ---
+    pub batch_size: usize,
+    pub batch_size_val: usize,
+    pub base_lr: f64,
+    /// LR multiplier of the head's parameters (the reference's 10x).
+    pub head_lr_scale: f64,
+    pub epochs: usize,
+    /// Poly schedule exponent.
+    pub power: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// Linear warm-up iterations from 0.1 * base_lr; 0 = none.
+    pub warmup_steps: usize,
+    pub aux_weight: f64,
+    pub manual_seed: u64,
+    /// Mixed precision on CUDA.
+    pub amp: Amp,
+
+    // --- run ---
+    /// Run directory: config, log, metrics, checkpoints.
+    pub save_path: PathBuf,
+    /// Log every this many iterations.
+    pub print_freq: usize,
+    /// Write the `last` checkpoint every this many iterations.
+    pub save_freq: usize,
+    /// Validate every this many epochs (0 = never).
+    pub val_freq: usize,
+}
+
+impl Default for Config {
+    /// PFENet's PASCAL-5i split-0 ResNet-50 configuration, with SVF off.
+    fn default() -> Self {
+        Config {
+            data_root: PathBuf::from("data/VOCdevkit2012/VOC2012"),
+            train_list: PathBuf::from("data/lists/pascal/voc_sbd_merge_noduplicate.txt"),
+            val_list: PathBuf::from("data/lists/pascal/val.txt"),
+            use_coco: false,
+            use_split_coco: false,
+            split: 0,
+            shot: 1,
+            train_h: 473,
+            train_w: 473,
+            val_size: 473,
+            scale_min: 0.9,
+            scale_max: 1.1,
+            rotate_min: -10.0,
+            rotate_max: 10.0,
+            workers: 2,
+            train_episodes: None,
+            val_episodes: 1000,
+            ori_resize: true,
+            layers: 50,
+            vgg: false,
+            backbone_width: 1.0,
+            backbone_weights: None,
+            weight: None,
+            reduce_dim: 256,
+            ppm_scales: vec![60, 30, 15, 8],
+            svf: false,
+            svf_rank_ratio: 1.0,
+            svf_rank_multiple: 4,
+            svf_skip_1x1: false,
+            svf_skip_3x3: false,
+            svf_exclude: Vec::new(),
+            fix_bn: true,
+            batch_size: 4,
+            batch_size_val: 1,
+            base_lr: 0.0025,
+            head_lr_scale: 10.0,
+            epochs: 200,
+            power: 0.9,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            warmup_steps: 0,
+            aux_weight: 1.0,
+            manual_seed: 321,
+            amp: Amp::None,
+            save_path: PathBuf::from("runs/pascal_split0"),
+            print_freq: 5,
+            save_freq: 200,
+            val_freq: 1,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies `overrides` (`key=value`, value in YAML syntax) and validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_yaml_str(&text, path, overrides)
+    }
+
+    /// Like [`Config::load`] on text already read; `origin` names the text in messages.
+    pub fn from_yaml_str(
+        text: &str,
+        origin: &Path,
+        overrides: &[String],
+    ) -> Result<Config, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message,
+        };
+        let mut map = match serde_yaml::from_str::<serde_yaml::Value>(text)
+            .map_err(|e| parse_err(e.to_string()))?
+        {
+            serde_yaml::Value::Mapping(m) => m,
+            serde_yaml::Value::Null => serde_yaml::Mapping::new(),
+            _ => return Err(parse_err("expected a mapping of `key: value` lines".into())),
+        };
+        // Unknown keys and wrong types in the file are reported against the file itself.
+        let from_file: Config = serde_yaml::from_value(serde_yaml::Value::Mapping(map.clone()))
+            .map_err(|e| parse_err(format!("{e}; see configs/pascal_split0.yaml for every key")))?;
+        if overrides.is_empty() {
+            from_file.validate(&origin.display().to_string())?;
+            return Ok(from_file);
+        }
+        for arg in overrides {
+            let (key, value) = parse_override(arg)?;
+            map.insert(serde_yaml::Value::String(key.clone()), value);
+            serde_yaml::from_value::<Config>(serde_yaml::Value::Mapping(map.clone())).map_err(
+                |e| ConfigError::Override {
+                    arg: arg.clone(),
+                    message: e.to_string(),
+                },
+            )?;
+        }
+        let config: Config = serde_yaml::from_value(serde_yaml::Value::Mapping(map))
+            .expect("every override was checked above");
+        config.validate(&format!("{} with --set", origin.display()))?;
+        Ok(config)
+    }
+
+    /// Checks every constraint; `source_name` says where the values came from.
+    pub fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
+        let fail = |key: &'static str, message: String| {
+            Err(ConfigError::Invalid {
+                key,
+                source_name: source_name.to_string(),
+                message,
+            })
+        };
+        for (key, value) in [
+            ("train_h", self.train_h),
+            ("train_w", self.train_w),
+            ("val_size", self.val_size),
+        ] {
+            if value < 9 || (value - 1) % 8 != 0 {
+                return fail(
+                    key,
+                    format!("{value} must satisfy ({key} - 1) % 8 == 0 and be at least 9, e.g. 473 or 233"),
+                );
+            }
+        }
+        if self.split > 3 {
+            return fail("split", format!("{} must be in 0..=3", self.split));
+        }
+        if self.shot < 1 {
+            return fail("shot", "must be at least 1".into());
+        }
+        if !(self.scale_min > 0.0 && self.scale_min <= self.scale_max) {
+            return fail(
+                "scale_min",
+                format!(
+                    "must satisfy 0 < scale_min <= scale_max (got {} and {})",
+                    self.scale_min, self.scale_max
+                ),
+            );
+        }
+        if self.rotate_min > self.rotate_max {
+            return fail(
+                "rotate_min",
+                format!(
+                    "must be <= rotate_max (got {} and {})",
+                    self.rotate_min, self.rotate_max
+                ),
+            );
+        }
+        if self.workers < 1 {
+            return fail("workers", "must be at least 1".into());
+        }
+        if self.train_episodes == Some(0) {
+            return fail(
+                "train_episodes",
+                "must be at least 1, or null for one per image".into(),
+            );
+        }
+        if self.val_episodes < 1 {
+            return fail("val_episodes", "must be at least 1".into());
+        }
+        if !self.vgg && ![18, 34, 50, 101].contains(&self.layers) {
+            return fail(
+                "layers",
+                format!("{} must be one of 18, 34, 50, 101", self.layers),
+            );
+        }
+        if !(self.backbone_width > 0.0 && self.backbone_width <= 1.0) {
+            return fail(
+                "backbone_width",
+                format!("{} must be in (0, 1]", self.backbone_width),
+            );
+        }
+        if self.reduce_dim < 1 {
+            return fail("reduce_dim", "must be at least 1".into());
+        }
+        if self.ppm_scales.is_empty() || self.ppm_scales.iter().any(|&s| s < 1) {
+            return fail(
+                "ppm_scales",
+                "must be a non-empty list of positive bin sizes, e.g. [60, 30, 15, 8]".into(),
+            );
+        }
+        if !(self.svf_rank_ratio > 0.0 && self.svf_rank_ratio <= 1.0) {
+            return fail(
+                "svf_rank_ratio",
+                format!("{} must be in (0, 1]", self.svf_rank_ratio),
+            );
+        }
+        if self.svf_rank_multiple < 1 {
+            return fail(
+                "svf_rank_multiple",
+                "must be at least 1 (4 = the reference, 1 = exact)".into(),
+            );
+        }
+        if self.batch_size < 1 {
+            return fail("batch_size", "must be at least 1".into());
+        }
+        if self.batch_size_val < 1 {
+            return fail("batch_size_val", "must be at least 1".into());
+        }
+        if !(self.base_lr > 0.0 && self.base_lr.is_finite()) {
+            return fail("base_lr", format!("{} must be positive", self.base_lr));
+        }
+        if !(self.head_lr_scale > 0.0 && self.head_lr_scale.is_finite()) {
+            return fail(
+                "head_lr_scale",
+                format!("{} must be positive", self.head_lr_scale),
+            );
+        }
+        if self.epochs < 1 {
+            return fail("epochs", "must be at least 1".into());
+        }
+        if !(self.power >= 0.0) {
+            return fail("power", format!("{} must be >= 0", self.power));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return fail("momentum", format!("{} must be in [0, 1)", self.momentum));
+        }
+        if !(self.weight_decay >= 0.0) {
+            return fail(
+                "weight_decay",
+                format!("{} must be >= 0", self.weight_decay),
+            );
+        }
+        if !(self.aux_weight >= 0.0) {
+            return fail("aux_weight", format!("{} must be >= 0", self.aux_weight));
+        }
+        if self.print_freq < 1 {
+            return fail("print_freq", "must be at least 1".into());
+        }
+        if self.save_freq < 1 {
+            return fail("save_freq", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Number of classes of the dataset (20 for PASCAL, 80 for COCO).
+    pub fn dataset_classes(&self) -> usize {
+        if self.use_coco {
+            80
+        } else {
+            20
+        }
+    }
+
+    /// The config as YAML, as written into a run directory.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("a Config always serialises")
+    }
+}
+
+/// Splits `key=value` and parses the value as YAML (`shot=5`, `ppm_scales=[30,15]`, `weight=null`).
+fn parse_override(arg: &str) -> Result<(String, serde_yaml::Value), ConfigError> {
+    let Some((key, value)) = arg.split_once('=') else {
+        return Err(ConfigError::Override {
+            arg: arg.to_string(),
+            message: "expected key=value, e.g. --set shot=5".into(),
+        });
+    };
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(ConfigError::Override {
+            arg: arg.to_string(),
+            message: "the key is empty; expected key=value".into(),
+        });
+    }
+    let value = serde_yaml::from_str(value).map_err(|e| ConfigError::Override {
+        arg: arg.to_string(),
+        message: format!("the value is not valid YAML: {e}"),
+    })?;
+    Ok((key.to_string(), value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, overrides: &[&str]) -> Result<Config, ConfigError> {
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        Config::from_yaml_str(text, Path::new("test.yaml"), &overrides)
+    }
+
+    /// Asserts that `text` fails validation on `key` and the message names the key.
+    fn assert_invalid(text: &str, key: &str) {
+        let err = load(text, &[]).expect_err(text);
+        let message = err.to_string();
+        assert!(
+            matches!(&err, ConfigError::Invalid { key: k, .. } if *k == key),
+            "{text}: {message}"
+        );
+        assert!(message.contains(key), "{message}");
+        assert!(message.contains("test.yaml"), "{message}");
+    }
+
+    #[test]
+    fn empty_file_gives_pfenet_pascal_defaults() {
+        let config = load("", &[]).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.train_h, 473);
+        assert_eq!(config.base_lr, 0.0025);
+        assert_eq!(config.ppm_scales, vec![60, 30, 15, 8]);
+        assert_eq!(config.manual_seed, 321);
+    }
+
+    #[test]
+    fn shipped_configs_parse_and_validate() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                Config::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 1);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let message = load("shots: 5\n", &[]).unwrap_err().to_string();
+        assert!(message.contains("shots"), "{message}");
+        assert!(message.contains("test.yaml"), "{message}");
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let message = load("shot: five\n", &[]).unwrap_err().to_string();
+        assert!(message.contains("shot"), "{message}");
+    }
+
+    #[test]
+    fn each_rule_names_its_key() {
+        assert_invalid("train_h: 472", "train_h");
+        assert_invalid("train_w: 100", "train_w");
+        assert_invalid("val_size: 474", "val_size");
+        assert_invalid("split: 4", "split");
+        assert_invalid("shot: 0", "shot");
+        assert_invalid("scale_min: 1.2", "scale_min");
+        assert_invalid("rotate_min: 20", "rotate_min");
+        assert_invalid("workers: 0", "workers");
+        assert_invalid("train_episodes: 0", "train_episodes");
+        assert_invalid("val_episodes: 0", "val_episodes");
+        assert_invalid("layers: 152", "layers");
+        assert_invalid("backbone_width: 0", "backbone_width");
+        assert_invalid("reduce_dim: 0", "reduce_dim");
+        assert_invalid("ppm_scales: []", "ppm_scales");
+        assert_invalid("svf_rank_ratio: 1.5", "svf_rank_ratio");
+        assert_invalid("svf_rank_multiple: 0", "svf_rank_multiple");
+        assert_invalid("batch_size: 0", "batch_size");
+        assert_invalid("batch_size_val: 0", "batch_size_val");
+        assert_invalid("base_lr: 0", "base_lr");
+        assert_invalid("head_lr_scale: -1", "head_lr_scale");
+        assert_invalid("epochs: 0", "epochs");
+        assert_invalid("power: -1", "power");
+        assert_invalid("momentum: 1.0", "momentum");
+        assert_invalid("weight_decay: -0.1", "weight_decay");
+        assert_invalid("aux_weight: -1", "aux_weight");
+        assert_invalid("print_freq: 0", "print_freq");
+        assert_invalid("save_freq: 0", "save_freq");
+    }
+
+    #[test]
+    fn set_overrides_file_values() {
+        let config = load(
+            "shot: 1\nsplit: 0\n",
+            &[
+                "shot=5",
+                "split=2",
+                "ppm_scales=[30, 15]",
+                "svf=true",
+                "amp=bf16",
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.shot, 5);
+        assert_eq!(config.split, 2);
+        assert_eq!(config.ppm_scales, vec![30, 15]);
+        assert!(config.svf);
+        assert_eq!(config.amp, Amp::Bf16);
+    }
+
+    #[test]
+    fn set_errors_name_the_argument() {
+        let message = load("", &["nosuchkey=1"]).unwrap_err().to_string();
+        assert!(message.contains("--set nosuchkey=1"), "{message}");
+        assert!(message.contains("nosuchkey"), "{message}");
+        let message = load("", &["shot"]).unwrap_err().to_string();
+        assert!(message.contains("key=value"), "{message}");
+        let message = load("", &["train_h=100"]).unwrap_err().to_string();
+        assert!(message.contains("train_h"), "{message}");
+    }
+}
