@@ -4,7 +4,18 @@
 //! [`model`] (PFENet head) → [`train`] / [`eval`] (+ [`metrics`]). Binaries under `src/bin/` only
 //! parse arguments and call into here.
 
+pub mod backbone;
+pub mod bench;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod device;
+pub mod eval;
 pub mod logging;
+pub mod metrics;
+pub mod model;
+pub mod predict;
+pub mod report;
+pub mod svf;
+pub mod train;

@@ -1,0 +1,1 @@
+//! Benchmarks: loader, train step, eval and decomposition throughput.

@@ -1,0 +1,1 @@
+//! Atomic, PyTorch-compatible checkpoints (safetensors weights + JSON state).

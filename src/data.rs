@@ -1,0 +1,1 @@
+//! Episodic PASCAL-5i / COCO-20i data: lists, class index, episode sampling, transforms, loader.

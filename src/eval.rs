@@ -1,0 +1,1 @@
+//! The evaluation protocol: fixed-seed episodes, original-resolution comparison, result tables.

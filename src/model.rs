@@ -1,0 +1,1 @@
+//! The PFENet few-shot segmentation head over the backbone.

@@ -1,0 +1,1 @@
+//! Segmentation of a user's own images from a few annotated supports.

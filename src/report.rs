@@ -1,0 +1,1 @@
+//! Paper tables: aggregation of eval results beside the published numbers.

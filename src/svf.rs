@@ -1,0 +1,1 @@
+//! Singular Value Fine-tuning: SVD factorisation of convolution and linear weights.

@@ -1,0 +1,1 @@
+//! Episodic training: optimiser, LR schedule, run directory, resume.
