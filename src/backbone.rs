@@ -7,6 +7,9 @@
 mod layers;
 mod resnet;
 mod vgg;
+mod weights;
+
+use std::path::PathBuf;
 
 use tch::{nn, Tensor};
 
@@ -14,12 +17,36 @@ use crate::config::Config;
 use crate::svf::SvfOptions;
 use layers::{Scope, Stage};
 use resnet::ResNetLayout;
+pub use weights::{
+    backbone_variables, decompose_pretrained, load_pretrained, read_backbone_weights,
+    write_weights, WeightMismatch,
+};
 
 /// Why a backbone could not be built or loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum BackboneError {
     #[error("config key `layers`: {0} is not a ResNet depth this project builds (18, 34, 50, 101); or set `vgg: true`")]
     UnsupportedDepth(usize),
+    #[error("cannot read backbone weights {path}: {source}; convert a PyTorch .pth state dict with scripts/convert_weights.py")]
+    Read {
+        path: PathBuf,
+        source: tch::TchError,
+    },
+    #[error("cannot write weights {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: tch::TchError,
+    },
+    #[error("backbone weights {path} do not fit the configured backbone ({backbone}){mismatch}; check the keys `layers`, `vgg`, `backbone_width` and `svf*`")]
+    Mismatch {
+        path: PathBuf,
+        backbone: String,
+        mismatch: WeightMismatch,
+    },
+    #[error(
+        "{path} is already decomposed (it has `vector_S` entries); give the full-rank weights"
+    )]
+    AlreadyDecomposed { path: PathBuf },
 }
 
 /// The backbone of PFENet: five stages run one at a time, because the head taps layer2, layer3
