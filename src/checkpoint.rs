@@ -233,8 +233,7 @@ pub fn recover(dir: &Path, name: &str) -> Result<(), CheckpointError> {
     // A record counts only if it describes the staged (or already renamed) files.
     let committed = record.filter(|r| {
         staged_size(&files.weights) == Some(r.weights_bytes)
-            && r
-                .optimizer_bytes
+            && r.optimizer_bytes
                 .is_none_or(|bytes| staged_size(&files.optimizer) == Some(bytes))
     });
     match committed {
@@ -413,8 +412,14 @@ mod tests {
 
     fn tensors(value: f64) -> Vec<(String, Tensor)> {
         vec![
-            ("a.weight".to_string(), Tensor::full([2, 3], value, (Kind::Float, Device::Cpu))),
-            ("a.num_batches_tracked".to_string(), Tensor::from(value as i64)),
+            (
+                "a.weight".to_string(),
+                Tensor::full([2, 3], value, (Kind::Float, Device::Cpu)),
+            ),
+            (
+                "a.num_batches_tracked".to_string(),
+                Tensor::from(value as i64),
+            ),
         ]
     }
 
@@ -441,7 +446,14 @@ mod tests {
     fn round_trip_keeps_names_values_kinds_and_state() {
         let dir = temp_dir("roundtrip");
         let optim = tensors(7.0);
-        save(&dir, "last", &tensors(1.5), Some(&optim), &State { iteration: 3 }).unwrap();
+        save(
+            &dir,
+            "last",
+            &tensors(1.5),
+            Some(&optim),
+            &State { iteration: 3 },
+        )
+        .unwrap();
         let back: Checkpoint<State> = load(&dir, "last").unwrap();
         assert_eq!(back.state, State { iteration: 3 });
         assert_eq!(back.weights[0].0, "a.weight");
@@ -469,7 +481,14 @@ mod tests {
     #[test]
     fn write_interrupted_while_writing_files_keeps_the_previous_checkpoint() {
         let dir = temp_dir("torn");
-        save(&dir, "last", &tensors(1.0), Some(&tensors(1.0)), &State { iteration: 1 }).unwrap();
+        save(
+            &dir,
+            "last",
+            &tensors(1.0),
+            Some(&tensors(1.0)),
+            &State { iteration: 1 },
+        )
+        .unwrap();
         let files = CheckpointFiles::new(&dir, "last");
         // Killed while writing the new weights: a truncated tmp file, no commit record.
         std::fs::write(tmp_path(&files.weights), b"\x10\x00\x00\x00trunc").unwrap();
@@ -478,7 +497,13 @@ mod tests {
         assert!(leftover_tmp_files(&dir).is_empty());
 
         // Killed while writing the commit record itself: a torn state file is not a commit.
-        stage(&files, &tensors(2.0), Some(&tensors(2.0)), &State { iteration: 2 }).unwrap();
+        stage(
+            &files,
+            &tensors(2.0),
+            Some(&tensors(2.0)),
+            &State { iteration: 2 },
+        )
+        .unwrap();
         let state_tmp = tmp_path(&files.state);
         let text = std::fs::read(&state_tmp).unwrap();
         std::fs::write(&state_tmp, &text[..text.len() / 2]).unwrap();
@@ -489,9 +514,22 @@ mod tests {
     #[test]
     fn write_interrupted_between_renames_completes_the_new_checkpoint() {
         let dir = temp_dir("renames");
-        save(&dir, "last", &tensors(1.0), Some(&tensors(1.0)), &State { iteration: 1 }).unwrap();
+        save(
+            &dir,
+            "last",
+            &tensors(1.0),
+            Some(&tensors(1.0)),
+            &State { iteration: 1 },
+        )
+        .unwrap();
         let files = CheckpointFiles::new(&dir, "last");
-        stage(&files, &tensors(2.0), Some(&tensors(2.0)), &State { iteration: 2 }).unwrap();
+        stage(
+            &files,
+            &tensors(2.0),
+            Some(&tensors(2.0)),
+            &State { iteration: 2 },
+        )
+        .unwrap();
         // Killed after the weights were renamed but before the state: a mixed pair on disk.
         std::fs::rename(tmp_path(&files.weights), &files.weights).unwrap();
         let back: Checkpoint<State> = load(&dir, "last").unwrap();
@@ -521,8 +559,14 @@ mod tests {
         let _b = root.zeros_no_train("running_mean", &[3]);
         let origin = Path::new("w.safetensors");
         let good = vec![
-            ("weight".to_string(), Tensor::ones([2, 3], (Kind::Float, Device::Cpu))),
-            ("running_mean".to_string(), Tensor::ones([3], (Kind::Float, Device::Cpu))),
+            (
+                "weight".to_string(),
+                Tensor::ones([2, 3], (Kind::Float, Device::Cpu)),
+            ),
+            (
+                "running_mean".to_string(),
+                Tensor::ones([3], (Kind::Float, Device::Cpu)),
+            ),
         ];
         copy_into(&vs, &good, origin).unwrap();
         let sum: f64 = model_weights(&vs)
@@ -531,15 +575,32 @@ mod tests {
             .sum();
         assert_eq!(sum, 9.0);
         let err = copy_into(&vs, &good[..1], origin).unwrap_err().to_string();
-        assert!(err.contains("`running_mean`") && err.contains("w.safetensors"), "{err}");
-        let mut extra: Vec<(String, Tensor)> =
-            good.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-        extra.push(("head.weight".to_string(), Tensor::ones([1], (Kind::Float, Device::Cpu))));
+        assert!(
+            err.contains("`running_mean`") && err.contains("w.safetensors"),
+            "{err}"
+        );
+        let mut extra: Vec<(String, Tensor)> = good
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        extra.push((
+            "head.weight".to_string(),
+            Tensor::ones([1], (Kind::Float, Device::Cpu)),
+        ));
         let err = copy_into(&vs, &extra, origin).unwrap_err().to_string();
-        assert!(err.contains("unexpected") && err.contains("`head.weight`"), "{err}");
+        assert!(
+            err.contains("unexpected") && err.contains("`head.weight`"),
+            "{err}"
+        );
         let wrong = vec![
-            ("weight".to_string(), Tensor::ones([3, 2], (Kind::Float, Device::Cpu))),
-            ("running_mean".to_string(), Tensor::ones([3], (Kind::Float, Device::Cpu))),
+            (
+                "weight".to_string(),
+                Tensor::ones([3, 2], (Kind::Float, Device::Cpu)),
+            ),
+            (
+                "running_mean".to_string(),
+                Tensor::ones([3], (Kind::Float, Device::Cpu)),
+            ),
         ];
         let err = copy_into(&vs, &wrong, origin).unwrap_err().to_string();
         assert!(err.contains("`weight` has shape [3, 2]"), "{err}");

@@ -44,7 +44,10 @@ mod tests {
         // (1 - 50/100)^0.9 = 0.5^0.9 = 0.535886731...
         assert!(close(schedule.lr(50), 0.0025 * 0.535_886_731_268_146_1));
         assert_eq!(schedule.lr(100), 0.0);
-        let linear = PolySchedule { power: 1.0, ..schedule };
+        let linear = PolySchedule {
+            power: 1.0,
+            ..schedule
+        };
         assert!(close(linear.lr(25), 0.0025 * 0.75));
     }
 

@@ -188,7 +188,11 @@ mod tests {
         let unused = scalar_parameter(1.0);
         let mut sgd = Sgd::new(
             vec![
-                ("layer2.0.conv1.vector_S".into(), backbone.shallow_clone(), 1.0),
+                (
+                    "layer2.0.conv1.vector_S".into(),
+                    backbone.shallow_clone(),
+                    1.0,
+                ),
                 ("cls.3.weight".into(), head.shallow_clone(), 10.0),
                 ("unused".into(), unused.shallow_clone(), 10.0),
             ],
