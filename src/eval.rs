@@ -4,13 +4,22 @@
 //! (seed, index), so every run sees the same ones; each prediction is compared with the episode's
 //! label at its original size; BAM's protocol repeats this for several seeds and reports the mean.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
+use crate::checkpoint::{self, CheckpointError, CheckpointFiles};
 use crate::config::Config;
-use crate::metrics::{IoUAccumulator, IGNORE_LABEL};
+use crate::data::{DataError, EpisodeBatch, EpisodeLoader, FewShotDataset, Split};
+use crate::metrics::IoUAccumulator;
+use crate::model::IGNORE_LABEL;
+use crate::model::{ModelError, PfeNet};
+use crate::predict::{self, PredictError};
+use crate::report;
 
 /// Why an evaluation could not run or its results could not be stored.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +41,260 @@ pub enum EvalError {
     },
     #[error("no seeds given: pass --seeds with at least one seed")]
     NoSeeds,
+    #[error("no weights in {dir}: neither {best} nor {last} exists; pass the checkpoint file to --weights")]
+    NoWeights {
+        dir: PathBuf,
+        best: PathBuf,
+        last: PathBuf,
+    },
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Panel(#[from] PredictError),
+}
+
+/// How to evaluate: which episodes, how many seeds, and what to write besides the figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalOptions {
+    /// Episodes per seed.
+    pub episodes: u64,
+    /// One evaluation per seed; the result reports each and their mean ± std.
+    pub seeds: Vec<u64>,
+    /// Support images per episode.
+    pub shot: usize,
+    /// Compare at the original label resolution (else at the `val_size` canvas).
+    pub ori_resize: bool,
+    /// Episodes per forward pass.
+    pub batch_size: usize,
+    /// Loader threads; the result does not depend on them.
+    pub workers: usize,
+    /// Write a qualitative panel for each of the first `.1` episodes of the first seed into `.0`.
+    pub panels: Option<(PathBuf, usize)>,
+}
+
+impl EvalOptions {
+    /// `svf-eval`'s defaults: 1000 episodes for PASCAL-5i and 4000 for COCO-20i, one seed (the
+    /// config's `manual_seed`), the config's shot, `ori_resize`, `batch_size_val` and `workers`.
+    pub fn for_test(config: &Config) -> EvalOptions {
+        EvalOptions {
+            episodes: if config.use_coco { 4000 } else { 1000 },
+            ..EvalOptions::for_validation(config)
+        }
+    }
+
+    /// The validation inside training: `val_episodes` episodes, otherwise as [`EvalOptions::for_test`].
+    pub fn for_validation(config: &Config) -> EvalOptions {
+        EvalOptions {
+            episodes: config.val_episodes as u64,
+            seeds: vec![config.manual_seed],
+            shot: config.shot,
+            ori_resize: config.ori_resize,
+            batch_size: config.batch_size_val,
+            workers: config.workers,
+            panels: None,
+        }
+    }
+}
+
+/// Evaluates `model` on the novel classes of `config`'s fold (validation list), once per seed.
+/// The model runs in eval mode (no dropout, BatchNorm running statistics) without autograd.
+pub fn evaluate(
+    model: &PfeNet,
+    config: &Config,
+    device: Device,
+    options: &EvalOptions,
+) -> Result<EvalResult, EvalError> {
+    let config = Config {
+        shot: options.shot,
+        ..config.clone()
+    };
+    let dataset = Arc::new(FewShotDataset::open(&config, Split::Val)?);
+    evaluate_on(model, &dataset, &config, device, options)
+}
+
+/// [`evaluate`] on a dataset already opened (training validates every epoch on the same one).
+/// `dataset` must be the validation split with `options.shot` supports.
+pub fn evaluate_on(
+    model: &PfeNet,
+    dataset: &Arc<FewShotDataset>,
+    config: &Config,
+    device: Device,
+    options: &EvalOptions,
+) -> Result<EvalResult, EvalError> {
+    if options.seeds.is_empty() {
+        return Err(EvalError::NoSeeds);
+    }
+    let bar = crate::logging::progress_bar(options.episodes * options.seeds.len() as u64, "eval");
+    let start = Instant::now();
+    let mut seeds = Vec::with_capacity(options.seeds.len());
+    for (run, &seed) in options.seeds.iter().enumerate() {
+        let mut accumulator = IoUAccumulator::new(dataset.classes());
+        let loader = EpisodeLoader::new(
+            dataset.clone(),
+            seed,
+            0..options.episodes,
+            options.batch_size,
+            options.workers,
+        );
+        for batch in loader {
+            let batch = batch?;
+            let logits = tch::no_grad(|| {
+                model
+                    .forward(
+                        &batch.query_image.to_device(device),
+                        &batch.support_images.to_device(device),
+                        &batch.support_labels.to_device(device),
+                        false,
+                    )
+                    .logits
+            });
+            if options.ori_resize {
+                for (e, original) in batch.original_labels.iter().enumerate() {
+                    let (pred, target) = original_resolution(&logits.get(e as i64), original);
+                    accumulator.add(&pred, &target, batch.class_ids[e]);
+                }
+            } else {
+                accumulator.add_episodes(
+                    &logits.argmax(1, false),
+                    &batch.query_label.to_device(device),
+                    &batch.class_ids,
+                );
+            }
+            if let (0, Some((dir, count))) = (run, &options.panels) {
+                write_panels(dir, *count, &batch, &logits, options.ori_resize)?;
+            }
+            bar.inc(batch.class_ids.len() as u64);
+        }
+        let result = SeedResult::from_accumulator(seed, &accumulator);
+        tracing::info!(
+            seed,
+            episodes = options.episodes,
+            "mIoU {:.2}  FB-IoU {:.2}",
+            100.0 * result.miou,
+            100.0 * result.fb_iou
+        );
+        seeds.push(result);
+    }
+    bar.finish_and_clear();
+    let evaluated = options.episodes * options.seeds.len() as u64;
+    let setting = EvalSetting::new(config, options.shot, options.episodes, options.ori_resize);
+    EvalResult::from_seeds(
+        setting,
+        seeds,
+        evaluated as f64 / start.elapsed().as_secs_f64().max(1e-9),
+    )
+}
+
+/// Panels of the batch's episodes whose index is below `count`: the first support with its mask,
+/// the query with its ground truth, the query with the prediction; the episode's foreground IoU
+/// (at the evaluation's resolution) in the title.
+fn write_panels(
+    dir: &Path,
+    count: usize,
+    batch: &EpisodeBatch,
+    logits: &Tensor,
+    ori_resize: bool,
+) -> Result<(), EvalError> {
+    for (e, &index) in batch.episode_indices.iter().enumerate() {
+        if index >= count as u64 {
+            continue;
+        }
+        let class = batch.class_ids[e];
+        let episode_logits = logits.get(e as i64);
+        let mut one = IoUAccumulator::new(&[class]);
+        if ori_resize {
+            let (pred, target) = original_resolution(&episode_logits, &batch.original_labels[e]);
+            one.add(&pred, &target, class);
+        } else {
+            one.add(&episode_logits.argmax(0, false), &batch.query_label.get(e as i64), class);
+        }
+        let query = predict::denormalise(&batch.query_image.get(e as i64));
+        let support_images = batch.support_images.get(e as i64);
+        let support_labels = batch.support_labels.get(e as i64);
+        let support = predict::denormalise(&support_images.get(0));
+        let colour = predict::MASK_COLOUR;
+        let tiles = [
+            (
+                "SUPPORT",
+                predict::overlay(&support, &predict::mask_image(&support_labels.get(0)), colour),
+            ),
+            (
+                "GROUND TRUTH",
+                predict::overlay(&query, &predict::mask_image(&batch.query_label.get(e as i64)), colour),
+            ),
+            (
+                "PREDICTION",
+                predict::overlay(&query, &predict::mask_image(&episode_logits.argmax(0, false)), colour),
+            ),
+        ];
+        let tiles: Vec<(&str, &image::RgbImage)> = tiles.iter().map(|(c, t)| (*c, t)).collect();
+        let title = format!(
+            "EPISODE {index} CLASS {class} IOU {:.1}%",
+            100.0 * one.miou()
+        );
+        std::fs::create_dir_all(dir).map_err(|source| EvalError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        predict::write_png(
+            &dir.join(format!("episode_{index:05}.png")),
+            &report::qualitative_panel(&title, &tiles),
+        )?;
+    }
+    Ok(())
+}
+
+/// The weights file `--weights` names: a file as is; a run directory's `best` checkpoint, else its
+/// `last`.
+pub fn resolve_weights(path: &Path) -> Result<PathBuf, EvalError> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let best = CheckpointFiles::new(path, "best").weights;
+    let last = CheckpointFiles::new(path, "last").weights;
+    if best.is_file() {
+        Ok(best)
+    } else if last.is_file() {
+        Ok(last)
+    } else {
+        Err(EvalError::NoWeights {
+            dir: path.to_path_buf(),
+            best,
+            last,
+        })
+    }
+}
+
+/// A model for inference with the weights of `weights` (a checkpoint or any state dict of the
+/// config's model, strictly matched). With `fuse` and an SVF config, the SVD convolutions are folded
+/// back into full-rank weights (`svf::recompose`) and the model is built full-rank: the same
+/// function, one convolution per layer instead of two.
+pub fn load_model(
+    config: &Config,
+    weights: &Path,
+    device: Device,
+    fuse: bool,
+) -> Result<(nn::VarStore, PfeNet), EvalError> {
+    let vs = nn::VarStore::new(device);
+    let model = PfeNet::new(&vs.root(), config)?;
+    checkpoint::load_weights(&vs, weights)?;
+    if !(fuse && config.svf) {
+        return Ok((vs, model));
+    }
+    let decomposed: HashMap<String, Tensor> = vs.variables();
+    let full: Vec<(String, Tensor)> = crate::svf::recompose(&decomposed).into_iter().collect();
+    let full_config = Config {
+        svf: false,
+        ..config.clone()
+    };
+    let fused_vs = nn::VarStore::new(device);
+    let fused = PfeNet::new(&fused_vs.root(), &full_config)?;
+    checkpoint::copy_into(&fused_vs, &full, weights)?;
+    Ok((fused_vs, fused))
 }
 
 /// Prediction and target at the original label resolution, as PFENet/BAM's `ori_resize` compares

@@ -8,8 +8,7 @@
 
 use tch::{Kind, Tensor};
 
-/// Label value of pixels that count for nothing (borders, padding, object outlines).
-pub const IGNORE_LABEL: i64 = 255;
+use crate::model::IGNORE_LABEL;
 
 /// The reference's guard against an empty union: such a ratio is 0, not NaN.
 const EPSILON: f64 = 1e-10;

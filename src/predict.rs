@@ -4,21 +4,176 @@
 //! the canvas); the logits come back to the image's own size through the same original-resolution
 //! step as the evaluation ([`crate::eval::original_resolution`]), cropped to the image.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use image::{GrayImage, Luma, Rgb, RgbImage};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::Config;
+use crate::data::raster::{self, LabelMap};
+use crate::data::transform::{normalise_into, val_resize, IMAGENET_MEAN, IMAGENET_STD};
+use crate::data::DataError;
+use crate::eval::original_resolution;
+use crate::model::PfeNet;
 
 /// Why a prediction could not be made or written.
 #[derive(Debug, thiserror::Error)]
 pub enum PredictError {
     #[error("cannot read mask {path}: {message}; give a PNG whose non-zero pixels are the object")]
     MaskRead { path: PathBuf, message: String },
+    #[error("mask {mask} is {mask_size:?} (w, h) but its image {image} is {image_size:?}; a support's mask must have its image's size")]
+    MaskSize {
+        mask: PathBuf,
+        image: PathBuf,
+        mask_size: (u32, u32),
+        image_size: (u32, u32),
+    },
+    #[error("no support given: pass at least one --support IMAGE:MASK")]
+    NoSupport,
+    #[error("queries {0} and {1} share a file name, so their outputs would collide; rename one")]
+    SameName(PathBuf, PathBuf),
+    #[error(transparent)]
+    Image(#[from] DataError),
     #[error("cannot write {path}: {message}; check that the output directory is writable")]
     Write { path: PathBuf, message: String },
 }
 
-/// Colour of masks drawn over images.
-pub const MASK_COLOUR: Rgb<u8> = Rgb([255, 40, 40]);
+/// An annotated support example: an image and its object mask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupportExample {
+    pub image: PathBuf,
+    pub mask: PathBuf,
+}
+
+/// The files written for one query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    pub query: PathBuf,
+    /// `<name>_mask.png`: 255 = object, 0 = background, at the query's size.
+    pub mask: PathBuf,
+    /// `<name>_overlay.png`: the query with the mask tinted and outlined.
+    pub overlay: PathBuf,
+    /// Fraction of the query's pixels predicted as the object.
+    pub foreground: f64,
+}
+
+/// Segments each query's object of the supports' class, writing its mask and overlay into `out`.
+pub fn predict(
+    model: &PfeNet,
+    config: &Config,
+    device: Device,
+    supports: &[SupportExample],
+    queries: &[PathBuf],
+    out: &Path,
+) -> Result<Vec<Prediction>, PredictError> {
+    if supports.is_empty() {
+        return Err(PredictError::NoSupport);
+    }
+    let mut names = HashSet::new();
+    for (i, query) in queries.iter().enumerate() {
+        if !names.insert(query.file_stem()) {
+            let other = queries[..i].iter().find(|q| q.file_stem() == query.file_stem());
+            return Err(PredictError::SameName(other.cloned().unwrap_or_default(), query.clone()));
+        }
+    }
+    let size = config.val_size as usize;
+    let (mut support_images, mut support_labels) = (Vec::new(), Vec::new());
+    for support in supports {
+        let image = raster::read_image(&support.image)?;
+        let mask = read_mask(&support.mask)?;
+        if mask.dimensions() != (image.width as u32, image.height as u32) {
+            return Err(PredictError::MaskSize {
+                mask: support.mask.clone(),
+                image: support.image.clone(),
+                mask_size: mask.dimensions(),
+                image_size: (image.width as u32, image.height as u32),
+            });
+        }
+        let label = LabelMap {
+            height: image.height,
+            width: image.width,
+            data: mask.pixels().map(|p| u8::from(p[0] != 0)).collect(),
+        };
+        let (image, label) = val_resize(&image, &label, size);
+        support_images.push(network_input(&image));
+        support_labels.push(Tensor::from_slice(&label.data).to_kind(Kind::Int64).view([size as i64, size as i64]));
+    }
+    let support_images = Tensor::stack(&support_images, 0).unsqueeze(0).to_device(device);
+    let support_labels = Tensor::stack(&support_labels, 0).unsqueeze(0).to_device(device);
+    std::fs::create_dir_all(out).map_err(|e| PredictError::Write {
+        path: out.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut predictions = Vec::with_capacity(queries.len());
+    for query in queries {
+        let image = raster::read_image(query)?;
+        let (h, w) = (image.height as i64, image.width as i64);
+        let blank = LabelMap::filled(image.height, image.width, 0);
+        let (canvas, _) = val_resize(&image, &blank, size);
+        let logits = tch::no_grad(|| {
+            model
+                .forward(&network_input(&canvas).unsqueeze(0).to_device(device), &support_images, &support_labels, false)
+                .logits
+        });
+        let (pred, _) = original_resolution(&logits.get(0), &Tensor::zeros([h, w], (Kind::Int64, Device::Cpu)));
+        let mask = mask_image(&pred.narrow(0, 0, h).narrow(1, 0, w));
+        let foreground = mask.pixels().filter(|p| p[0] != 0).count() as f64 / (h * w) as f64;
+        let original = RgbImage::from_raw(
+            w as u32,
+            h as u32,
+            image.data.iter().map(|&v| v as u8).collect(),
+        )
+        .expect("the buffer has h x w x 3 values");
+        let stem = query.file_stem().unwrap_or_default().to_string_lossy();
+        let prediction = Prediction {
+            query: query.clone(),
+            mask: out.join(format!("{stem}_mask.png")),
+            overlay: out.join(format!("{stem}_overlay.png")),
+            foreground,
+        };
+        write_png(&prediction.mask, &mask)?;
+        write_png(&prediction.overlay, &overlay(&original, &mask, MASK_COLOUR))?;
+        predictions.push(prediction);
+    }
+    Ok(predictions)
+}
+
+/// The normalised `[3,H,W]` tensor of a transformed image.
+fn network_input(image: &raster::RgbImage) -> Tensor {
+    let mut data = vec![0f32; 3 * image.height * image.width];
+    normalise_into(image, &mut data);
+    Tensor::from_slice(&data).view([3, image.height as i64, image.width as i64])
+}
+
+/// The viewable image of a normalised `[3,H,W]` tensor (the inverse of the loader's normalisation).
+pub fn denormalise(image: &Tensor) -> RgbImage {
+    let (_, h, w) = image.size3().expect("a [3,H,W] image");
+    let mean = Tensor::from_slice(&IMAGENET_MEAN).view([3, 1, 1]);
+    let std = Tensor::from_slice(&IMAGENET_STD).view([3, 1, 1]);
+    let pixels = (image.to_device(Device::Cpu).to_kind(Kind::Float) * std + mean)
+        .round()
+        .clamp(0.0, 255.0)
+        .to_kind(Kind::Uint8)
+        .permute([1, 2, 0])
+        .contiguous()
+        .view([-1]);
+    RgbImage::from_raw(w as u32, h as u32, Vec::<u8>::try_from(&pixels).expect("u8 pixels"))
+        .expect("the buffer has h x w x 3 values")
+}
+
+/// The mask image (255 where 1, else 0) of a `[H,W]` label or prediction.
+pub fn mask_image(mask: &Tensor) -> GrayImage {
+    let (h, w) = mask.size2().expect("a [H,W] mask");
+    let values = (mask.to_device(Device::Cpu).eq(1).to_kind(Kind::Uint8) * 255)
+        .contiguous()
+        .view([-1]);
+    GrayImage::from_raw(w as u32, h as u32, Vec::<u8>::try_from(&values).expect("u8 values"))
+        .expect("the buffer has h x w values")
+}
+
+/// Colour of masks drawn over images (cyan: rare in natural images' objects).
+pub const MASK_COLOUR: Rgb<u8> = Rgb([0, 230, 255]);
 
 /// Reads a mask PNG of any format (grey, palette, RGB, 16-bit): a pixel with any non-zero channel
 /// (alpha aside) is foreground. Returns 255 for foreground, 0 for background.

@@ -317,22 +317,40 @@ pub fn draw_text(image: &mut RgbImage, x: u32, y: u32, text: &str, scale: u32, c
     }
 }
 
+/// Tiles narrower than this are enlarged (nearest, by an integer factor) so that the panel stays
+/// readable for small validation sizes and its captions fit.
+const MIN_TILE_WIDTH: u32 = 160;
+
 /// A qualitative panel: the tiles (e.g. support with its mask, query with the ground truth, query
 /// with the prediction) side by side under a title strip holding `title` and each tile's caption.
 pub fn qualitative_panel(title: &str, tiles: &[(&str, &RgbImage)]) -> RgbImage {
     const GAP: u32 = 4;
     const SCALE: u32 = 2;
+    let tiles: Vec<(&str, RgbImage)> = tiles
+        .iter()
+        .map(|(caption, tile)| {
+            let factor = MIN_TILE_WIDTH.div_ceil(tile.width().max(1)).max(1);
+            let enlarged = image::imageops::resize(
+                *tile,
+                tile.width() * factor,
+                tile.height() * factor,
+                image::imageops::FilterType::Nearest,
+            );
+            (*caption, enlarged)
+        })
+        .collect();
     let line = 7 * SCALE + 2 * GAP;
     let strip = 2 * line;
     let width = tiles.iter().map(|(_, t)| t.width() + GAP).sum::<u32>() + GAP;
     let height = strip + tiles.iter().map(|(_, t)| t.height()).max().unwrap_or(0) + GAP;
-    let mut panel = RgbImage::from_pixel(width.max(text_width(title, SCALE) + 2 * GAP), height, Rgb([255, 255, 255]));
+    let width = width.max(text_width(title, SCALE) + 2 * GAP);
+    let mut panel = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
     let ink = Rgb([0, 0, 0]);
     draw_text(&mut panel, GAP, GAP, title, SCALE, ink);
     let mut x = GAP;
-    for (caption, tile) in tiles {
+    for (caption, tile) in &tiles {
         draw_text(&mut panel, x, line + GAP, caption, SCALE, ink);
-        image::imageops::replace(&mut panel, *tile, x as i64, strip as i64);
+        image::imageops::replace(&mut panel, tile, x as i64, strip as i64);
         x += tile.width() + GAP;
     }
     panel
@@ -428,14 +446,16 @@ mod tests {
 
     #[test]
     fn panel_places_tiles_under_the_title_strip() {
-        let red = RgbImage::from_pixel(10, 8, Rgb([255, 0, 0]));
-        let blue = RgbImage::from_pixel(12, 6, Rgb([0, 0, 255]));
+        let red = RgbImage::from_pixel(200, 8, Rgb([255, 0, 0]));
+        // 60 wide: enlarged 3 times to 180 x 18.
+        let blue = RgbImage::from_pixel(60, 6, Rgb([0, 0, 255]));
         let panel = qualitative_panel("IOU 50.0%", &[("A", &red), ("B", &blue)]);
         let strip = 2 * (14 + 8);
-        assert_eq!(panel.height(), strip + 8 + 4);
-        assert!(panel.width() >= 4 + 10 + 4 + 12 + 4);
+        assert_eq!(panel.height(), strip + 18 + 4);
+        assert_eq!(panel.width(), 4 + 200 + 4 + 180 + 4);
         assert_eq!(*panel.get_pixel(4, strip), Rgb([255, 0, 0]));
-        assert_eq!(*panel.get_pixel(18, strip + 5), Rgb([0, 0, 255]));
+        assert_eq!(*panel.get_pixel(4, strip + 8), Rgb([255, 255, 255]));
+        assert_eq!(*panel.get_pixel(208 + 179, strip + 17), Rgb([0, 0, 255]));
         // Title ink is in the strip.
         assert!((0..strip).any(|y| (0..panel.width()).any(|x| *panel.get_pixel(x, y) == Rgb([0, 0, 0]))));
     }
