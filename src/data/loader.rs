@@ -1,0 +1,350 @@
+//! Worker threads that decode and augment episodes ahead of the trainer, and the batches they make.
+//!
+//! Workers claim whole batches in order from a window of at most [`PREFETCH_PER_WORKER`] batches per
+//! worker ahead of the consumer (the bounded queue), build them, and send them back; the consumer
+//! hands them out in index order. Episodes are pure functions of (seed, index), so the batches do
+//! not depend on the number of workers.
+//!
+//! A file that fails to decode is logged by name and its episode replaced (see
+//! [`super::sampler`]); more than 1% of failed episodes (counted over at least
+//! [`MIN_FAILURE_BASE`] episodes) ends the iteration with [`DataError::TooManyFailures`].
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use tch::{Kind, Tensor};
+
+use super::dataset::{Episode, FewShotDataset};
+use super::sampler::EpisodeSampler;
+use super::transform::normalise_into;
+use super::DataError;
+
+/// Batches each worker may build ahead of the consumer.
+const PREFETCH_PER_WORKER: u64 = 2;
+/// Replacement attempts for one episode before the loader gives up on it.
+const MAX_ATTEMPTS: u64 = 16;
+/// The 1% failure rule counts over at least this many episodes, so that one early failure in a
+/// short range does not abort a run.
+const MIN_FAILURE_BASE: u64 = 100;
+
+/// A batch of episodes as CPU tensors.
+#[derive(Debug)]
+pub struct EpisodeBatch {
+    /// [B, 3, H, W] f32, normalised.
+    pub query_image: Tensor,
+    /// [B, H, W] i64 in {0, 1, 255}.
+    pub query_label: Tensor,
+    /// [B, K, 3, H, W] f32, normalised.
+    pub support_images: Tensor,
+    /// [B, K, H, W] i64 in {0, 1, 255}.
+    pub support_labels: Tensor,
+    /// Dataset class id of each episode.
+    pub class_ids: Vec<usize>,
+    /// Validation: each query's binarised label at its original size, [h, w] i64; train: empty.
+    pub original_labels: Vec<Tensor>,
+    pub query_paths: Vec<PathBuf>,
+    pub support_paths: Vec<Vec<PathBuf>>,
+    pub episode_indices: Vec<u64>,
+}
+
+impl EpisodeBatch {
+    /// Stacks and normalises episodes that share one image size and shot.
+    pub fn from_episodes(episodes: &[Episode]) -> EpisodeBatch {
+        let first = &episodes[0].query;
+        let (h, w) = (first.image.height, first.image.width);
+        let (b, k) = (episodes.len(), episodes[0].supports.len());
+        let plane = h * w;
+        let mut query_image = vec![0f32; b * 3 * plane];
+        let mut support_images = vec![0f32; b * k * 3 * plane];
+        let mut query_label = Vec::with_capacity(b * plane);
+        let mut support_labels = Vec::with_capacity(b * k * plane);
+        for (e, episode) in episodes.iter().enumerate() {
+            normalise_into(
+                &episode.query.image,
+                &mut query_image[e * 3 * plane..(e + 1) * 3 * plane],
+            );
+            query_label.extend(episode.query.label.data.iter().map(|&v| v as i64));
+            for (s, support) in episode.supports.iter().enumerate() {
+                let at = (e * k + s) * 3 * plane;
+                normalise_into(&support.image, &mut support_images[at..at + 3 * plane]);
+                support_labels.extend(support.label.data.iter().map(|&v| v as i64));
+            }
+        }
+        let (b, k, h, w) = (b as i64, k as i64, h as i64, w as i64);
+        EpisodeBatch {
+            query_image: Tensor::from_slice(&query_image).view([b, 3, h, w]),
+            query_label: Tensor::from_slice(&query_label).view([b, h, w]),
+            support_images: Tensor::from_slice(&support_images).view([b, k, 3, h, w]),
+            support_labels: Tensor::from_slice(&support_labels).view([b, k, h, w]),
+            class_ids: episodes.iter().map(|e| e.class_id).collect(),
+            original_labels: episodes
+                .iter()
+                .filter_map(|e| e.original_label.as_ref())
+                .map(|l| {
+                    Tensor::from_slice(&l.data)
+                        .to_kind(Kind::Int64)
+                        .view([l.height as i64, l.width as i64])
+                })
+                .collect(),
+            query_paths: episodes.iter().map(|e| e.query.path.clone()).collect(),
+            support_paths: episodes
+                .iter()
+                .map(|e| e.supports.iter().map(|s| s.path.clone()).collect())
+                .collect(),
+            episode_indices: episodes.iter().map(|e| e.index).collect(),
+        }
+    }
+}
+
+/// A built batch and the messages of the episode attempts it had to replace.
+struct Built {
+    batch: EpisodeBatch,
+    failures: Vec<String>,
+}
+
+/// Builds episode `index`, replacing it while its files fail to load.
+fn build_episode(
+    dataset: &FewShotDataset,
+    sampler: &mut EpisodeSampler,
+    index: u64,
+    failures: &mut Vec<String>,
+) -> Result<Episode, DataError> {
+    for attempt in 0..MAX_ATTEMPTS {
+        match dataset.load_episode(sampler.draw(index, attempt)) {
+            Ok(episode) => return Ok(episode),
+            Err(e) if e.is_bad_file() => {
+                tracing::warn!(
+                    "episode {index} (attempt {attempt}): {e}; replaced by the next query"
+                );
+                failures.push(e.to_string());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(DataError::EpisodeFailed {
+        index,
+        attempts: MAX_ATTEMPTS as usize,
+        last: failures.last().cloned().unwrap_or_default(),
+    })
+}
+
+/// Which batches workers may claim: `next_claim < consumed + window`.
+struct Window {
+    next_claim: u64,
+    consumed: u64,
+}
+
+struct Shared {
+    window: Mutex<Window>,
+    changed: Condvar,
+    stop: AtomicBool,
+}
+
+/// Iterator over batched episodes `episodes` of a dataset, built by worker threads; see the module
+/// documentation. The last batch is smaller when the range is not a multiple of the batch size.
+pub struct EpisodeLoader {
+    shared: Arc<Shared>,
+    results: Option<Receiver<(u64, Result<Built, DataError>)>>,
+    pending: BTreeMap<u64, Result<Built, DataError>>,
+    next_batch: u64,
+    batches: u64,
+    workers: Vec<JoinHandle<()>>,
+    episodes_done: u64,
+    failed: u64,
+    finished: bool,
+}
+
+impl EpisodeLoader {
+    /// Starts `workers` threads building `episodes` (each a pure function of (seed, index)) in
+    /// batches of `batch_size`.
+    pub fn new(
+        dataset: Arc<FewShotDataset>,
+        seed: u64,
+        episodes: Range<u64>,
+        batch_size: usize,
+        workers: usize,
+    ) -> EpisodeLoader {
+        assert!(batch_size > 0, "batch_size must be at least 1");
+        let workers = workers.max(1);
+        let batch = batch_size as u64;
+        let batches = (episodes.end.saturating_sub(episodes.start)).div_ceil(batch);
+        let shared = Arc::new(Shared {
+            window: Mutex::new(Window {
+                next_claim: 0,
+                consumed: 0,
+            }),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let (sender, receiver) = channel();
+        let window = PREFETCH_PER_WORKER * workers as u64;
+        let handles = (0..workers)
+            .map(|w| {
+                let (dataset, shared, sender): (_, _, Sender<_>) =
+                    (dataset.clone(), shared.clone(), sender.clone());
+                let range = episodes.clone();
+                std::thread::Builder::new()
+                    .name(format!("episode-loader-{w}"))
+                    .spawn(move || {
+                        let mut sampler = EpisodeSampler::new(&dataset, seed);
+                        while let Some(b) = claim(&shared, window, batches) {
+                            let start = range.start + b * batch;
+                            let indices = start..(start + batch).min(range.end);
+                            let built =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    build_batch(&dataset, &mut sampler, indices)
+                                }))
+                                .unwrap_or_else(|panic| {
+                                    Err(DataError::WorkerPanicked {
+                                        message: panic_message(&*panic),
+                                    })
+                                });
+                            if sender.send((b, built)).is_err() {
+                                return;
+                            }
+                        }
+                    })
+                    .expect("cannot spawn a loader thread")
+            })
+            .collect();
+        EpisodeLoader {
+            shared,
+            results: Some(receiver),
+            pending: BTreeMap::new(),
+            next_batch: 0,
+            batches,
+            workers: handles,
+            episodes_done: 0,
+            failed: 0,
+            finished: false,
+        }
+    }
+
+    /// Episodes replaced because a file failed to load, so far.
+    pub fn failed_episodes(&self) -> u64 {
+        self.failed
+    }
+
+    fn stop(&mut self) {
+        self.finished = true;
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.changed.notify_all();
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// The next batch number a worker may build, waiting while the window is full; `None` at the end.
+fn claim(shared: &Shared, window: u64, batches: u64) -> Option<u64> {
+    let mut state = shared.window.lock().expect("loader window lock");
+    loop {
+        if shared.stop.load(Ordering::SeqCst) || state.next_claim >= batches {
+            return None;
+        }
+        if state.next_claim < state.consumed + window {
+            state.next_claim += 1;
+            return Some(state.next_claim - 1);
+        }
+        state = shared.changed.wait(state).expect("loader window lock");
+    }
+}
+
+fn build_batch(
+    dataset: &FewShotDataset,
+    sampler: &mut EpisodeSampler,
+    indices: Range<u64>,
+) -> Result<Built, DataError> {
+    let mut failures = Vec::new();
+    let episodes = indices
+        .map(|i| build_episode(dataset, sampler, i, &mut failures))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Built {
+        batch: EpisodeBatch::from_episodes(&episodes),
+        failures,
+    })
+}
+
+impl Iterator for EpisodeLoader {
+    type Item = Result<EpisodeBatch, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.finished || self.next_batch >= self.batches {
+            return None;
+        }
+        let result = loop {
+            if let Some(result) = self.pending.remove(&self.next_batch) {
+                break result;
+            }
+            match self
+                .results
+                .as_ref()
+                .expect("receiver lives until drop")
+                .recv()
+            {
+                Ok((b, result)) => {
+                    self.pending.insert(b, result);
+                }
+                Err(_) => {
+                    self.stop();
+                    return Some(Err(DataError::WorkerPanicked {
+                        message: "every loader worker stopped before the range was done".into(),
+                    }));
+                }
+            }
+        };
+        self.next_batch += 1;
+        self.shared
+            .window
+            .lock()
+            .expect("loader window lock")
+            .consumed = self.next_batch;
+        self.shared.changed.notify_all();
+        let built = match result {
+            Ok(built) => built,
+            Err(e) => {
+                self.stop();
+                return Some(Err(e));
+            }
+        };
+        self.episodes_done += built.batch.episode_indices.len() as u64;
+        if let Some(last) = built.failures.last() {
+            self.failed += built.failures.len() as u64;
+            tracing::warn!(
+                "{} of {} episodes replaced so far because of unreadable files",
+                self.failed,
+                self.episodes_done
+            );
+            if self.failed * 100 > self.episodes_done.max(MIN_FAILURE_BASE) {
+                self.stop();
+                return Some(Err(DataError::TooManyFailures {
+                    failed: self.failed,
+                    episodes: self.episodes_done,
+                    last: last.clone(),
+                }));
+            }
+        }
+        Some(Ok(built.batch))
+    }
+}
+
+impl Drop for EpisodeLoader {
+    fn drop(&mut self) {
+        self.stop();
+        // Dropping the receiver makes a worker's next send fail, so none outlives the loader.
+        self.results = None;
+        for handle in self.workers.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
