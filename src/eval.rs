@@ -14,6 +14,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::checkpoint::{self, CheckpointError, CheckpointFiles};
 use crate::config::Config;
+use crate::data::rng::EpisodeRng;
 use crate::data::{DataError, EpisodeBatch, EpisodeLoader, FewShotDataset, Split};
 use crate::metrics::IoUAccumulator;
 use crate::model::IGNORE_LABEL;
@@ -210,7 +211,11 @@ fn write_panels(
             let (pred, target) = original_resolution(&episode_logits, &batch.original_labels[e]);
             one.add(&pred, &target, class);
         } else {
-            one.add(&episode_logits.argmax(0, false), &batch.query_label.get(e as i64), class);
+            one.add(
+                &episode_logits.argmax(0, false),
+                &batch.query_label.get(e as i64),
+                class,
+            );
         }
         let query = predict::denormalise(&batch.query_image.get(e as i64));
         let support_images = batch.support_images.get(e as i64);
@@ -220,15 +225,27 @@ fn write_panels(
         let tiles = [
             (
                 "SUPPORT",
-                predict::overlay(&support, &predict::mask_image(&support_labels.get(0)), colour),
+                predict::overlay(
+                    &support,
+                    &predict::mask_image(&support_labels.get(0)),
+                    colour,
+                ),
             ),
             (
                 "GROUND TRUTH",
-                predict::overlay(&query, &predict::mask_image(&batch.query_label.get(e as i64)), colour),
+                predict::overlay(
+                    &query,
+                    &predict::mask_image(&batch.query_label.get(e as i64)),
+                    colour,
+                ),
             ),
             (
                 "PREDICTION",
-                predict::overlay(&query, &predict::mask_image(&episode_logits.argmax(0, false)), colour),
+                predict::overlay(
+                    &query,
+                    &predict::mask_image(&episode_logits.argmax(0, false)),
+                    colour,
+                ),
             ),
         ];
         let tiles: Vec<(&str, &image::RgbImage)> = tiles.iter().map(|(c, t)| (*c, t)).collect();
@@ -303,9 +320,7 @@ pub fn load_model(
 /// canvas are bilinearly resized (align_corners = true) to that square, and argmax gives the
 /// prediction. Returns `(prediction, target)`, both `[L,L]` i64 on the logits' device.
 pub fn original_resolution(logits: &Tensor, original_label: &Tensor) -> (Tensor, Tensor) {
-    let (h, w) = original_label
-        .size2()
-        .expect("the original label is [h,w]");
+    let (h, w) = original_label.size2().expect("the original label is [h,w]");
     let side = h.max(w);
     let device = logits.device();
     let target = Tensor::full([side, side], IGNORE_LABEL, (Kind::Int64, device));
@@ -321,21 +336,21 @@ pub fn original_resolution(logits: &Tensor, original_label: &Tensor) -> (Tensor,
     (prediction, target)
 }
 
-/// Seeds of BAM's protocol: `count` seeds in 0..1000 drawn from `master` (BAM: 5 from 123). Our
-/// draw is our own generator's, so the values differ from numpy's; what matters is that they are
-/// fixed.
+/// Seeds of BAM's protocol: `count` distinct seeds in 0..1000 drawn from `master` (BAM: 5 from
+/// 123). The draw is the episodes' generator's, not numpy's, so the values differ from BAM's; what
+/// matters is that they are fixed.
 pub fn draw_seeds(master: u64, count: usize) -> Vec<u64> {
-    // SplitMix64: a fixed, well-mixed sequence from one seed.
-    let mut state = master;
-    (0..count)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            (z ^ (z >> 31)) % 1000
-        })
-        .collect()
+    /// Stream tag of the seed draw, apart from the episodes' streams.
+    const SEED_STREAM: u64 = 0x5EED;
+    let mut rng = EpisodeRng::new(master, SEED_STREAM, 0);
+    let mut seeds = Vec::with_capacity(count);
+    while seeds.len() < count.min(1000) {
+        let seed = rng.below(1000) as u64;
+        if !seeds.contains(&seed) {
+            seeds.push(seed);
+        }
+    }
+    seeds
 }
 
 /// What was evaluated: enough to place the result in a paper table.
@@ -359,7 +374,11 @@ pub struct EvalSetting {
 impl EvalSetting {
     /// The setting of evaluating `config`'s model with `shot` supports for `episodes` episodes.
     pub fn new(config: &Config, shot: usize, episodes: u64, ori_resize: bool) -> EvalSetting {
-        let dataset = if config.use_coco { "COCO-20i" } else { "PASCAL-5i" };
+        let dataset = if config.use_coco {
+            "COCO-20i"
+        } else {
+            "PASCAL-5i"
+        };
         let method = if config.svf { "PFENet+SVF" } else { "PFENet" };
         let mut backbone = if config.vgg {
             "VGG-16".to_string()
@@ -572,7 +591,10 @@ mod tests {
             // recovers it.
             let side = h.max(w);
             let square = Tensor::zeros([side, side], (Kind::Int64, Device::Cpu));
-            square.narrow(0, 0, h).narrow(1, 0, w).copy_(&label.clamp_max(1));
+            square
+                .narrow(0, 0, h)
+                .narrow(1, 0, w)
+                .copy_(&label.clamp_max(1));
             let canvas = 4 * (side - 1) + 1;
             let fg = square
                 .to_kind(Kind::Float)
@@ -642,9 +664,11 @@ mod tests {
     }
 
     fn sample_result() -> EvalResult {
-        let mut config = Config::default();
-        config.split = 1;
-        config.svf = true;
+        let config = Config {
+            split: 1,
+            svf: true,
+            ..Config::default()
+        };
         EvalResult::from_seeds(
             EvalSetting::new(&config, 5, 1000, true),
             vec![seed(1, 0.5, 0.7, [0.4, 0.6]), seed(2, 0.7, 0.8, [0.6, 0.8])],
@@ -678,10 +702,15 @@ mod tests {
         assert_eq!(EvalResult::read(&dir.join("eval.json")).unwrap(), result);
         let md = std::fs::read_to_string(dir.join("eval.md")).unwrap();
         assert!(md.contains("| 1 | 50.00 | 70.00 |"), "{md}");
-        assert!(md.contains("| mean ± std | 60.00 ± 10.00 | 75.00 ± 5.00 |"), "{md}");
+        assert!(
+            md.contains("| mean ± std | 60.00 ± 10.00 | 75.00 ± 5.00 |"),
+            "{md}"
+        );
         assert!(md.contains("| 7 | 70.00 | 4 |"), "{md}");
         std::fs::write(dir.join("bad.json"), "{}").unwrap();
-        let message = EvalResult::read(&dir.join("bad.json")).unwrap_err().to_string();
+        let message = EvalResult::read(&dir.join("bad.json"))
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("bad.json"), "{message}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -82,8 +82,9 @@ impl IoUAccumulator {
             class_ids.len() as i64,
             "one class id per episode of the batch"
         );
-        let counts = Vec::<Vec<i64>>::try_from(&episode_counts(pred, label).to_device(tch::Device::Cpu))
-            .expect("a 2-D count tensor converts");
+        let counts =
+            Vec::<Vec<i64>>::try_from(&episode_counts(pred, label).to_device(tch::Device::Cpu))
+                .expect("a 2-D count tensor converts");
         for (row, &class_id) in counts.iter().zip(class_ids) {
             self.record(row, class_id, 1);
         }
@@ -201,7 +202,11 @@ mod tests {
     fn empty_prediction_scores_zero_foreground() {
         let mut acc = IoUAccumulator::new(&[1]);
         let label = mask(&[&[1, 1], &[0, 0]]);
-        acc.add(&Tensor::zeros([2, 2], (Kind::Int64, tch::Device::Cpu)), &label, 1);
+        acc.add(
+            &Tensor::zeros([2, 2], (Kind::Int64, tch::Device::Cpu)),
+            &label,
+            1,
+        );
         assert!(close(acc.miou(), 0.0));
         // bg: ∩ 2, ∪ 4.
         assert!(close(acc.fb_iou(), 0.25));
@@ -231,7 +236,10 @@ mod tests {
         acc.add(&mask(&[&[1, 0, 0, 0]]), &mask(&[&[0, 1, 0, 0]]), 2);
         let class_iou = acc.class_iou();
         assert_eq!(class_iou[0].0, 1);
-        assert!(close(class_iou[0].1, 2.0 / 5.0), "not the mean of ratios 0.625");
+        assert!(
+            close(class_iou[0].1, 2.0 / 5.0),
+            "not the mean of ratios 0.625"
+        );
         assert!(close(class_iou[1].1, 0.0));
         assert!(close(acc.miou(), 0.2));
         // bg over the three episodes: ∩ 3+0+2 = 5, ∪ 3+3+4 = 10; fg: ∩ 2, ∪ 7.

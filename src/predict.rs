@@ -73,8 +73,13 @@ pub fn predict(
     let mut names = HashSet::new();
     for (i, query) in queries.iter().enumerate() {
         if !names.insert(query.file_stem()) {
-            let other = queries[..i].iter().find(|q| q.file_stem() == query.file_stem());
-            return Err(PredictError::SameName(other.cloned().unwrap_or_default(), query.clone()));
+            let other = queries[..i]
+                .iter()
+                .find(|q| q.file_stem() == query.file_stem());
+            return Err(PredictError::SameName(
+                other.cloned().unwrap_or_default(),
+                query.clone(),
+            ));
         }
     }
     let size = config.val_size as usize;
@@ -97,10 +102,18 @@ pub fn predict(
         };
         let (image, label) = val_resize(&image, &label, size);
         support_images.push(network_input(&image));
-        support_labels.push(Tensor::from_slice(&label.data).to_kind(Kind::Int64).view([size as i64, size as i64]));
+        support_labels.push(
+            Tensor::from_slice(&label.data)
+                .to_kind(Kind::Int64)
+                .view([size as i64, size as i64]),
+        );
     }
-    let support_images = Tensor::stack(&support_images, 0).unsqueeze(0).to_device(device);
-    let support_labels = Tensor::stack(&support_labels, 0).unsqueeze(0).to_device(device);
+    let support_images = Tensor::stack(&support_images, 0)
+        .unsqueeze(0)
+        .to_device(device);
+    let support_labels = Tensor::stack(&support_labels, 0)
+        .unsqueeze(0)
+        .to_device(device);
     std::fs::create_dir_all(out).map_err(|e| PredictError::Write {
         path: out.to_path_buf(),
         message: e.to_string(),
@@ -113,10 +126,18 @@ pub fn predict(
         let (canvas, _) = val_resize(&image, &blank, size);
         let logits = tch::no_grad(|| {
             model
-                .forward(&network_input(&canvas).unsqueeze(0).to_device(device), &support_images, &support_labels, false)
+                .forward(
+                    &network_input(&canvas).unsqueeze(0).to_device(device),
+                    &support_images,
+                    &support_labels,
+                    false,
+                )
                 .logits
         });
-        let (pred, _) = original_resolution(&logits.get(0), &Tensor::zeros([h, w], (Kind::Int64, Device::Cpu)));
+        let (pred, _) = original_resolution(
+            &logits.get(0),
+            &Tensor::zeros([h, w], (Kind::Int64, Device::Cpu)),
+        );
         let mask = mask_image(&pred.narrow(0, 0, h).narrow(1, 0, w));
         let foreground = mask.pixels().filter(|p| p[0] != 0).count() as f64 / (h * w) as f64;
         let original = RgbImage::from_raw(
@@ -158,8 +179,12 @@ pub fn denormalise(image: &Tensor) -> RgbImage {
         .permute([1, 2, 0])
         .contiguous()
         .view([-1]);
-    RgbImage::from_raw(w as u32, h as u32, Vec::<u8>::try_from(&pixels).expect("u8 pixels"))
-        .expect("the buffer has h x w x 3 values")
+    RgbImage::from_raw(
+        w as u32,
+        h as u32,
+        Vec::<u8>::try_from(&pixels).expect("u8 pixels"),
+    )
+    .expect("the buffer has h x w x 3 values")
 }
 
 /// The mask image (255 where 1, else 0) of a `[H,W]` label or prediction.
@@ -168,8 +193,12 @@ pub fn mask_image(mask: &Tensor) -> GrayImage {
     let values = (mask.to_device(Device::Cpu).eq(1).to_kind(Kind::Uint8) * 255)
         .contiguous()
         .view([-1]);
-    GrayImage::from_raw(w as u32, h as u32, Vec::<u8>::try_from(&values).expect("u8 values"))
-        .expect("the buffer has h x w values")
+    GrayImage::from_raw(
+        w as u32,
+        h as u32,
+        Vec::<u8>::try_from(&values).expect("u8 values"),
+    )
+    .expect("the buffer has h x w values")
 }
 
 /// Colour of masks drawn over images (cyan: rare in natural images' objects).
@@ -207,10 +236,18 @@ where
 /// `image` with the non-zero pixels of `mask` tinted half-way to `colour` and the mask's outline
 /// (foreground pixels with a background 4-neighbour) drawn in `colour`.
 pub fn overlay(image: &RgbImage, mask: &GrayImage, colour: Rgb<u8>) -> RgbImage {
-    assert_eq!(image.dimensions(), mask.dimensions(), "image and mask sizes differ");
+    assert_eq!(
+        image.dimensions(),
+        mask.dimensions(),
+        "image and mask sizes differ"
+    );
     let (w, h) = mask.dimensions();
     let inside = |x: i64, y: i64| {
-        x >= 0 && y >= 0 && x < w as i64 && y < h as i64 && mask.get_pixel(x as u32, y as u32)[0] != 0
+        x >= 0
+            && y >= 0
+            && x < w as i64
+            && y < h as i64
+            && mask.get_pixel(x as u32, y as u32)[0] != 0
     };
     RgbImage::from_fn(w, h, |x, y| {
         let (xi, yi) = (x as i64, y as i64);
@@ -218,12 +255,10 @@ pub fn overlay(image: &RgbImage, mask: &GrayImage, colour: Rgb<u8>) -> RgbImage 
         if !inside(xi, yi) {
             return pixel;
         }
-        let edge = [(-1, 0), (1, 0), (0, -1), (0, 1)]
-            .iter()
-            .any(|(dx, dy)| {
-                let (nx, ny) = (xi + dx, yi + dy);
-                nx >= 0 && ny >= 0 && nx < w as i64 && ny < h as i64 && !inside(nx, ny)
-            });
+        let edge = [(-1, 0), (1, 0), (0, -1), (0, 1)].iter().any(|(dx, dy)| {
+            let (nx, ny) = (xi + dx, yi + dy);
+            nx >= 0 && ny >= 0 && nx < w as i64 && ny < h as i64 && !inside(nx, ny)
+        });
         if edge {
             colour
         } else {
@@ -251,11 +286,21 @@ mod tests {
         grey.save(dir.join("grey.png")).unwrap();
         let rgb = RgbImage::from_raw(3, 1, vec![0, 0, 0, 0, 0, 1, 128, 0, 0]).unwrap();
         rgb.save(dir.join("rgb.png")).unwrap();
-        let wide = image::ImageBuffer::<Luma<u16>, Vec<u16>>::from_raw(3, 1, vec![0, 1, 0]).unwrap();
+        let wide =
+            image::ImageBuffer::<Luma<u16>, Vec<u16>>::from_raw(3, 1, vec![0, 1, 0]).unwrap();
         wide.save(dir.join("wide.png")).unwrap();
-        assert_eq!(read_mask(&dir.join("grey.png")).unwrap().into_raw(), vec![0, 255, 255]);
-        assert_eq!(read_mask(&dir.join("rgb.png")).unwrap().into_raw(), vec![0, 255, 255]);
-        assert_eq!(read_mask(&dir.join("wide.png")).unwrap().into_raw(), vec![0, 255, 0]);
+        assert_eq!(
+            read_mask(&dir.join("grey.png")).unwrap().into_raw(),
+            vec![0, 255, 255]
+        );
+        assert_eq!(
+            read_mask(&dir.join("rgb.png")).unwrap().into_raw(),
+            vec![0, 255, 255]
+        );
+        assert_eq!(
+            read_mask(&dir.join("wide.png")).unwrap().into_raw(),
+            vec![0, 255, 0]
+        );
         let message = read_mask(&dir.join("missing.png")).unwrap_err().to_string();
         assert!(message.contains("missing.png"), "{message}");
         std::fs::remove_dir_all(&dir).unwrap();
@@ -266,7 +311,11 @@ mod tests {
         let image = RgbImage::from_pixel(5, 5, Rgb([0, 0, 100]));
         // A 3x3 square at (1..4, 1..4): its 8 border pixels are outline, the centre is tinted.
         let mask = GrayImage::from_fn(5, 5, |x, y| {
-            Luma([if (1..4).contains(&x) && (1..4).contains(&y) { 1 } else { 0 }])
+            Luma([if (1..4).contains(&x) && (1..4).contains(&y) {
+                1
+            } else {
+                0
+            }])
         });
         let out = overlay(&image, &mask, Rgb([200, 0, 0]));
         assert_eq!(*out.get_pixel(0, 0), Rgb([0, 0, 100]));

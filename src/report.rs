@@ -105,6 +105,9 @@ struct RowKey {
     shot: usize,
 }
 
+/// A table's rows: row → fold → result.
+type Rows<'a> = BTreeMap<RowKey, BTreeMap<usize, &'a EvalResult>>;
+
 /// Metric of a table.
 #[derive(Debug, Clone, Copy)]
 enum Metric {
@@ -134,9 +137,7 @@ impl Metric {
 /// mIoU and one FB-IoU table. A later result for the same dataset, row and fold replaces an earlier
 /// one (results come in path order).
 pub fn paper_tables(results: &[EvalResult]) -> String {
-    // dataset → row → fold → result
-    let mut grid: BTreeMap<(usize, String), BTreeMap<RowKey, BTreeMap<usize, &EvalResult>>> =
-        BTreeMap::new();
+    let mut grid: BTreeMap<(usize, String), Rows> = BTreeMap::new();
     for result in results {
         let s = &result.setting;
         let order = match s.dataset.as_str() {
@@ -183,10 +184,9 @@ pub fn paper_tables(results: &[EvalResult]) -> String {
                 line.push_str(&format!(" {mean:.2}{mark} |"));
                 if with_paper {
                     match published_miou(dataset, row) {
-                        Some(paper) => line.push_str(&format!(
-                            " {paper:.2} | {:+.2}{mark} |",
-                            mean - paper
-                        )),
+                        Some(paper) => {
+                            line.push_str(&format!(" {paper:.2} | {:+.2}{mark} |", mean - paper))
+                        }
                         None => line.push_str(" – | – |"),
                     }
                 }
@@ -363,10 +363,12 @@ mod tests {
     use crate::eval::{EvalSetting, SeedResult};
 
     fn result(dataset_coco: bool, svf: bool, shot: usize, fold: usize, miou: f64) -> EvalResult {
-        let mut config = Config::default();
-        config.use_coco = dataset_coco;
-        config.svf = svf;
-        config.split = fold;
+        let config = Config {
+            use_coco: dataset_coco,
+            svf,
+            split: fold,
+            ..Config::default()
+        };
         EvalResult::from_seeds(
             EvalSetting::new(&config, shot, 1000, true),
             vec![SeedResult {
@@ -398,7 +400,9 @@ mod tests {
         );
         // PASCAL PFENet with only fold 2: partial mean, marked.
         assert!(
-            md.contains("| PFENet | ResNet-50 | 1 | – | – | 50.00 | – | 50.00* | 60.80 | -10.80* |"),
+            md.contains(
+                "| PFENet | ResNet-50 | 1 | – | – | 50.00 | – | 50.00* | 60.80 | -10.80* |"
+            ),
             "{md}"
         );
         assert!(md.contains("\\* mean over the folds evaluated"));
@@ -411,8 +415,12 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         assert!(matches!(find_results(&dir), Err(ReportError::NoResults(_))));
-        result(false, true, 5, 3, 0.25).write(&dir.join("a/b")).unwrap();
-        result(false, false, 5, 3, 0.5).write(&dir.join("c")).unwrap();
+        result(false, true, 5, 3, 0.25)
+            .write(&dir.join("a/b"))
+            .unwrap();
+        result(false, false, 5, 3, 0.5)
+            .write(&dir.join("c"))
+            .unwrap();
         let found = find_results(&dir).unwrap();
         assert_eq!(found.len(), 2);
         assert_eq!(found[0].0, dir.join("a/b/eval.json"));
@@ -457,6 +465,7 @@ mod tests {
         assert_eq!(*panel.get_pixel(4, strip + 8), Rgb([255, 255, 255]));
         assert_eq!(*panel.get_pixel(208 + 179, strip + 17), Rgb([0, 0, 255]));
         // Title ink is in the strip.
-        assert!((0..strip).any(|y| (0..panel.width()).any(|x| *panel.get_pixel(x, y) == Rgb([0, 0, 0]))));
+        assert!((0..strip)
+            .any(|y| (0..panel.width()).any(|x| *panel.get_pixel(x, y) == Rgb([0, 0, 0]))));
     }
 }
