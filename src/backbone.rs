@@ -1,1 +1,168 @@
 //! Dilated ResNet / VGG backbones exposing layer0..layer4, each convolution full-rank or SVD form.
+//!
+//! Variables carry PFENet's names (`layer0.0.weight`, `layer1.0.conv1.weight`, SVD form
+//! `layer2.0.conv1.conv_U.weight`, `.conv_V.weight`, `.vector_S`), derived from the structure:
+//! every stage is a sequence whose positions are the names, as in PyTorch.
+
+mod layers;
+mod resnet;
+mod vgg;
+mod weights;
+
+use std::path::PathBuf;
+
+use tch::{nn, Tensor};
+
+use crate::config::Config;
+use crate::svf::SvfOptions;
+use layers::{Scope, Stage};
+use resnet::ResNetLayout;
+pub use weights::{
+    backbone_variables, decompose_pretrained, load_pretrained, read_backbone_weights,
+    write_weights, WeightMismatch,
+};
+
+/// Why a backbone could not be built or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum BackboneError {
+    #[error("config key `layers`: {0} is not a ResNet depth this project builds (18, 34, 50, 101); or set `vgg: true`")]
+    UnsupportedDepth(usize),
+    #[error("cannot read backbone weights {path}: {source}; convert a PyTorch .pth state dict with scripts/convert_weights.py")]
+    Read {
+        path: PathBuf,
+        source: tch::TchError,
+    },
+    #[error("cannot write weights {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: tch::TchError,
+    },
+    #[error("backbone weights {path} do not fit the configured backbone ({backbone}){mismatch}; check the keys `layers`, `vgg`, `backbone_width` and `svf*`")]
+    Mismatch {
+        path: PathBuf,
+        backbone: String,
+        mismatch: WeightMismatch,
+    },
+    #[error(
+        "{path} is already decomposed (it has `vector_S` entries); give the full-rank weights"
+    )]
+    AlreadyDecomposed { path: PathBuf },
+}
+
+/// The backbone of PFENet: five stages run one at a time, because the head taps layer2, layer3
+/// and layer4 and runs layer4 on masked features.
+#[derive(Debug)]
+pub struct Backbone {
+    stages: Vec<Stage>,
+    out_channels: [i64; 5],
+}
+
+impl Backbone {
+    /// Variables under `root` with PFENet's names (`layer0.0.weight`, `layer1.0.conv1.weight`, ...;
+    /// SVF form: `layer2.0.conv1.conv_U.weight`, `.conv_V.weight`, `.vector_S`). Random init
+    /// (kaiming; SVF form = decomposition of a random full-rank weight). Shape from config:
+    /// `layers` (18/34/50/101), `vgg`, `backbone_width`, `svf*` keys. Only the variables that
+    /// [`crate::svf::is_trainable`] names are created trainable.
+    pub fn new(root: &nn::Path, config: &Config) -> Result<Backbone, BackboneError> {
+        let options = config.svf.then(|| SvfOptions::from_config(config));
+        let scope = Scope::root(root, options.as_ref());
+        let (stages, out_channels) = if config.vgg {
+            vgg::build(&scope, config.backbone_width)
+        } else {
+            let layout = ResNetLayout::of_depth(config.layers)
+                .ok_or(BackboneError::UnsupportedDepth(config.layers))?;
+            resnet::build(&scope, layout, config.backbone_width)
+        };
+        Ok(Backbone {
+            stages,
+            out_channels,
+        })
+    }
+
+    /// Output channels of layer0..layer4.
+    pub fn out_channels(&self) -> [i64; 5] {
+        self.out_channels
+    }
+
+    /// Runs stage `index` (0..=4). `bn_train`: BatchNorm in training mode (false with fix_bn).
+    pub fn forward_layer(&self, index: usize, x: &Tensor, bn_train: bool) -> Tensor {
+        self.stages[index].forward(x, bn_train)
+    }
+}
+
+/// Whether backbone BatchNorm runs in training mode: only while training and without `fix_bn`
+/// (BAM's default keeps it in eval mode; PFENet let its statistics drift).
+pub fn batch_norm_training(config: &Config, training: bool) -> bool {
+    training && !config.fix_bn
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn small(layers: usize, svf: bool) -> Config {
+        Config {
+            layers,
+            backbone_width: 0.25,
+            svf,
+            ..Config::default()
+        }
+    }
+
+    fn shapes(backbone: &Backbone, size: i64) -> Vec<Vec<i64>> {
+        tch::no_grad(|| {
+            let mut x = Tensor::randn([1, 3, size, size], (Kind::Float, Device::Cpu));
+            (0..5)
+                .map(|i| {
+                    x = backbone.forward_layer(i, &x, false);
+                    x.size()
+                })
+                .collect()
+        })
+    }
+
+    #[test]
+    fn small_resnet_has_output_stride_8() {
+        for svf in [false, true] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let backbone = Backbone::new(&vs.root(), &small(18, svf)).unwrap();
+            assert_eq!(backbone.out_channels(), [32, 16, 32, 64, 128]);
+            assert_eq!(
+                shapes(&backbone, 65),
+                [
+                    vec![1, 32, 17, 17],
+                    vec![1, 16, 17, 17],
+                    vec![1, 32, 9, 9],
+                    vec![1, 64, 9, 9],
+                    vec![1, 128, 9, 9]
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn small_bottleneck_and_vgg_shapes() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let backbone = Backbone::new(&vs.root(), &small(50, true)).unwrap();
+        assert_eq!(backbone.out_channels(), [32, 64, 128, 256, 512]);
+        assert_eq!(shapes(&backbone, 65)[4], [1, 512, 9, 9]);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let config = Config {
+            vgg: true,
+            ..small(50, false)
+        };
+        let backbone = Backbone::new(&vs.root(), &config).unwrap();
+        assert_eq!(backbone.out_channels(), [16, 32, 64, 128, 128]);
+        // Ceil-mode max-pools: 65 → 33 → 17 → 9 → 5, layer4 without pool.
+        let sizes: Vec<i64> = shapes(&backbone, 65).iter().map(|s| s[2]).collect();
+        assert_eq!(sizes, [33, 17, 9, 5, 5]);
+    }
+
+    #[test]
+    fn unsupported_depth_names_the_key() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let err = Backbone::new(&vs.root(), &small(152, false)).unwrap_err();
+        assert!(err.to_string().contains("`layers`"), "{err}");
+    }
+}

@@ -1,0 +1,292 @@
+//! The building blocks of the backbones: convolutions (full-rank or SVD form), BatchNorm, and the
+//! sequential stages that give every variable its PyTorch name by position.
+
+use tch::{nn, Kind, Tensor};
+
+use super::resnet::ResidualBlock;
+use crate::svf::{self, ConvGeometry, SvdConv2d, SvfOptions};
+
+/// Where variables are created: a var-store path plus the name relative to the backbone root,
+/// which decides decomposition (`svf_exclude`, per-layer ratios) and trainability independently
+/// of where the caller mounted the backbone.
+#[derive(Clone)]
+pub(crate) struct Scope<'a> {
+    path: nn::Path<'a>,
+    name: String,
+    svf: Option<&'a SvfOptions>,
+}
+
+impl<'a> Scope<'a> {
+    /// The backbone root; `svf` is `Some` when convolutions are decomposed.
+    pub(crate) fn root(path: &nn::Path<'a>, svf: Option<&'a SvfOptions>) -> Scope<'a> {
+        Scope {
+            path: path.clone(),
+            name: String::new(),
+            svf,
+        }
+    }
+
+    pub(crate) fn sub(&self, component: impl ToString) -> Scope<'a> {
+        let component = component.to_string();
+        Scope {
+            path: self.path.sub(&component),
+            name: self.qualified(&component),
+            svf: self.svf,
+        }
+    }
+
+    fn qualified(&self, leaf: &str) -> String {
+        if self.name.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{leaf}", self.name)
+        }
+    }
+
+    /// Registers `tensor` as variable `leaf`, trainable only where [`svf::is_trainable`] says so
+    /// (so autograd never tracks frozen weights).
+    fn add(&self, leaf: &str, tensor: Tensor) -> Tensor {
+        let trainable = svf::is_trainable(&self.qualified(leaf), self.svf.is_some());
+        self.path
+            .add(leaf, tensor.set_requires_grad(false), trainable)
+    }
+
+    /// Registers a BatchNorm statistic: never trained.
+    fn add_buffer(&self, leaf: &str, tensor: Tensor) -> Tensor {
+        self.path.add(leaf, tensor.set_requires_grad(false), false)
+    }
+
+    fn device(&self) -> tch::Device {
+        self.path.device()
+    }
+}
+
+/// What a convolution computes, before it is created full-rank or in SVD form.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConvSpec {
+    pub in_channels: i64,
+    pub out_channels: i64,
+    pub kernel: i64,
+    pub geometry: ConvGeometry,
+    pub bias: bool,
+}
+
+impl ConvSpec {
+    /// `kernel`×`kernel`, no bias, stride 1, padding = dilation (a "same" conv when odd).
+    pub(crate) fn new(in_channels: i64, out_channels: i64, kernel: i64) -> ConvSpec {
+        ConvSpec {
+            in_channels,
+            out_channels,
+            kernel,
+            geometry: ConvGeometry {
+                stride: 1,
+                padding: kernel / 2,
+                dilation: 1,
+            },
+            bias: false,
+        }
+    }
+
+    pub(crate) fn stride(mut self, stride: i64) -> ConvSpec {
+        self.geometry.stride = stride;
+        self
+    }
+
+    /// Dilation with the padding that keeps the size (PFENet's layer3/layer4 change).
+    pub(crate) fn dilation(mut self, dilation: i64) -> ConvSpec {
+        self.geometry.dilation = dilation;
+        self.geometry.padding = dilation * (self.kernel / 2);
+        self
+    }
+
+    pub(crate) fn with_bias(mut self) -> ConvSpec {
+        self.bias = true;
+        self
+    }
+}
+
+/// A convolution, full-rank or in SVD form (chosen at construction by the SVF options).
+#[derive(Debug)]
+pub(crate) enum Conv2d {
+    Full {
+        weight: Tensor,
+        bias: Option<Tensor>,
+        geometry: ConvGeometry,
+    },
+    Svd(SvdConv2d),
+}
+
+impl Conv2d {
+    /// Kaiming-normal (fan-out, ReLU) weights and zero bias like PSPNet's init; in SVD form the
+    /// decomposition of such a random full-rank weight.
+    pub(crate) fn new(scope: &Scope, spec: ConvSpec) -> Conv2d {
+        let shape = [
+            spec.out_channels,
+            spec.in_channels,
+            spec.kernel,
+            spec.kernel,
+        ];
+        let std = (2.0 / (spec.out_channels * spec.kernel * spec.kernel) as f64).sqrt();
+        let weight = Tensor::randn(shape, (Kind::Float, scope.device())) * std;
+        let bias = spec
+            .bias
+            .then(|| Tensor::zeros([spec.out_channels], (Kind::Float, scope.device())));
+        let rank = scope.svf.and_then(|o| o.rank_for(&scope.name, &shape));
+        match rank {
+            None => Conv2d::Full {
+                weight: scope.add("weight", weight),
+                bias: bias.map(|b| scope.add("bias", b)),
+                geometry: spec.geometry,
+            },
+            Some(rank) => {
+                let factors = svf::decompose_conv(&weight, rank);
+                let u_scope = scope.sub("conv_U");
+                Conv2d::Svd(SvdConv2d {
+                    conv_u: u_scope.add("weight", factors.u),
+                    conv_u_bias: bias.map(|b| u_scope.add("bias", b)),
+                    conv_v: scope.sub("conv_V").add("weight", factors.v),
+                    vector_s: scope.add("vector_S", factors.s),
+                    geometry: spec.geometry,
+                })
+            }
+        }
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Conv2d::Full {
+                weight,
+                bias,
+                geometry,
+            } => geometry.conv2d(x, weight, bias.as_ref()),
+            Conv2d::Svd(svd) => svd.forward(x),
+        }
+    }
+}
+
+/// BatchNorm2d with PyTorch's variable names (`weight`, `bias`, `running_mean`, `running_var`,
+/// `num_batches_tracked`) so state dicts map one to one, momentum 0.1, eps 1e-5.
+#[derive(Debug)]
+pub(crate) struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+}
+
+impl BatchNorm2d {
+    pub(crate) fn new(scope: &Scope, channels: i64) -> BatchNorm2d {
+        let float = (Kind::Float, scope.device());
+        BatchNorm2d {
+            weight: scope.add("weight", Tensor::ones([channels], float)),
+            bias: scope.add("bias", Tensor::zeros([channels], float)),
+            running_mean: scope.add_buffer("running_mean", Tensor::zeros([channels], float)),
+            running_var: scope.add_buffer("running_var", Tensor::ones([channels], float)),
+            num_batches_tracked: scope.add_buffer(
+                "num_batches_tracked",
+                Tensor::zeros([], (Kind::Int64, scope.device())),
+            ),
+        }
+    }
+
+    /// `train`: batch statistics, and the running ones updated (PyTorch's training mode).
+    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        if train {
+            tch::no_grad(|| {
+                let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
+            });
+        }
+        x.batch_norm(
+            Some(&self.weight),
+            Some(&self.bias),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+            train,
+            0.1,
+            1e-5,
+            true,
+        )
+    }
+}
+
+/// One element of a stage; its position in the stage is its name (`layer0.3` = the 4th).
+#[derive(Debug)]
+pub(crate) enum Unit {
+    Conv(Conv2d),
+    BatchNorm(BatchNorm2d),
+    Relu,
+    MaxPool {
+        kernel: i64,
+        stride: i64,
+        padding: i64,
+        ceil_mode: bool,
+    },
+    Block(ResidualBlock),
+}
+
+/// A stage (`layer0`..`layer4`) under construction: units run in order, like `nn.Sequential`.
+pub(crate) struct Sequential<'a> {
+    scope: Scope<'a>,
+    units: Vec<Unit>,
+}
+
+/// A built stage, detached from the var store paths.
+#[derive(Debug)]
+pub(crate) struct Stage {
+    units: Vec<Unit>,
+}
+
+impl<'a> Sequential<'a> {
+    pub(crate) fn new(scope: Scope<'a>) -> Sequential<'a> {
+        Sequential {
+            scope,
+            units: Vec::new(),
+        }
+    }
+
+    /// The scope the next unit's variables go in.
+    pub(crate) fn next_scope(&self) -> Scope<'a> {
+        self.scope.sub(self.units.len())
+    }
+
+    pub(crate) fn push(&mut self, unit: Unit) {
+        self.units.push(unit);
+    }
+
+    /// conv, BatchNorm, ReLU: three positions, like the reference's stems.
+    pub(crate) fn conv_bn_relu(&mut self, spec: ConvSpec) {
+        self.units
+            .push(Unit::Conv(Conv2d::new(&self.next_scope(), spec)));
+        self.units.push(Unit::BatchNorm(BatchNorm2d::new(
+            &self.next_scope(),
+            spec.out_channels,
+        )));
+        self.units.push(Unit::Relu);
+    }
+
+    pub(crate) fn finish(self) -> Stage {
+        Stage { units: self.units }
+    }
+}
+
+impl Stage {
+    pub(crate) fn forward(&self, x: &Tensor, bn_train: bool) -> Tensor {
+        let mut h = x.shallow_clone();
+        for unit in &self.units {
+            h = match unit {
+                Unit::Conv(conv) => conv.forward(&h),
+                Unit::BatchNorm(bn) => bn.forward(&h, bn_train),
+                Unit::Relu => h.relu(),
+                Unit::MaxPool {
+                    kernel,
+                    stride,
+                    padding,
+                    ceil_mode,
+                } => h.max_pool2d([*kernel], [*stride], [*padding], [1], *ceil_mode),
+                Unit::Block(block) => block.forward(&h, bn_train),
+            };
+        }
+        h
+    }
+}
