@@ -101,18 +101,20 @@ impl EpisodeBatch {
     }
 }
 
-/// A built batch and the messages of the episode attempts it had to replace.
+/// A built batch, how many of its episodes had to be replaced, and the last failure's message.
 struct Built {
     batch: EpisodeBatch,
-    failures: Vec<String>,
+    replaced: u64,
+    last_failure: Option<String>,
 }
 
-/// Builds episode `index`, replacing it while its files fail to load.
+/// Builds episode `index`, replacing it while its files fail to load; `last_failure` receives the
+/// message of the last failed attempt.
 fn build_episode(
     dataset: &FewShotDataset,
     sampler: &mut EpisodeSampler,
     index: u64,
-    failures: &mut Vec<String>,
+    last_failure: &mut Option<String>,
 ) -> Result<Episode, DataError> {
     for attempt in 0..MAX_ATTEMPTS {
         match dataset.load_episode(sampler.draw(index, attempt)) {
@@ -121,7 +123,7 @@ fn build_episode(
                 tracing::warn!(
                     "episode {index} (attempt {attempt}): {e}; replaced by the next query"
                 );
-                failures.push(e.to_string());
+                *last_failure = Some(e.to_string());
             }
             Err(e) => return Err(e),
         }
@@ -129,7 +131,7 @@ fn build_episode(
     Err(DataError::EpisodeFailed {
         index,
         attempts: MAX_ATTEMPTS as usize,
-        last: failures.last().cloned().unwrap_or_default(),
+        last: last_failure.clone().unwrap_or_default(),
     })
 }
 
@@ -265,13 +267,21 @@ fn build_batch(
     sampler: &mut EpisodeSampler,
     indices: Range<u64>,
 ) -> Result<Built, DataError> {
-    let mut failures = Vec::new();
-    let episodes = indices
-        .map(|i| build_episode(dataset, sampler, i, &mut failures))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut replaced = 0;
+    let mut last_failure = None;
+    let mut episodes = Vec::with_capacity(indices.clone().count());
+    for index in indices {
+        let mut failure = None;
+        episodes.push(build_episode(dataset, sampler, index, &mut failure)?);
+        if failure.is_some() {
+            replaced += 1;
+            last_failure = failure;
+        }
+    }
     Ok(Built {
         batch: EpisodeBatch::from_episodes(&episodes),
-        failures,
+        replaced,
+        last_failure,
     })
 }
 
@@ -318,8 +328,8 @@ impl Iterator for EpisodeLoader {
             }
         };
         self.episodes_done += built.batch.episode_indices.len() as u64;
-        if let Some(last) = built.failures.last() {
-            self.failed += built.failures.len() as u64;
+        if let Some(last) = &built.last_failure {
+            self.failed += built.replaced;
             tracing::warn!(
                 "{} of {} episodes replaced so far because of unreadable files",
                 self.failed,
