@@ -141,6 +141,10 @@ fn episodes_do_not_depend_on_the_number_of_workers() {
             assert!(a.support_images.equal(&b.support_images));
             assert!(a.support_labels.equal(&b.support_labels));
         }
+        // Dropping a loader mid-range stops its workers (this would hang otherwise).
+        let mut early = EpisodeLoader::new(dataset.clone(), 321, 0..10_000, 2, 3);
+        assert!(early.next().unwrap().is_ok());
+        drop(early);
         // Another seed gives other episodes (validation keeps its query order, not its supports).
         let other: Vec<_> = EpisodeLoader::new(dataset.clone(), 322, 0..12, 2, 2)
             .collect::<Result<Vec<_>, _>>()
