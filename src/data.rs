@@ -1,1 +1,109 @@
 //! Episodic PASCAL-5i / COCO-20i data: lists, class index, episode sampling, transforms, loader.
+//!
+//! The path of an episode: a list file ([`lists`]) names image/label pairs; the class index
+//! ([`index`], cached on disk) records which classes each label holds; a [`FewShotDataset`] keeps the
+//! fold's query images and per-class support lists ([`classes`]); the [`EpisodeSampler`] turns
+//! (seed, episode index) into a query, a class and K supports; [`transform`] augments them; the
+//! [`EpisodeLoader`] does all of it on worker threads and hands out batched tensors.
+//! [`synth`] writes a small learnable dataset, [`check`] validates a dataset before training.
+
+pub mod check;
+pub mod classes;
+pub mod dataset;
+pub mod index;
+pub mod lists;
+pub mod loader;
+pub mod raster;
+pub mod rng;
+pub mod sampler;
+pub mod synth;
+pub mod transform;
+
+use std::path::PathBuf;
+
+pub use classes::FoldClasses;
+pub use dataset::{Episode, EpisodeImage, FewShotDataset, Split};
+pub use loader::{EpisodeBatch, EpisodeLoader};
+pub use sampler::{EpisodeDraw, EpisodeSampler};
+
+/// Why data could not be read or an episode not built. Every variant names the file and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("cannot read list file {path}: {source}; check `{key}` in the config")]
+    ListRead {
+        path: PathBuf,
+        key: &'static str,
+        source: std::io::Error,
+    },
+    #[error("list file {path}, line {line}: {message}")]
+    ListLine {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("cannot read {path}: {message}")]
+    Unreadable { path: PathBuf, message: String },
+    #[error("label {path} {message}")]
+    BadLabel { path: PathBuf, message: String },
+    #[error(
+        "image {image} is {image_size:?} (h, w) but its label {label} is {label_size:?}; \
+         an image and its label must have the same size"
+    )]
+    SizeMismatch {
+        image: PathBuf,
+        label: PathBuf,
+        image_size: (usize, usize),
+        label_size: (usize, usize),
+    },
+    #[error(
+        "class {class} has {found} eligible image(s) (at least {min_pixels} pixels of the class) in \
+         {list}, but {split} episodes with shot {shot} need {needed} (K supports besides the \
+         query); add images of the class to the list, lower `shot`, or choose another `split`"
+    )]
+    TooFewImages {
+        class: usize,
+        found: usize,
+        needed: usize,
+        min_pixels: u32,
+        list: PathBuf,
+        split: &'static str,
+        shot: usize,
+    },
+    #[error(
+        "episode {index}: {attempts} attempts failed to load, the last with: {last}; \
+         run `svf-data check` on the config to find the bad files"
+    )]
+    EpisodeFailed {
+        index: u64,
+        attempts: usize,
+        last: String,
+    },
+    #[error(
+        "{failed} of {episodes} episodes failed to load (more than 1%), the last with: {last}; \
+         run `svf-data check` on the config to find the bad files"
+    )]
+    TooManyFailures {
+        failed: u64,
+        episodes: u64,
+        last: String,
+    },
+    #[error("a loader worker panicked: {message}")]
+    WorkerPanicked { message: String },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl DataError {
+    /// Errors of one file (unreadable, malformed, mismatched) that a replacement episode avoids.
+    pub fn is_bad_file(&self) -> bool {
+        matches!(
+            self,
+            DataError::Unreadable { .. }
+                | DataError::BadLabel { .. }
+                | DataError::SizeMismatch { .. }
+        )
+    }
+}

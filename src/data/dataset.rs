@@ -1,0 +1,297 @@
+//! One split of a fold: its query images, per-class support lists and episode construction.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::classes::FoldClasses;
+use super::index::{ClassIndex, MIN_CLASS_PIXELS};
+use super::raster::{read_image, read_label, LabelMap, RgbImage};
+use super::sampler::EpisodeDraw;
+use super::transform::{val_resize, TrainTransform};
+use super::DataError;
+use crate::config::Config;
+
+/// Training episodes (the fold's training classes, augmented) or validation episodes (its novel
+/// classes, resized only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Val,
+}
+
+impl Split {
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Val => "val",
+        }
+    }
+}
+
+/// A query candidate: an image with at least one eligible class of the split.
+#[derive(Debug, Clone)]
+struct DatasetItem {
+    image: PathBuf,
+    label: PathBuf,
+    /// The split's classes present in the label at all (the query's class is drawn among these).
+    classes: Vec<usize>,
+}
+
+#[derive(Debug, Clone)]
+enum EpisodeTransform {
+    Train(TrainTransform),
+    Val { size: usize },
+}
+
+/// Lists + fold classes + per-class index, for one split.
+#[derive(Debug)]
+pub struct FewShotDataset {
+    split: Split,
+    list: PathBuf,
+    classes: Vec<usize>,
+    /// The query list: images with at least one eligible class of the split, in list order.
+    items: Vec<DatasetItem>,
+    /// For each class of the split, the items (indices into `items`) where it is eligible.
+    class_items: BTreeMap<usize, Vec<usize>>,
+    shot: usize,
+    transform: EpisodeTransform,
+    episodes_per_epoch: usize,
+}
+
+/// One transformed image of an episode, not yet normalised.
+#[derive(Debug, Clone)]
+pub struct EpisodeImage {
+    pub path: PathBuf,
+    pub image: RgbImage,
+    /// Binarised: 1 = the episode's class, 0 = anything else, 255 = ignore.
+    pub label: LabelMap,
+}
+
+/// A decoded, transformed episode.
+#[derive(Debug, Clone)]
+pub struct Episode {
+    pub index: u64,
+    pub class_id: usize,
+    pub query: EpisodeImage,
+    pub supports: Vec<EpisodeImage>,
+    /// Validation only: the query's binarised label at its original size.
+    pub original_label: Option<LabelMap>,
+}
+
+impl FewShotDataset {
+    /// Indexes the split's list (cached, see [`super::index`]) and builds the query and support
+    /// lists of the fold. Fails early, naming the class, when a class of the split has fewer than
+    /// `shot + 1` eligible images (the reference would loop forever drawing supports).
+    pub fn open(config: &Config, split: Split) -> Result<FewShotDataset, DataError> {
+        let (list, key) = match split {
+            Split::Train => (&config.train_list, "train_list"),
+            Split::Val => (&config.val_list, "val_list"),
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cache_dirs = [config.data_root.clone(), config.save_path.clone()];
+        let index = ClassIndex::build(&config.data_root, list, key, &cache_dirs, threads)?;
+        let fold = FoldClasses::of(config);
+        let classes = match split {
+            Split::Train => fold.train,
+            Split::Val => fold.novel,
+        };
+        let transform = match split {
+            Split::Train => EpisodeTransform::Train(TrainTransform::from_config(config)),
+            Split::Val => EpisodeTransform::Val {
+                size: config.val_size as usize,
+            },
+        };
+        let mut dataset = FewShotDataset::from_index(
+            &index,
+            &config.data_root,
+            list,
+            split,
+            classes,
+            config.shot,
+            transform,
+        )?;
+        if let (Split::Train, Some(episodes)) = (split, config.train_episodes) {
+            dataset.episodes_per_epoch = episodes;
+        }
+        tracing::info!(
+            split = split.name(),
+            list = %list.display(),
+            queries = dataset.items.len(),
+            classes = ?dataset.classes,
+            "few-shot dataset ready"
+        );
+        Ok(dataset)
+    }
+
+    fn from_index(
+        index: &ClassIndex,
+        data_root: &Path,
+        list: &Path,
+        split: Split,
+        classes: Vec<usize>,
+        shot: usize,
+        transform: EpisodeTransform,
+    ) -> Result<FewShotDataset, DataError> {
+        let mut items = Vec::new();
+        let mut class_items: BTreeMap<usize, Vec<usize>> =
+            classes.iter().map(|&c| (c, Vec::new())).collect();
+        for record in &index.items {
+            let eligible: Vec<usize> = classes
+                .iter()
+                .copied()
+                .filter(|&c| record.is_eligible(c))
+                .collect();
+            if eligible.is_empty() {
+                continue;
+            }
+            for c in eligible {
+                class_items
+                    .get_mut(&c)
+                    .expect("a split class")
+                    .push(items.len());
+            }
+            items.push(DatasetItem {
+                image: data_root.join(&record.image),
+                label: data_root.join(&record.label),
+                classes: classes
+                    .iter()
+                    .copied()
+                    .filter(|&c| record.pixels(c) > 0)
+                    .collect(),
+            });
+        }
+        if let Some((&class, found)) = class_items.iter().find(|(_, v)| v.len() < shot + 1) {
+            return Err(DataError::TooFewImages {
+                class,
+                found: found.len(),
+                needed: shot + 1,
+                min_pixels: MIN_CLASS_PIXELS,
+                list: list.to_path_buf(),
+                split: split.name(),
+                shot,
+            });
+        }
+        Ok(FewShotDataset {
+            split,
+            list: list.to_path_buf(),
+            classes,
+            episodes_per_epoch: items.len(),
+            items,
+            class_items,
+            shot,
+            transform,
+        })
+    }
+
+    pub fn split(&self) -> Split {
+        self.split
+    }
+
+    /// The list file this split was read from.
+    pub fn list(&self) -> &Path {
+        &self.list
+    }
+
+    /// Episodes in one epoch of this split (train: `train_episodes`, by default the number of query
+    /// images, the reference's epoch; val: the number of query images).
+    pub fn episodes_per_epoch(&self) -> usize {
+        self.episodes_per_epoch
+    }
+
+    /// The split's class ids (1-based dataset ids): the fold's training or novel classes.
+    pub fn classes(&self) -> &[usize] {
+        &self.classes
+    }
+
+    /// Support images per episode (K).
+    pub fn shot(&self) -> usize {
+        self.shot
+    }
+
+    /// Number of query images (images with at least one eligible class of the split).
+    pub fn query_count(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Number of images where `class` is eligible (its support list).
+    pub fn support_count(&self, class: usize) -> usize {
+        self.class_items.get(&class).map_or(0, Vec::len)
+    }
+
+    /// (height, width) of every episode image.
+    pub fn output_size(&self) -> (usize, usize) {
+        match &self.transform {
+            EpisodeTransform::Train(t) => (t.height, t.width),
+            EpisodeTransform::Val { size } => (*size, *size),
+        }
+    }
+
+    /// Image and label paths of query item `item` (the numbering of [`EpisodeDraw`]'s items).
+    pub fn item_paths(&self, item: usize) -> (&Path, &Path) {
+        (&self.items[item].image, &self.items[item].label)
+    }
+
+    pub(crate) fn query_classes(&self, item: usize) -> &[usize] {
+        &self.items[item].classes
+    }
+
+    pub(crate) fn support_list(&self, class: usize) -> &[usize] {
+        &self.class_items[&class]
+    }
+
+    /// Reads the image and label of `item`, checks that their sizes agree, binarises for `class`.
+    fn read_pair(&self, item: usize, class: usize) -> Result<(RgbImage, LabelMap), DataError> {
+        let item = &self.items[item];
+        let label = read_label(&item.label)?;
+        let image = read_image(&item.image)?;
+        if (image.height, image.width) != (label.height, label.width) {
+            return Err(DataError::SizeMismatch {
+                image: item.image.clone(),
+                label: item.label.clone(),
+                image_size: (image.height, image.width),
+                label_size: (label.height, label.width),
+            });
+        }
+        Ok((image, label.binarised(class)))
+    }
+
+    /// Decodes and transforms the episode `draw` describes; augmentation draws continue its stream.
+    pub fn load_episode(&self, draw: EpisodeDraw) -> Result<Episode, DataError> {
+        let EpisodeDraw {
+            index,
+            query,
+            class_id,
+            supports,
+            mut rng,
+            ..
+        } = draw;
+        let mut load = |item: usize| -> Result<(EpisodeImage, LabelMap), DataError> {
+            let (image, label) = self.read_pair(item, class_id)?;
+            let (image, out_label) = match &self.transform {
+                EpisodeTransform::Train(t) => t.apply(&image, &label, &mut rng),
+                EpisodeTransform::Val { size } => val_resize(&image, &label, *size),
+            };
+            let path = self.items[item].image.clone();
+            Ok((
+                EpisodeImage {
+                    path,
+                    image,
+                    label: out_label,
+                },
+                label,
+            ))
+        };
+        let (query_image, original) = load(query)?;
+        let supports = supports
+            .into_iter()
+            .map(|s| load(s).map(|(image, _)| image))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Episode {
+            index,
+            class_id,
+            query: query_image,
+            supports,
+            original_label: (self.split == Split::Val).then_some(original),
+        })
+    }
+}
