@@ -347,19 +347,19 @@ impl Config {
         if self.epochs < 1 {
             return fail("epochs", "must be at least 1".into());
         }
-        if !(self.power >= 0.0) {
+        if self.power.is_nan() || self.power < 0.0 {
             return fail("power", format!("{} must be >= 0", self.power));
         }
         if !(0.0..1.0).contains(&self.momentum) {
             return fail("momentum", format!("{} must be in [0, 1)", self.momentum));
         }
-        if !(self.weight_decay >= 0.0) {
+        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
             return fail(
                 "weight_decay",
                 format!("{} must be >= 0", self.weight_decay),
             );
         }
-        if !(self.aux_weight >= 0.0) {
+        if self.aux_weight.is_nan() || self.aux_weight < 0.0 {
             return fail("aux_weight", format!("{} must be >= 0", self.aux_weight));
         }
         if self.print_freq < 1 {
