@@ -1,12 +1,313 @@
 //! Benchmarks: loader, train step, eval and decomposition throughput.
+//!
+//! Every timing is the median of `repeats` runs after `warmup` unmeasured ones (the first runs pay
+//! for allocator growth, oneDNN/cuDNN algorithm selection and page faults); on CUDA the device is
+//! synchronised before the clock stops. The train and eval steps run on synthetic episodes (random
+//! images and masks already on the device): their cost does not depend on image content, so no
+//! dataset is needed, and the loader is measured on its own to show whether it can keep up.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
+use tch::{nn, Device, Kind, Tensor};
 
+use crate::backbone::{self, Backbone, BackboneError};
 use crate::config::Config;
 use crate::data::{DataError, EpisodeLoader, FewShotDataset, Split};
+use crate::eval::{self, EvalError};
+use crate::model::{self, ModelError, PfeNet};
+use crate::svf::{self, SvfOptions};
+use crate::train::Sgd;
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Backbone(#[from] BackboneError),
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    #[error("loader benchmark: cannot load the config's dataset (data_root, train_list, val_list); only `--what loader` needs it")]
+    Data(#[from] DataError),
+    #[error("cannot write the benchmark's temporary weights {path}: {source}; set TMPDIR to a writable folder")]
+    Weights {
+        path: PathBuf,
+        source: tch::TchError,
+    },
+}
+
+/// How to time: where, and how often.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchOptions {
+    pub device: Device,
+    /// Unmeasured runs first.
+    pub warmup: usize,
+    /// Measured runs; the median is reported.
+    pub repeats: usize,
+}
+
+/// Wall-clock seconds of one run: the median and the spread of the measured runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Timing {
+    pub median_s: f64,
+    pub min_s: f64,
+    pub max_s: f64,
+    pub repeats: usize,
+}
+
+impl Timing {
+    /// Runs `work` `warmup + repeats` times and times the last `repeats`.
+    fn measure(options: &BenchOptions, mut work: impl FnMut()) -> Timing {
+        let finish = || {
+            if let Device::Cuda(index) = options.device {
+                tch::Cuda::synchronize(index as i64);
+            }
+        };
+        for _ in 0..options.warmup {
+            work();
+        }
+        finish();
+        let mut samples: Vec<f64> = (0..options.repeats.max(1))
+            .map(|_| {
+                let start = Instant::now();
+                work();
+                finish();
+                start.elapsed().as_secs_f64()
+            })
+            .collect();
+        samples.sort_by(f64::total_cmp);
+        let n = samples.len();
+        Timing {
+            median_s: (samples[(n - 1) / 2] + samples[n / 2]) / 2.0,
+            min_s: samples[0],
+            max_s: samples[n - 1],
+            repeats: n,
+        }
+    }
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB, when the kernel reports it.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Restarts the peak-RSS count from the current RSS (Linux ≥ 4.0), so that each section reports
+/// its own peak. Where that is refused, sections report the process's peak so far.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Episodes per second of one step that processes `batch_size` episodes.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepThroughput {
+    /// Image side (square images).
+    pub size: i64,
+    pub shot: usize,
+    pub batch_size: usize,
+    pub timing: Timing,
+    pub seconds_per_episode: f64,
+    pub episodes_per_second: f64,
+    /// Peak resident memory while building the model and timing, MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+impl StepThroughput {
+    fn new(size: i64, shot: usize, batch_size: usize, timing: Timing) -> StepThroughput {
+        let seconds_per_episode = timing.median_s / batch_size as f64;
+        StepThroughput {
+            size,
+            shot,
+            batch_size,
+            timing,
+            seconds_per_episode,
+            episodes_per_second: 1.0 / seconds_per_episode,
+            peak_rss_mib: peak_rss_mib(),
+        }
+    }
+}
+
+/// A batch of random episodes on the device: `(query, query_label, supports, support_labels)`
+/// with labels in {0, 1, 255} (about 45 % foreground, 10 % ignored).
+fn synthetic_episodes(batch: usize, shot: usize, size: i64, device: Device) -> [Tensor; 4] {
+    let (b, k) = (batch as i64, shot as i64);
+    let opts = (Kind::Float, device);
+    let label = |shape: &[i64]| {
+        let u = Tensor::rand(shape, opts);
+        let foreground = u.lt(0.45).to_kind(Kind::Int64);
+        foreground.where_self(&u.lt(0.9), &Tensor::full([], 255, (Kind::Int64, device)))
+    };
+    [
+        Tensor::randn([b, 3, size, size], opts),
+        label(&[b, size, size]),
+        Tensor::randn([b, k, 3, size, size], opts),
+        label(&[b, k, size, size]),
+    ]
+}
+
+/// One training iteration as the trainer runs it (forward in train mode, loss, backward, SGD step
+/// on the trainable set with the head at `head_lr_scale`, the loss read back) on a random batch of
+/// `batch_size` episodes at `train_h × train_w` with `shot` supports.
+pub fn train_step_throughput(
+    config: &Config,
+    options: &BenchOptions,
+) -> Result<StepThroughput, BenchError> {
+    reset_peak_rss();
+    tch::manual_seed(config.manual_seed as i64);
+    let vs = nn::VarStore::new(options.device);
+    let net = PfeNet::new(&vs.root(), config)?;
+    let parameters = model::freeze_all_but_trainable(&vs, config.svf)
+        .into_iter()
+        .map(|(name, tensor)| {
+            let scale = if model::is_head_parameter(&name) {
+                config.head_lr_scale
+            } else {
+                1.0
+            };
+            (name, tensor, scale)
+        })
+        .collect();
+    let mut sgd = Sgd::new(parameters, config.momentum, config.weight_decay);
+    let [query, query_label, supports, support_labels] = synthetic_episodes(
+        config.batch_size,
+        config.shot,
+        config.train_h,
+        options.device,
+    );
+    let timing = Timing::measure(options, || {
+        let out = net.forward(&query, &supports, &support_labels, true);
+        let loss = net.loss(&out, &query_label);
+        sgd.zero_grad();
+        loss.backward();
+        sgd.step(config.base_lr);
+        loss.double_value(&[]);
+    });
+    Ok(StepThroughput::new(
+        config.train_h,
+        config.shot,
+        config.batch_size,
+        timing,
+    ))
+}
+
+/// Evaluation throughput of the model as `svf-eval` runs it (eval mode, no autograd, argmax of
+/// the logits), unfused and, for SVF, fused.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalThroughput {
+    /// The model as trained (SVD convolutions as U·S·V for SVF).
+    pub unfused: StepThroughput,
+    /// SVF only: the SVD convolutions folded back into one convolution each (`svf-eval`'s path).
+    pub fused: Option<StepThroughput>,
+    /// SVF only: the largest |fused − unfused| logit on the timed episodes.
+    pub fused_max_abs_diff: Option<f64>,
+}
+
+/// Times one evaluation forward pass of `batch_size_val` random episodes at `val_size` with
+/// `shot` supports, for the model loaded by [`eval::load_model`] without and with fusion.
+pub fn eval_throughput(
+    config: &Config,
+    options: &BenchOptions,
+) -> Result<EvalThroughput, BenchError> {
+    let weights = std::env::temp_dir().join(format!(
+        "svf-bench-{}-weights.safetensors",
+        std::process::id()
+    ));
+    {
+        tch::manual_seed(config.manual_seed as i64);
+        let vs = nn::VarStore::new(Device::Cpu);
+        PfeNet::new(&vs.root(), config)?;
+        Tensor::write_safetensors(&crate::checkpoint::model_weights(&vs), &weights).map_err(
+            |source| BenchError::Weights {
+                path: weights.clone(),
+                source,
+            },
+        )?;
+    }
+    let batch = config.batch_size_val;
+    let [query, _, supports, support_labels] =
+        synthetic_episodes(batch, config.shot, config.val_size, options.device);
+    let run = |fuse: bool| -> Result<(StepThroughput, Tensor), BenchError> {
+        reset_peak_rss();
+        let (_vs, net) = eval::load_model(config, &weights, options.device, fuse)?;
+        let logits = || {
+            tch::no_grad(|| {
+                net.forward(&query, &supports, &support_labels, false)
+                    .logits
+            })
+        };
+        let timing = Timing::measure(options, || {
+            let _ = logits().argmax(1, false);
+        });
+        let throughput = StepThroughput::new(config.val_size, config.shot, batch, timing);
+        Ok((throughput, logits()))
+    };
+    let result = run(false).and_then(|(unfused, unfused_logits)| {
+        if !config.svf {
+            return Ok(EvalThroughput {
+                unfused,
+                fused: None,
+                fused_max_abs_diff: None,
+            });
+        }
+        let (fused, fused_logits) = run(true)?;
+        let diff = (fused_logits - unfused_logits)
+            .abs()
+            .max()
+            .double_value(&[]);
+        Ok(EvalThroughput {
+            unfused,
+            fused: Some(fused),
+            fused_max_abs_diff: Some(diff),
+        })
+    });
+    let _ = std::fs::remove_file(&weights);
+    result
+}
+
+/// Time to decompose the configured backbone's full-rank weights with its `svf_*` options, as
+/// loading pretrained weights into an SVF model does.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecomposeTiming {
+    /// Layers decomposed.
+    pub layers: usize,
+    /// Parameters of the decomposed backbone.
+    pub parameters: i64,
+    pub timing: Timing,
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Times [`svf::decompose_weights`] on a random full-rank backbone of `config`'s shape.
+pub fn decompose_timing(
+    config: &Config,
+    options: &BenchOptions,
+) -> Result<DecomposeTiming, BenchError> {
+    reset_peak_rss();
+    tch::manual_seed(config.manual_seed as i64);
+    let full_rank = Config {
+        svf: false,
+        ..config.clone()
+    };
+    let vs = nn::VarStore::new(options.device);
+    Backbone::new(&vs.root(), &full_rank)?;
+    let weights = backbone::backbone_variables(&vs);
+    let svf_options = SvfOptions::from_config(config);
+    let mut report = None;
+    let timing = Timing::measure(options, || {
+        report = Some(svf::decompose_weights(&weights, &svf_options).1);
+    });
+    let report = report.expect("measure runs the work at least once");
+    Ok(DecomposeTiming {
+        layers: report.layers.len(),
+        parameters: report.parameters,
+        timing,
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
 
 /// Episodes per second the loader delivers for one split and worker count.
 #[derive(Debug, Clone, Serialize)]
@@ -62,4 +363,195 @@ pub fn loader_throughput(
             })
         })
         .collect()
+}
+
+/// A part of the pipeline `svf-bench` can time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Section {
+    /// Episode loading (decode + augment + batch), train and val transforms.
+    Loader,
+    /// One training iteration (forward, backward, optimiser).
+    Train,
+    /// One evaluation forward pass, unfused and (SVF) fused.
+    Eval,
+    /// SVD decomposition of the backbone.
+    Decompose,
+}
+
+/// What to time: the sections, for every image size × shot.
+#[derive(Debug, Clone)]
+pub struct BenchPlan {
+    pub sections: Vec<Section>,
+    /// Square image sides (train crop, val canvas); empty: the config's `train_h` and `val_size`.
+    pub sizes: Vec<i64>,
+    /// Support counts; empty: the config's `shot`.
+    pub shots: Vec<usize>,
+    pub options: BenchOptions,
+    /// Loader worker counts.
+    pub loader_workers: Vec<usize>,
+    /// Episodes per loader measurement.
+    pub loader_episodes: u64,
+}
+
+/// Everything one `svf-bench` run measured; serialised as its JSON line.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// `PFENet` or `PFENet+SVF`.
+    pub method: String,
+    /// `ResNet-50`, `VGG-16`, ... (with the width when reduced).
+    pub backbone: String,
+    pub device: String,
+    /// libtorch intra-op threads.
+    pub threads: i32,
+    pub warmup: usize,
+    pub repeats: usize,
+    pub train: Vec<StepThroughput>,
+    pub eval: Vec<EvalThroughput>,
+    pub loader: Vec<LoaderThroughput>,
+    pub decompose: Option<DecomposeTiming>,
+}
+
+/// Runs `plan` on `config`. Every (size, shot) pair gets its own config, so the train crop, the
+/// validation canvas and the loader's output all take the size.
+pub fn run(config: &Config, plan: &BenchPlan) -> Result<BenchReport, BenchError> {
+    let sizes = if plan.sizes.is_empty() {
+        vec![None]
+    } else {
+        plan.sizes.iter().copied().map(Some).collect()
+    };
+    let shots = if plan.shots.is_empty() {
+        vec![config.shot]
+    } else {
+        plan.shots.clone()
+    };
+    let setting = eval::EvalSetting::new(config, config.shot, 0, false);
+    let mut report = BenchReport {
+        method: setting.method,
+        backbone: setting.backbone,
+        device: match plan.options.device {
+            Device::Cuda(index) => format!("cuda:{index}"),
+            other => format!("{other:?}").to_lowercase(),
+        },
+        threads: tch::get_num_threads(),
+        warmup: plan.options.warmup,
+        repeats: plan.options.repeats.max(1),
+        train: Vec::new(),
+        eval: Vec::new(),
+        loader: Vec::new(),
+        decompose: None,
+    };
+    for &size in &sizes {
+        for &shot in &shots {
+            let config = Config {
+                shot,
+                train_h: size.unwrap_or(config.train_h),
+                train_w: size.unwrap_or(config.train_w),
+                val_size: size.unwrap_or(config.val_size),
+                ..config.clone()
+            };
+            for section in &plan.sections {
+                match section {
+                    Section::Train => report
+                        .train
+                        .push(train_step_throughput(&config, &plan.options)?),
+                    Section::Eval => report.eval.push(eval_throughput(&config, &plan.options)?),
+                    Section::Loader => {
+                        for split in [Split::Train, Split::Val] {
+                            report.loader.extend(loader_throughput(
+                                &config,
+                                split,
+                                &plan.loader_workers,
+                                plan.loader_episodes,
+                            )?);
+                        }
+                    }
+                    Section::Decompose => {}
+                }
+            }
+        }
+    }
+    if plan.sections.contains(&Section::Decompose) {
+        report.decompose = Some(decompose_timing(config, &plan.options)?);
+    }
+    Ok(report)
+}
+
+impl std::fmt::Display for BenchReport {
+    /// A small table: one row per measurement.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} {} on {} ({} threads), median of {} after {} warm-up",
+            self.method, self.backbone, self.device, self.threads, self.repeats, self.warmup
+        )?;
+        writeln!(
+            f,
+            "{:<12} {:>5} {:>4} {:>5} {:>10} {:>10} {:>10} {:>9}",
+            "section", "size", "shot", "batch", "s/step", "s/episode", "episodes/s", "peak MiB"
+        )?;
+        let mib = |m: Option<f64>| m.map_or("n/a".to_string(), |m| format!("{m:.0}"));
+        let mut row = |name: &str, s: &StepThroughput| {
+            writeln!(
+                f,
+                "{:<12} {:>5} {:>4} {:>5} {:>10.4} {:>10.4} {:>10.2} {:>9}",
+                name,
+                s.size,
+                s.shot,
+                s.batch_size,
+                s.timing.median_s,
+                s.seconds_per_episode,
+                s.episodes_per_second,
+                mib(s.peak_rss_mib)
+            )
+        };
+        for s in &self.train {
+            row("train", s)?;
+        }
+        for e in &self.eval {
+            row("eval", &e.unfused)?;
+            if let Some(fused) = &e.fused {
+                row("eval fused", fused)?;
+            }
+        }
+        for l in &self.loader {
+            writeln!(
+                f,
+                "{:<12} {:>5} {:>4} {:>5} {:>10} {:>10} {:>10.2}   ({} workers, {} episodes)",
+                format!("loader {}", l.split),
+                l.size.0,
+                l.shot,
+                l.batch_size,
+                "",
+                format!("{:.4}", 1.0 / l.episodes_per_second),
+                l.episodes_per_second,
+                l.workers,
+                l.episodes
+            )?;
+        }
+        for e in &self.eval {
+            if let Some(diff) = e.fused_max_abs_diff {
+                writeln!(
+                    f,
+                    "fused vs unfused logits at {}: max |diff| {diff:.2e}",
+                    e.unfused.size
+                )?;
+            }
+        }
+        if let Some(d) = &self.decompose {
+            writeln!(
+                f,
+                "decompose: {} layers ({} parameters) in {:.3} s, peak {} MiB",
+                d.layers,
+                d.parameters,
+                d.timing.median_s,
+                mib(d.peak_rss_mib)
+            )?;
+        }
+        if self.device.starts_with("cuda") {
+            // tch 0.24 does not expose the CUDA caching allocator's statistics.
+            writeln!(f, "peak GPU memory: n/a")?;
+        }
+        Ok(())
+    }
 }
