@@ -6,7 +6,7 @@
 //! images and masks already on the device): their cost does not depend on image content, so no
 //! dataset is needed, and the loader is measured on its own to show whether it can keep up.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -49,13 +49,36 @@ pub struct BenchOptions {
     pub repeats: usize,
 }
 
-/// Wall-clock seconds of one run: the median and the spread of the measured runs.
+/// Seconds of one run: the median and spread of the wall-clock time, and the median CPU time.
 #[derive(Debug, Clone, Serialize)]
 pub struct Timing {
     pub median_s: f64,
     pub min_s: f64,
     pub max_s: f64,
+    /// CPU seconds of the process (all threads) per run, median. On a machine shared with other
+    /// work, wall time inflates while CPU time stays closer to the work done; on CUDA it is the
+    /// host's share only.
+    pub cpu_median_s: f64,
     pub repeats: usize,
+}
+
+/// The median of a non-empty sample (sorted in place).
+fn median(samples: &mut [f64]) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    let n = samples.len();
+    (samples[(n - 1) / 2] + samples[n / 2]) / 2.0
+}
+
+/// User + system CPU seconds this process has used so far.
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the rusage struct it is given, which lives on this stack.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 impl Timing {
@@ -70,21 +93,23 @@ impl Timing {
             work();
         }
         finish();
-        let mut samples: Vec<f64> = (0..options.repeats.max(1))
+        let (mut wall, mut cpu): (Vec<f64>, Vec<f64>) = (0..options.repeats.max(1))
             .map(|_| {
-                let start = Instant::now();
+                let (start, cpu_start) = (Instant::now(), process_cpu_seconds());
                 work();
                 finish();
-                start.elapsed().as_secs_f64()
+                (
+                    start.elapsed().as_secs_f64(),
+                    process_cpu_seconds() - cpu_start,
+                )
             })
-            .collect();
-        samples.sort_by(f64::total_cmp);
-        let n = samples.len();
+            .unzip();
         Timing {
-            median_s: (samples[(n - 1) / 2] + samples[n / 2]) / 2.0,
-            min_s: samples[0],
-            max_s: samples[n - 1],
-            repeats: n,
+            median_s: median(&mut wall),
+            min_s: wall[0],
+            max_s: wall[wall.len() - 1],
+            cpu_median_s: median(&mut cpu),
+            repeats: wall.len(),
         }
     }
 }
@@ -110,6 +135,9 @@ pub struct StepThroughput {
     pub size: i64,
     pub shot: usize,
     pub batch_size: usize,
+    /// Seconds to build the model once, before timing (for SVF this includes an SVD of every
+    /// decomposed layer).
+    pub setup_s: f64,
     pub timing: Timing,
     pub seconds_per_episode: f64,
     pub episodes_per_second: f64,
@@ -118,12 +146,19 @@ pub struct StepThroughput {
 }
 
 impl StepThroughput {
-    fn new(size: i64, shot: usize, batch_size: usize, timing: Timing) -> StepThroughput {
+    fn new(
+        size: i64,
+        shot: usize,
+        batch_size: usize,
+        setup_s: f64,
+        timing: Timing,
+    ) -> StepThroughput {
         let seconds_per_episode = timing.median_s / batch_size as f64;
         StepThroughput {
             size,
             shot,
             batch_size,
+            setup_s,
             timing,
             seconds_per_episode,
             episodes_per_second: 1.0 / seconds_per_episode,
@@ -150,14 +185,24 @@ fn synthetic_episodes(batch: usize, shot: usize, size: i64, device: Device) -> [
     ]
 }
 
+/// The geometry of the episodes a step is timed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpisodeShape {
+    /// Side of the square images.
+    pub size: i64,
+    /// Supports per episode (K).
+    pub shot: usize,
+}
+
 /// One training iteration as the trainer runs it (forward in train mode, loss, backward, SGD step
 /// on the trainable set with the head at `head_lr_scale`, the loss read back) on a random batch of
-/// `batch_size` episodes at `train_h × train_w` with `shot` supports.
+/// `batch_size` episodes, for each shape. The model is built once.
 pub fn train_step_throughput(
     config: &Config,
     options: &BenchOptions,
-) -> Result<StepThroughput, BenchError> {
-    reset_peak_rss();
+    shapes: &[EpisodeShape],
+) -> Result<Vec<StepThroughput>, BenchError> {
+    let setup = Instant::now();
     tch::manual_seed(config.manual_seed as i64);
     let vs = nn::VarStore::new(options.device);
     let net = PfeNet::new(&vs.root(), config)?;
@@ -173,26 +218,24 @@ pub fn train_step_throughput(
         })
         .collect();
     let mut sgd = Sgd::new(parameters, config.momentum, config.weight_decay);
-    let [query, query_label, supports, support_labels] = synthetic_episodes(
-        config.batch_size,
-        config.shot,
-        config.train_h,
-        options.device,
-    );
-    let timing = Timing::measure(options, || {
-        let out = net.forward(&query, &supports, &support_labels, true);
-        let loss = net.loss(&out, &query_label);
-        sgd.zero_grad();
-        loss.backward();
-        sgd.step(config.base_lr);
-        loss.double_value(&[]);
-    });
-    Ok(StepThroughput::new(
-        config.train_h,
-        config.shot,
-        config.batch_size,
-        timing,
-    ))
+    let setup_s = setup.elapsed().as_secs_f64();
+    let batch = config.batch_size;
+    let mut results = Vec::with_capacity(shapes.len());
+    for &EpisodeShape { size, shot } in shapes {
+        let [query, query_label, supports, support_labels] =
+            synthetic_episodes(batch, shot, size, options.device);
+        reset_peak_rss();
+        let timing = Timing::measure(options, || {
+            let out = net.forward(&query, &supports, &support_labels, true);
+            let loss = net.loss(&out, &query_label);
+            sgd.zero_grad();
+            loss.backward();
+            sgd.step(config.base_lr);
+            loss.double_value(&[]);
+        });
+        results.push(StepThroughput::new(size, shot, batch, setup_s, timing));
+    }
+    Ok(results)
 }
 
 /// Evaluation throughput of the model as `svf-eval` runs it (eval mode, no autograd, argmax of
@@ -207,66 +250,118 @@ pub struct EvalThroughput {
     pub fused_max_abs_diff: Option<f64>,
 }
 
-/// Times one evaluation forward pass of `batch_size_val` random episodes at `val_size` with
-/// `shot` supports, for the model loaded by [`eval::load_model`] without and with fusion.
+/// A model loaded for evaluation, with the seconds [`eval::load_model`] took.
+struct EvalModel {
+    _vs: nn::VarStore,
+    net: PfeNet,
+    setup_s: f64,
+}
+
+impl EvalModel {
+    fn load(
+        config: &Config,
+        weights: &Path,
+        device: Device,
+        fuse: bool,
+    ) -> Result<Self, BenchError> {
+        let setup = Instant::now();
+        let (vs, net) = eval::load_model(config, weights, device, fuse)?;
+        Ok(EvalModel {
+            _vs: vs,
+            net,
+            setup_s: setup.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Times the logits and argmax of one batch; returns the timing and the logits.
+    fn measure(
+        &self,
+        options: &BenchOptions,
+        episodes: &[Tensor; 4],
+        shape: EpisodeShape,
+    ) -> (StepThroughput, Tensor) {
+        let [query, _, supports, support_labels] = episodes;
+        let logits = || {
+            tch::no_grad(|| {
+                self.net
+                    .forward(query, supports, support_labels, false)
+                    .logits
+            })
+        };
+        reset_peak_rss();
+        let timing = Timing::measure(options, || {
+            let _ = logits().argmax(1, false);
+        });
+        let batch = query.size()[0] as usize;
+        let throughput = StepThroughput::new(shape.size, shape.shot, batch, self.setup_s, timing);
+        (throughput, logits())
+    }
+}
+
+/// Times one evaluation forward pass of `batch_size_val` random episodes for each shape, for the
+/// model loaded by [`eval::load_model`] without and (SVF) with fusion, from random weights
+/// written to a temporary file. The models are loaded once.
 pub fn eval_throughput(
     config: &Config,
     options: &BenchOptions,
-) -> Result<EvalThroughput, BenchError> {
+    shapes: &[EpisodeShape],
+) -> Result<Vec<EvalThroughput>, BenchError> {
     let weights = std::env::temp_dir().join(format!(
         "svf-bench-{}-weights.safetensors",
         std::process::id()
     ));
-    {
-        tch::manual_seed(config.manual_seed as i64);
-        let vs = nn::VarStore::new(Device::Cpu);
-        PfeNet::new(&vs.root(), config)?;
-        Tensor::write_safetensors(&crate::checkpoint::model_weights(&vs), &weights).map_err(
-            |source| BenchError::Weights {
-                path: weights.clone(),
-                source,
-            },
-        )?;
-    }
-    let batch = config.batch_size_val;
-    let [query, _, supports, support_labels] =
-        synthetic_episodes(batch, config.shot, config.val_size, options.device);
-    let run = |fuse: bool| -> Result<(StepThroughput, Tensor), BenchError> {
-        reset_peak_rss();
-        let (_vs, net) = eval::load_model(config, &weights, options.device, fuse)?;
-        let logits = || {
-            tch::no_grad(|| {
-                net.forward(&query, &supports, &support_labels, false)
-                    .logits
-            })
+    let models = write_random_weights(config, &weights).and_then(|()| {
+        let unfused = EvalModel::load(config, &weights, options.device, false)?;
+        let fused = match config.svf {
+            true => Some(EvalModel::load(config, &weights, options.device, true)?),
+            false => None,
         };
-        let timing = Timing::measure(options, || {
-            let _ = logits().argmax(1, false);
-        });
-        let throughput = StepThroughput::new(config.val_size, config.shot, batch, timing);
-        Ok((throughput, logits()))
-    };
-    let result = run(false).and_then(|(unfused, unfused_logits)| {
-        if !config.svf {
-            return Ok(EvalThroughput {
-                unfused,
-                fused: None,
-                fused_max_abs_diff: None,
-            });
-        }
-        let (fused, fused_logits) = run(true)?;
-        let diff = (fused_logits - unfused_logits)
-            .abs()
-            .max()
-            .double_value(&[]);
-        Ok(EvalThroughput {
-            unfused,
-            fused: Some(fused),
-            fused_max_abs_diff: Some(diff),
-        })
+        Ok((unfused, fused))
     });
     let _ = std::fs::remove_file(&weights);
-    result
+    let (unfused, fused) = models?;
+    let results = shapes
+        .iter()
+        .map(|&shape| {
+            let episodes = synthetic_episodes(
+                config.batch_size_val,
+                shape.shot,
+                shape.size,
+                options.device,
+            );
+            let (unfused, unfused_logits) = unfused.measure(options, &episodes, shape);
+            let (fused, diff) = match &fused {
+                Some(model) => {
+                    let (fused, fused_logits) = model.measure(options, &episodes, shape);
+                    let diff = (fused_logits - unfused_logits)
+                        .abs()
+                        .max()
+                        .double_value(&[]);
+                    (Some(fused), Some(diff))
+                }
+                None => (None, None),
+            };
+            EvalThroughput {
+                unfused,
+                fused,
+                fused_max_abs_diff: diff,
+            }
+        })
+        .collect();
+    Ok(results)
+}
+
+/// Writes the weights of a randomly initialised model of `config` (seeded) to `path`.
+fn write_random_weights(config: &Config, path: &Path) -> Result<(), BenchError> {
+    tch::manual_seed(config.manual_seed as i64);
+    let vs = nn::VarStore::new(Device::Cpu);
+    PfeNet::new(&vs.root(), config)?;
+    Tensor::write_safetensors(&crate::checkpoint::model_weights(&vs), path).map_err(|source| {
+        BenchError::Weights {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }
 
 /// Time to decompose the configured backbone's full-rank weights with its `svf_*` options, as
@@ -412,18 +507,23 @@ pub struct BenchReport {
     pub decompose: Option<DecomposeTiming>,
 }
 
-/// Runs `plan` on `config`. Every (size, shot) pair gets its own config, so the train crop, the
-/// validation canvas and the loader's output all take the size.
+/// Runs `plan` on `config`: train and eval for every size × shot (default: the config's
+/// `train_h` resp. `val_size` and `shot`), the loader likewise with the size as train crop and
+/// validation canvas, and the decomposition once.
 pub fn run(config: &Config, plan: &BenchPlan) -> Result<BenchReport, BenchError> {
-    let sizes = if plan.sizes.is_empty() {
-        vec![None]
-    } else {
-        plan.sizes.iter().copied().map(Some).collect()
-    };
-    let shots = if plan.shots.is_empty() {
-        vec![config.shot]
-    } else {
-        plan.shots.clone()
+    let shapes = |default_size: i64| -> Vec<EpisodeShape> {
+        let sizes = match plan.sizes.is_empty() {
+            true => vec![default_size],
+            false => plan.sizes.clone(),
+        };
+        let shots = match plan.shots.is_empty() {
+            true => vec![config.shot],
+            false => plan.shots.clone(),
+        };
+        sizes
+            .iter()
+            .flat_map(|&size| shots.iter().map(move |&shot| EpisodeShape { size, shot }))
+            .collect()
     };
     let setting = eval::EvalSetting::new(config, config.shot, 0, false);
     let mut report = BenchReport {
@@ -441,38 +541,36 @@ pub fn run(config: &Config, plan: &BenchPlan) -> Result<BenchReport, BenchError>
         loader: Vec::new(),
         decompose: None,
     };
-    for &size in &sizes {
-        for &shot in &shots {
-            let config = Config {
-                shot,
-                train_h: size.unwrap_or(config.train_h),
-                train_w: size.unwrap_or(config.train_w),
-                val_size: size.unwrap_or(config.val_size),
-                ..config.clone()
-            };
-            for section in &plan.sections {
-                match section {
-                    Section::Train => report
-                        .train
-                        .push(train_step_throughput(&config, &plan.options)?),
-                    Section::Eval => report.eval.push(eval_throughput(&config, &plan.options)?),
-                    Section::Loader => {
-                        for split in [Split::Train, Split::Val] {
-                            report.loader.extend(loader_throughput(
-                                &config,
-                                split,
-                                &plan.loader_workers,
-                                plan.loader_episodes,
-                            )?);
-                        }
+    for section in &plan.sections {
+        match section {
+            Section::Train => {
+                report.train =
+                    train_step_throughput(config, &plan.options, &shapes(config.train_h))?
+            }
+            Section::Eval => {
+                report.eval = eval_throughput(config, &plan.options, &shapes(config.val_size))?
+            }
+            Section::Loader => {
+                for EpisodeShape { size, shot } in shapes(config.train_h) {
+                    let config = Config {
+                        shot,
+                        train_h: size,
+                        train_w: size,
+                        val_size: size,
+                        ..config.clone()
+                    };
+                    for split in [Split::Train, Split::Val] {
+                        report.loader.extend(loader_throughput(
+                            &config,
+                            split,
+                            &plan.loader_workers,
+                            plan.loader_episodes,
+                        )?);
                     }
-                    Section::Decompose => {}
                 }
             }
+            Section::Decompose => report.decompose = Some(decompose_timing(config, &plan.options)?),
         }
-    }
-    if plan.sections.contains(&Section::Decompose) {
-        report.decompose = Some(decompose_timing(config, &plan.options)?);
     }
     Ok(report)
 }
@@ -487,14 +585,23 @@ impl std::fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "{:<12} {:>5} {:>4} {:>5} {:>10} {:>10} {:>10} {:>9}",
-            "section", "size", "shot", "batch", "s/step", "s/episode", "episodes/s", "peak MiB"
+            "{:<12} {:>5} {:>4} {:>5} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10}",
+            "section",
+            "size",
+            "shot",
+            "batch",
+            "s/step",
+            "s/episode",
+            "episodes/s",
+            "peak MiB",
+            "setup s",
+            "CPU s/step"
         )?;
         let mib = |m: Option<f64>| m.map_or("n/a".to_string(), |m| format!("{m:.0}"));
         let mut row = |name: &str, s: &StepThroughput| {
             writeln!(
                 f,
-                "{:<12} {:>5} {:>4} {:>5} {:>10.4} {:>10.4} {:>10.2} {:>9}",
+                "{:<12} {:>5} {:>4} {:>5} {:>10.4} {:>10.4} {:>10.2} {:>9} {:>8.2} {:>10.4}",
                 name,
                 s.size,
                 s.shot,
@@ -502,7 +609,9 @@ impl std::fmt::Display for BenchReport {
                 s.timing.median_s,
                 s.seconds_per_episode,
                 s.episodes_per_second,
-                mib(s.peak_rss_mib)
+                mib(s.peak_rss_mib),
+                s.setup_s,
+                s.timing.cpu_median_s
             )
         };
         for s in &self.train {

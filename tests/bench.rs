@@ -88,6 +88,8 @@ fn every_section_runs_on_a_tiny_config_and_the_json_line_parses() {
         assert_eq!(train["size"], 65);
         assert_eq!(train["batch_size"], 2);
         assert!(train["episodes_per_second"].as_f64().unwrap() > 0.0);
+        assert!(train["setup_s"].as_f64().unwrap() > 0.0);
+        assert!(train["timing"]["cpu_median_s"].as_f64().unwrap() >= 0.0);
     }
     let eval = report["eval"].as_array().unwrap();
     assert_eq!(eval.len(), 2);
