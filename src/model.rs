@@ -1,1 +1,338 @@
-//! The PFENet few-shot segmentation head over the backbone.
+//! The PFENet few-shot segmentation model: the backbone ([`crate::backbone`]) and PFENet's head
+//! ([`PfeHead`]) in one variable tree, named like PFENet's PyTorch `state_dict`.
+
+mod head;
+
+pub use head::{
+    is_head_parameter, prior_mask, weighted_gap, HeadOutput, PfeHead, QueryFeatures,
+    SupportFeatures, HEAD_MODULES,
+};
+
+use tch::{nn, Kind, Reduction, Tensor};
+
+use crate::backbone::{self, Backbone, BackboneError};
+use crate::config::Config;
+use crate::svf;
+
+/// The label value that losses and metrics skip (padding, object borders).
+pub const IGNORE_LABEL: i64 = 255;
+
+/// Why a model could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Backbone(#[from] BackboneError),
+}
+
+/// PFENet's outputs for a batch of episodes.
+pub struct PfeNetOutput {
+    /// Main logits `[B, 2, H, W]` at the input size (bilinear, align_corners).
+    pub logits: Tensor,
+    /// The pyramid bins' auxiliary logits, `[B, 2, bin, bin]` each, at their bin size.
+    pub aux_logits: Vec<Tensor>,
+}
+
+/// PFENet (+ SVF when `config.svf`): backbone variables at the root (`layer0.*`..`layer4.*`), head
+/// variables at the root with PFENet's names.
+pub struct PfeNet {
+    pub backbone: Backbone,
+    head: PfeHead,
+    /// Whether layer2..layer4 run with autograd (SVF trains their singular values).
+    svf: bool,
+    /// Whether backbone BatchNorm is in training mode while training (not with `fix_bn`).
+    bn_train_when_training: bool,
+    aux_weight: f64,
+}
+
+impl PfeNet {
+    /// Builds the model with random weights (PyTorch's default initialisation for the head).
+    pub fn new(root: &nn::Path, config: &Config) -> Result<PfeNet, ModelError> {
+        let backbone = Backbone::new(root, config)?;
+        let channels = backbone.out_channels();
+        let head = PfeHead::new(
+            root,
+            channels[3] + channels[2],
+            config.reduce_dim,
+            &config.ppm_scales,
+        );
+        Ok(PfeNet {
+            backbone,
+            head,
+            svf: config.svf,
+            bn_train_when_training: backbone::batch_norm_training(config, true),
+            aux_weight: config.aux_weight,
+        })
+    }
+
+    /// Segments `query` `[B, 3, H, W]` given `supports` `[B, K, 3, H, W]` and their labels
+    /// `[B, K, H, W]` (1 = class, 255 = ignore, else background). `(H - 1) % 8 == 0`. `train`
+    /// enables dropout (and backbone BatchNorm training without `fix_bn`).
+    pub fn forward(
+        &self,
+        query: &Tensor,
+        supports: &Tensor,
+        support_labels: &Tensor,
+        train: bool,
+    ) -> PfeNetOutput {
+        let size = query.size();
+        let (height, width) = (size[2], size[3]);
+        assert!(
+            (height - 1) % 8 == 0 && (width - 1) % 8 == 0,
+            "PFENet input {height}×{width} must satisfy (H - 1) % 8 == 0 and (W - 1) % 8 == 0"
+        );
+        let (query_mid, query_high) = self.features(query, None, train);
+        let shots = supports.size()[1];
+        let support_features: Vec<SupportFeatures> = (0..shots)
+            .map(|k| {
+                let mask = support_labels
+                    .select(1, k)
+                    .eq(1)
+                    .to_kind(Kind::Float)
+                    .unsqueeze(1);
+                let (mid, high) = self.features(&supports.select(1, k), Some(&mask), train);
+                SupportFeatures { mid, high, mask }
+            })
+            .collect();
+        let query_features = QueryFeatures {
+            mid: query_mid,
+            high: query_high,
+        };
+        let out = self.head.forward(&query_features, &support_features, train);
+        PfeNetOutput {
+            logits: head::resize(&out.logits, [height, width]),
+            aux_logits: out.aux_logits,
+        }
+    }
+
+    /// `cat(layer3, layer2)` and layer4 of `images`; with `mask` (a support), layer4 sees the
+    /// layer3 features multiplied by the resized mask.
+    fn features(&self, images: &Tensor, mask: Option<&Tensor>, train: bool) -> (Tensor, Tensor) {
+        let bn_train = train && self.bn_train_when_training;
+        let layer = |index: usize, x: &Tensor| self.backbone.forward_layer(index, x, bn_train);
+        // layer0..1 never train. layer2..4 need autograd only for SVF's singular values; without
+        // SVF the whole backbone is frozen and runs gradient-free, as in PFENet.
+        let feat1 = tch::no_grad(|| layer(1, &layer(0, images)));
+        let tracked = |f: &dyn Fn() -> Tensor| if self.svf { f() } else { tch::no_grad(f) };
+        let feat2 = tracked(&|| layer(2, &feat1));
+        let feat3 = tracked(&|| layer(3, &feat2));
+        let layer3_size = [feat3.size()[2], feat3.size()[3]];
+        let layer4_input = match mask {
+            Some(mask) => &feat3 * head::resize(mask, layer3_size),
+            None => feat3.shallow_clone(),
+        };
+        let feat4 = tracked(&|| layer(4, &layer4_input));
+        // VGG's layer2 is at twice layer3's resolution; ResNet's already matches.
+        let mid = Tensor::cat(&[feat3, head::resize(&feat2, layer3_size)], 1);
+        (mid, feat4)
+    }
+
+    /// Cross-entropy of the main logits (ignore 255) and the mean of the bins' cross-entropies,
+    /// each bin's logits resized to the label size first.
+    pub fn loss_terms(&self, out: &PfeNetOutput, query_label: &Tensor) -> (Tensor, Tensor) {
+        let size = query_label.size();
+        let label_size = [size[1], size[2]];
+        let main = cross_entropy(&head::resize(&out.logits, label_size), query_label);
+        let aux = out
+            .aux_logits
+            .iter()
+            .map(|logits| cross_entropy(&head::resize(logits, label_size), query_label))
+            .reduce(|a, b| a + b)
+            .expect("the pyramid has at least one bin")
+            / out.aux_logits.len() as f64;
+        (main, aux)
+    }
+
+    /// The training loss: `CE(main) + aux_weight · mean CE(aux)`, ignoring label 255.
+    pub fn loss(&self, out: &PfeNetOutput, query_label: &Tensor) -> Tensor {
+        let (main, aux) = self.loss_terms(out, query_label);
+        main + aux * self.aux_weight
+    }
+}
+
+fn cross_entropy(logits: &Tensor, label: &Tensor) -> Tensor {
+    logits.cross_entropy_loss::<Tensor>(label, None, Reduction::Mean, IGNORE_LABEL, 0.0)
+}
+
+/// The parameters training updates, by name in name order: the variables that
+/// [`svf::is_trainable`] names (never a BatchNorm buffer). Every other variable of `vs` is
+/// frozen (`requires_grad` off), so autograd never computes a gradient it would throw away.
+pub fn freeze_all_but_trainable(vs: &nn::VarStore, svf_enabled: bool) -> Vec<(String, Tensor)> {
+    let mut trainable = Vec::new();
+    for (name, tensor) in crate::checkpoint::model_weights(vs) {
+        if svf::is_trainable(&name, svf_enabled) && !svf::is_buffer(&name) {
+            trainable.push((name, tensor.set_requires_grad(true)));
+        } else if tensor.requires_grad() {
+            let _ = tensor.set_requires_grad(false);
+        }
+    }
+    trainable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    const OPTS: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+    fn tiny(svf: bool) -> Config {
+        Config {
+            layers: 18,
+            backbone_width: 0.25,
+            reduce_dim: 16,
+            ppm_scales: vec![8, 4],
+            svf,
+            ..Config::default()
+        }
+    }
+
+    fn episode(batch: i64, shots: i64, size: i64) -> (Tensor, Tensor, Tensor) {
+        let labels = Tensor::rand([batch, shots, size, size], OPTS)
+            .gt(0.5)
+            .to_kind(Kind::Int64);
+        (
+            Tensor::randn([batch, 3, size, size], OPTS),
+            Tensor::randn([batch, shots, 3, size, size], OPTS),
+            labels,
+        )
+    }
+
+    #[test]
+    fn output_shapes_for_one_and_five_shots_two_batches_and_two_sizes() {
+        tch::manual_seed(0);
+        for shots in [1, 5] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let model = PfeNet::new(
+                &vs.root(),
+                &Config {
+                    shot: shots as usize,
+                    ..tiny(true)
+                },
+            )
+            .unwrap();
+            for (batch, size) in [(1, 65), (2, 65), (1, 81), (2, 81)] {
+                let (query, supports, labels) = episode(batch, shots, size);
+                let out = tch::no_grad(|| model.forward(&query, &supports, &labels, false));
+                assert_eq!(out.logits.size(), [batch, 2, size, size]);
+                let aux: Vec<Vec<i64>> = out.aux_logits.iter().map(Tensor::size).collect();
+                assert_eq!(aux, [vec![batch, 2, 8, 8], vec![batch, 2, 4, 4]]);
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "(H - 1) % 8 == 0")]
+    fn input_size_off_the_8n_plus_1_grid_is_refused() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = PfeNet::new(&vs.root(), &tiny(false)).unwrap();
+        let (query, supports, labels) = episode(1, 1, 64);
+        model.forward(&query, &supports, &labels, false);
+    }
+
+    #[test]
+    fn loss_is_the_closed_form_cross_entropy_without_ignored_pixels() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = PfeNet::new(
+            &vs.root(),
+            &Config {
+                aux_weight: 0.4,
+                ..tiny(false)
+            },
+        )
+        .unwrap();
+        // Main logits (0, a) everywhere: CE is ln(1 + e^-a) on class 1 and ln(1 + e^a) on class 0.
+        let a = 1.5f64;
+        let logits = Tensor::cat(
+            &[
+                Tensor::zeros([1, 1, 9, 9], OPTS),
+                Tensor::full([1, 1, 9, 9], a, OPTS),
+            ],
+            1,
+        );
+        // Aux logits all zero (at a smaller bin size): CE ln 2 wherever counted.
+        let aux = Tensor::zeros([1, 2, 4, 4], OPTS);
+        let out = PfeNetOutput {
+            logits,
+            aux_logits: vec![aux.copy(), aux],
+        };
+        // 81 pixels: 30 foreground, 40 background, 11 ignored.
+        let label = Tensor::cat(
+            &[
+                Tensor::ones([30], (Kind::Int64, Device::Cpu)),
+                Tensor::zeros([40], (Kind::Int64, Device::Cpu)),
+                Tensor::full([11], 255, (Kind::Int64, Device::Cpu)),
+            ],
+            0,
+        )
+        .reshape([1, 9, 9]);
+        let main = (30.0 * (1.0 + (-a).exp()).ln() + 40.0 * (1.0 + a.exp()).ln()) / 70.0;
+        let (got_main, got_aux) = model.loss_terms(&out, &label);
+        assert!((got_main.double_value(&[]) - main).abs() < 1e-6);
+        assert!((got_aux.double_value(&[]) - 2f64.ln()).abs() < 1e-6);
+        let total = model.loss(&out, &label).double_value(&[]);
+        assert!((total - (main + 0.4 * 2f64.ln())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn trainable_set_is_the_head_plus_svf_singular_values_of_layer2_to_4() {
+        for svf in [false, true] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let _model = PfeNet::new(&vs.root(), &tiny(svf)).unwrap();
+            let trainable = freeze_all_but_trainable(&vs, svf);
+            let names: Vec<&str> = trainable.iter().map(|(n, _)| n.as_str()).collect();
+            let singular: Vec<&&str> = names.iter().filter(|n| n.ends_with("vector_S")).collect();
+            assert_eq!(!singular.is_empty(), svf);
+            assert!(singular.iter().all(|n| ["layer2.", "layer3.", "layer4."]
+                .iter()
+                .any(|s| n.starts_with(s))));
+            for stage in ["layer2.", "layer3.", "layer4."] {
+                assert_eq!(
+                    singular.iter().any(|n| n.starts_with(stage)),
+                    svf,
+                    "{stage}"
+                );
+            }
+            assert!(names
+                .iter()
+                .filter(|n| !n.ends_with("vector_S"))
+                .all(|n| is_head_parameter(n)));
+            let head_count = vs
+                .variables()
+                .keys()
+                .filter(|n| is_head_parameter(n))
+                .count();
+            assert_eq!(names.len() - singular.len(), head_count);
+            for (name, tensor) in vs.variables() {
+                assert_eq!(
+                    tensor.requires_grad(),
+                    names.contains(&name.as_str()),
+                    "{name}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn svf_gradient_reaches_every_stage_from_2_to_4_and_never_0_or_1() {
+        tch::manual_seed(2);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = PfeNet::new(&vs.root(), &tiny(true)).unwrap();
+        let trainable = freeze_all_but_trainable(&vs, true);
+        let (query, supports, labels) = episode(2, 1, 65);
+        let out = model.forward(&query, &supports, &labels, true);
+        model.loss(&out, &labels.select(1, 0)).backward();
+        for (name, tensor) in &trainable {
+            let grad = tensor.grad();
+            assert!(grad.defined(), "{name} got no gradient");
+            assert!(
+                grad.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+                "{name} has a zero gradient"
+            );
+        }
+        for (name, tensor) in vs.variables() {
+            if name.starts_with("layer0.") || name.starts_with("layer1.") {
+                assert!(!tensor.grad().defined(), "{name}");
+            }
+        }
+    }
+}

@@ -1,1 +1,623 @@
 //! Episodic training: optimiser, LR schedule, run directory, resume.
+//!
+//! A run directory (`save_path`) holds everything needed to continue or audit a run:
+//! `config.yaml` (the resolved config), `log.txt`, `metrics.jsonl`, and the checkpoints `last` and
+//! `best` (see [`crate::checkpoint`]: `NAME.safetensors` with the model's PyTorch `state_dict`
+//! names, `NAME.json` with [`TrainState`], and for `last` also `last.optim.safetensors` with the
+//! SGD momentum buffers named after their parameters).
+//!
+//! Exact resume. Episode `i` of the training split is a pure function of (seed, i); epoch `e`
+//! covers episodes `e·E .. e·E + n·B` (E episodes per epoch, n = ⌊E/B⌋ iterations of batch B,
+//! the reference's `drop_last`). Before every iteration the libtorch generator (dropout) is
+//! re-seeded from (seed, iteration). So the iteration count, the weights and the momentum buffers
+//! are the whole state: a resumed run repeats the same episodes, dropout masks and LRs.
+
+mod interrupt;
+mod metrics_log;
+mod schedule;
+mod sgd;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Tensor};
+
+pub use interrupt::install_ctrl_c_handler;
+pub use metrics_log::{read_metrics, MetricsLog, MetricsRecord};
+pub use schedule::PolySchedule;
+pub use sgd::{Sgd, SgdStateError};
+
+use crate::backbone::{self, BackboneError};
+use crate::checkpoint::{self, CheckpointError, CheckpointFiles};
+use crate::config::{Config, ConfigError};
+use crate::data::{DataError, EpisodeLoader, FewShotDataset, Split};
+use crate::eval::{self, EvalError, EvalOptions};
+use crate::model::{self, ModelError, PfeNet};
+
+/// The checkpoint written every `save_freq` iterations, at every epoch end and on Ctrl-C.
+pub const LAST: &str = "last";
+/// The checkpoint with the best validation mIoU so far.
+pub const BEST: &str = "best";
+/// The resolved configuration inside a run directory.
+pub const CONFIG_FILE: &str = "config.yaml";
+/// Stream tag of the per-iteration libtorch seeds (the data's streams are 0, 1, ... and u64::MAX).
+const STEP_SEED_STREAM: u64 = u64::MAX - 1;
+
+/// Why training could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Backbone(#[from] BackboneError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    #[error("{0}; the checkpoint does not belong to this configuration")]
+    OptimizerState(#[from] SgdStateError),
+    #[error("cannot write {path}: {source}; check that save_path is writable")]
+    RunDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("run directory {dir} already holds a checkpoint; continue it with `svf-train --resume {dir}` or set another save_path (--set save_path=...)")]
+    RunExists { dir: PathBuf },
+    #[error("nothing to resume in {dir}: {reason}")]
+    NothingToResume { dir: PathBuf, reason: String },
+    #[error("the training split has {episodes} episodes per epoch, fewer than batch_size {batch_size}: lower batch_size or raise train_episodes")]
+    EpochTooShort { episodes: usize, batch_size: usize },
+    #[error("loss is {loss} at iteration {iteration} (epoch {epoch}); stopped before updating the weights. Last good checkpoint: {last_good}. Lower base_lr (or set warmup_steps) and start again, or continue it with `svf-train --resume {run_dir}`")]
+    NonFiniteLoss {
+        loss: f64,
+        iteration: u64,
+        epoch: usize,
+        last_good: String,
+        run_dir: PathBuf,
+    },
+}
+
+/// The state saved beside the weights (`last.json`, `best.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Iterations completed (global; epoch `e` ends at `e · iterations_per_epoch`).
+    pub iteration: u64,
+    pub iterations_per_epoch: u64,
+    /// The last epoch whose validation is done (0 = the one before training).
+    pub validated_epoch: Option<usize>,
+    pub best_miou: Option<f64>,
+    pub best_epoch: Option<usize>,
+    /// The base LR of the last iteration done.
+    pub lr: f64,
+}
+
+impl TrainState {
+    /// Epochs fully trained.
+    pub fn epochs_done(&self) -> usize {
+        (self.iteration / self.iterations_per_epoch) as usize
+    }
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    pub state: TrainState,
+    /// Validation mIoU before any training (epoch 0), when the run validated then.
+    pub untrained_miou: Option<f64>,
+    /// Mean loss of the last epoch trained in this process.
+    pub last_epoch_loss: Option<f64>,
+    /// Training throughput of this process (validation excluded).
+    pub episodes_per_second: f64,
+    /// Stopped by Ctrl-C (or [`TrainHooks::stop_after`]) before the last epoch.
+    pub interrupted: bool,
+}
+
+/// Ways to observe and steer a run from the library (Ctrl-C, tests).
+#[derive(Default)]
+pub struct TrainHooks<'a> {
+    /// When raised, the run saves `last` after the current iteration and returns.
+    pub interrupt: Option<&'a AtomicBool>,
+    /// Stop as on Ctrl-C once this many iterations are done (in total).
+    pub stop_after: Option<u64>,
+    /// Replaces the loss of an iteration (1-based) before the finiteness check, e.g. with NaN.
+    #[allow(clippy::type_complexity)]
+    pub map_loss: Option<Box<dyn FnMut(u64, Tensor) -> Tensor + 'a>>,
+}
+
+/// Trains `config` on `device`, stopping cleanly on Ctrl-C; `resume`: continue the run in that
+/// directory (its config must be `config`, see [`resume_config`]).
+pub fn train(
+    config: &Config,
+    device: Device,
+    resume: Option<&Path>,
+) -> Result<TrainSummary, TrainError> {
+    let hooks = TrainHooks {
+        interrupt: Some(install_ctrl_c_handler()),
+        ..TrainHooks::default()
+    };
+    train_with(config, device, resume, hooks)
+}
+
+/// The configuration of the run in `run_dir` (its `config.yaml`), with `save_path` pointing at
+/// `run_dir` wherever the directory now lives.
+pub fn resume_config(run_dir: &Path) -> Result<Config, TrainError> {
+    let path = run_dir.join(CONFIG_FILE);
+    if !path.exists() {
+        return Err(TrainError::NothingToResume {
+            dir: run_dir.to_path_buf(),
+            reason: format!("{} does not exist", path.display()),
+        });
+    }
+    let mut config = Config::load(&path, &[])?;
+    config.save_path = run_dir.to_path_buf();
+    Ok(config)
+}
+
+/// The libtorch seed of iteration `iteration` (0-based): dropout is reproducible across resume.
+fn step_seed(seed: u64, iteration: u64) -> i64 {
+    crate::data::rng::EpisodeRng::new(seed, STEP_SEED_STREAM, iteration).next_u64() as i64
+}
+
+/// The model with its variable store, built and initialised as the config says.
+struct Model {
+    vs: nn::VarStore,
+    net: PfeNet,
+}
+
+impl Model {
+    /// `initialise`: load `backbone_weights` and `weight` (a resumed run loads its checkpoint instead).
+    fn new(config: &Config, device: Device, initialise: bool) -> Result<Model, TrainError> {
+        tch::manual_seed(config.manual_seed as i64);
+        let vs = nn::VarStore::new(device);
+        let net = PfeNet::new(&vs.root(), config)?;
+        if !initialise {
+            return Ok(Model { vs, net });
+        }
+        if let Some(path) = &config.backbone_weights {
+            let report = backbone::load_pretrained(&vs, path, config)?;
+            tracing::info!("backbone weights from {}: {report}", path.display());
+        }
+        if let Some(path) = &config.weight {
+            checkpoint::load_weights(&vs, path)?;
+            tracing::info!("model weights from {}", path.display());
+        }
+        Ok(Model { vs, net })
+    }
+}
+
+/// Everything one run keeps while training.
+struct Run<'a> {
+    config: &'a Config,
+    device: Device,
+    dir: PathBuf,
+    model: Model,
+    sgd: Sgd,
+    schedule: PolySchedule,
+    state: TrainState,
+    metrics: MetricsLog,
+    /// The validation split, opened once (`None` when `val_freq` is 0).
+    val_data: Option<Arc<FewShotDataset>>,
+    /// The iteration at which `last` was last written (for error messages).
+    last_saved: Option<u64>,
+    untrained_miou: Option<f64>,
+}
+
+/// [`train`] with explicit hooks and no signal handler.
+pub fn train_with(
+    config: &Config,
+    device: Device,
+    resume: Option<&Path>,
+    mut hooks: TrainHooks,
+) -> Result<TrainSummary, TrainError> {
+    let dir = resume.map_or_else(|| config.save_path.clone(), Path::to_path_buf);
+    std::fs::create_dir_all(&dir).map_err(run_dir_error(&dir))?;
+    if resume.is_none() && checkpoint::exists(&dir, LAST)? {
+        return Err(TrainError::RunExists { dir });
+    }
+    // Everything that can fail on the config or the data fails here, before any training.
+    let dataset = Arc::new(FewShotDataset::open(config, Split::Train)?);
+    let val_data = match config.val_freq {
+        0 => None,
+        _ => Some(Arc::new(FewShotDataset::open(config, Split::Val)?)),
+    };
+    let episodes_per_epoch = dataset.episodes_per_epoch();
+    let iterations_per_epoch = (episodes_per_epoch / config.batch_size) as u64;
+    if iterations_per_epoch == 0 {
+        return Err(TrainError::EpochTooShort {
+            episodes: episodes_per_epoch,
+            batch_size: config.batch_size,
+        });
+    }
+    let model = Model::new(config, device, resume.is_none())?;
+    let mut sgd = optimiser(&model.vs, config);
+    let state = match resume {
+        Some(dir) => restore(dir, &model.vs, &mut sgd, iterations_per_epoch)?,
+        None => {
+            let path = dir.join(CONFIG_FILE);
+            std::fs::write(&path, config.to_yaml()).map_err(run_dir_error(&path))?;
+            TrainState {
+                iteration: 0,
+                iterations_per_epoch,
+                validated_epoch: None,
+                best_miou: None,
+                best_epoch: None,
+                lr: 0.0,
+            }
+        }
+    };
+    // On resume, records written after the checkpoint (then lost) are dropped.
+    let covered = |record: &MetricsRecord| match record {
+        MetricsRecord::Train { iteration, .. } => *iteration <= state.iteration,
+        MetricsRecord::Val { epoch, .. } => state.validated_epoch.is_some_and(|v| *epoch <= v),
+    };
+    let keep = resume.map(|_| &covered as &dyn Fn(&MetricsRecord) -> bool);
+    let metrics =
+        MetricsLog::open(&dir, keep).map_err(run_dir_error(&dir.join(MetricsLog::FILE_NAME)))?;
+    let mut run = Run {
+        config,
+        device,
+        schedule: PolySchedule {
+            base_lr: config.base_lr,
+            max_iter: iterations_per_epoch * config.epochs as u64,
+            power: config.power,
+            warmup_steps: config.warmup_steps as u64,
+        },
+        last_saved: resume.map(|_| state.iteration),
+        state,
+        dir,
+        model,
+        sgd,
+        metrics,
+        val_data,
+        untrained_miou: None,
+    };
+    run.train_epochs(&dataset, &mut hooks)
+}
+
+fn run_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError {
+    let path = path.to_path_buf();
+    move |source| TrainError::RunDir { path, source }
+}
+
+/// SGD over exactly the trainable set, the head at `head_lr_scale` times the base LR.
+fn optimiser(vs: &nn::VarStore, config: &Config) -> Sgd {
+    let trainable = model::freeze_all_but_trainable(vs, config.svf);
+    let parameter_count: i64 = trainable.iter().map(|(_, t)| t.numel() as i64).sum();
+    tracing::info!(
+        tensors = trainable.len(),
+        parameters = parameter_count,
+        svf = config.svf,
+        "trainable set"
+    );
+    let parameters = trainable
+        .into_iter()
+        .map(|(name, tensor)| {
+            let scale = if model::is_head_parameter(&name) {
+                config.head_lr_scale
+            } else {
+                1.0
+            };
+            (name, tensor, scale)
+        })
+        .collect();
+    Sgd::new(parameters, config.momentum, config.weight_decay)
+}
+
+/// Loads `dir/last` into the model and the optimiser and returns its state.
+fn restore(
+    dir: &Path,
+    vs: &nn::VarStore,
+    sgd: &mut Sgd,
+    iterations_per_epoch: u64,
+) -> Result<TrainState, TrainError> {
+    let nothing = |reason: String| TrainError::NothingToResume {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    let saved = checkpoint::load::<TrainState>(dir, LAST).map_err(|e| match e {
+        CheckpointError::Missing { missing, .. } => {
+            nothing(format!("{} does not exist", missing.display()))
+        }
+        other => other.into(),
+    })?;
+    if saved.state.iterations_per_epoch != iterations_per_epoch {
+        return Err(nothing(format!(
+            "the checkpoint has {} iterations per epoch but the data now gives {}; the dataset or batch_size changed",
+            saved.state.iterations_per_epoch, iterations_per_epoch
+        )));
+    }
+    checkpoint::copy_into(vs, &saved.weights, &CheckpointFiles::new(dir, LAST).weights)?;
+    sgd.load_state(saved.optimizer.unwrap_or_default())?;
+    tracing::info!(
+        "resuming {} at iteration {} (epoch {})",
+        dir.display(),
+        saved.state.iteration,
+        saved.state.epochs_done()
+    );
+    Ok(saved.state)
+}
+
+/// How an epoch ended.
+enum EpochEnd {
+    Finished {
+        mean_loss: f64,
+    },
+    /// Ctrl-C or [`TrainHooks::stop_after`]; `last` is saved.
+    Stopped,
+}
+
+/// Training throughput of this process (validation excluded).
+#[derive(Default)]
+struct Throughput {
+    episodes: u64,
+    seconds: f64,
+}
+
+impl Run<'_> {
+    fn train_epochs(
+        &mut self,
+        dataset: &Arc<FewShotDataset>,
+        hooks: &mut TrainHooks,
+    ) -> Result<TrainSummary, TrainError> {
+        // Validation before training (epoch 0), or of an epoch whose run stopped between its last
+        // iteration and its validation.
+        if self.validate_if_due(self.state.epochs_done())? {
+            self.save_last()?;
+        }
+        let mut throughput = Throughput::default();
+        let mut last_epoch_loss = None;
+        for epoch in self.state.epochs_done()..self.config.epochs {
+            match self.train_epoch(dataset, epoch, hooks, &mut throughput)? {
+                EpochEnd::Stopped => {
+                    return Ok(self.summary(true, last_epoch_loss, &throughput));
+                }
+                EpochEnd::Finished { mean_loss } => last_epoch_loss = Some(mean_loss),
+            }
+            self.validate_if_due(epoch + 1)?;
+            self.save_last()?;
+        }
+        Ok(self.summary(false, last_epoch_loss, &throughput))
+    }
+
+    /// The rest of epoch `epoch` (0-based) from the current iteration.
+    fn train_epoch(
+        &mut self,
+        dataset: &Arc<FewShotDataset>,
+        epoch: usize,
+        hooks: &mut TrainHooks,
+        throughput: &mut Throughput,
+    ) -> Result<EpochEnd, TrainError> {
+        let config = self.config;
+        let per_epoch = self.state.iterations_per_epoch;
+        let total = per_epoch * config.epochs as u64;
+        let batch = config.batch_size as u64;
+        let first = self.state.iteration - epoch as u64 * per_epoch;
+        // Epoch e is the data's epoch e (episodes e·E..), less the incomplete last batch.
+        let epoch_start = epoch as u64 * dataset.episodes_per_epoch() as u64;
+        let loader = EpisodeLoader::new(
+            dataset.clone(),
+            config.manual_seed,
+            epoch_start + first * batch..epoch_start + per_epoch * batch,
+            config.batch_size,
+            config.workers,
+        );
+        let bar = crate::logging::progress_bar(
+            per_epoch * batch,
+            &format!("epoch {}/{}", epoch + 1, config.epochs),
+        );
+        bar.set_position(first * batch);
+        let started = Instant::now();
+        let (mut loss_sum, mut steps) = (0.0, 0u64);
+        for episode_batch in loader {
+            let losses = self.step(&episode_batch?, epoch, hooks)?;
+            loss_sum += losses.total;
+            steps += 1;
+            bar.inc(batch);
+            bar.set_message(format!("loss {:.4} lr {:.2e}", losses.total, self.state.lr));
+            let rate = (steps * batch) as f64 / started.elapsed().as_secs_f64();
+            if self.state.iteration % config.print_freq as u64 == 0 {
+                self.log_iteration(epoch, &losses, rate)?;
+            }
+            let stop = hooks.interrupt.is_some_and(|f| f.load(Ordering::SeqCst))
+                || hooks.stop_after == Some(self.state.iteration);
+            if stop && self.state.iteration < total {
+                bar.abandon();
+                throughput.episodes += steps * batch;
+                throughput.seconds += started.elapsed().as_secs_f64();
+                self.save_last()?;
+                tracing::warn!(
+                    "stopped at iteration {} (epoch {}); continue with `svf-train --resume {}`",
+                    self.state.iteration,
+                    epoch + 1,
+                    self.dir.display()
+                );
+                return Ok(EpochEnd::Stopped);
+            }
+            if self.state.iteration % config.save_freq as u64 == 0 {
+                self.save_last()?;
+            }
+        }
+        bar.finish_and_clear();
+        let seconds = started.elapsed().as_secs_f64();
+        throughput.episodes += steps * batch;
+        throughput.seconds += seconds;
+        let mean_loss = loss_sum / steps.max(1) as f64;
+        tracing::info!(
+            "epoch {}/{}: loss {:.4}, lr {:.2e}, {:.2} episodes/s",
+            epoch + 1,
+            config.epochs,
+            mean_loss,
+            self.state.lr,
+            (steps * batch) as f64 / seconds
+        );
+        Ok(EpochEnd::Finished { mean_loss })
+    }
+
+    fn summary(
+        &self,
+        interrupted: bool,
+        last_epoch_loss: Option<f64>,
+        throughput: &Throughput,
+    ) -> TrainSummary {
+        TrainSummary {
+            run_dir: self.dir.clone(),
+            state: self.state.clone(),
+            untrained_miou: self.untrained_miou,
+            last_epoch_loss,
+            episodes_per_second: throughput.episodes as f64 / throughput.seconds.max(1e-9),
+            interrupted,
+        }
+    }
+
+    /// One optimiser step on a batch; the loss is checked before the weights change.
+    fn step(
+        &mut self,
+        batch: &crate::data::EpisodeBatch,
+        epoch: usize,
+        hooks: &mut TrainHooks,
+    ) -> Result<Losses, TrainError> {
+        let iteration = self.state.iteration + 1;
+        tch::manual_seed(step_seed(self.config.manual_seed, self.state.iteration));
+        let lr = self.schedule.lr(iteration);
+        let device = self.device;
+        let query_label = batch.query_label.to_device(device);
+        let out = self.model.net.forward(
+            &batch.query_image.to_device(device),
+            &batch.support_images.to_device(device),
+            &batch.support_labels.to_device(device),
+            true,
+        );
+        let (main, aux) = self.model.net.loss_terms(&out, &query_label);
+        let mut loss = &main + &aux * self.config.aux_weight;
+        if let Some(map) = hooks.map_loss.as_mut() {
+            loss = map(iteration, loss);
+        }
+        // The one host synchronisation of a step: the loss value for the check and the logs.
+        let values =
+            Tensor::stack(&[loss.detach(), main.detach(), aux.detach()], 0).to_device(Device::Cpu);
+        let losses = Losses {
+            total: values.double_value(&[0]),
+            main: values.double_value(&[1]),
+            aux: values.double_value(&[2]),
+        };
+        if !losses.total.is_finite() {
+            let last_good = match self.last_saved {
+                Some(at) => format!(
+                    "{} (iteration {at})",
+                    CheckpointFiles::new(&self.dir, LAST).weights.display()
+                ),
+                None => "none yet (no checkpoint was written before this iteration)".to_string(),
+            };
+            return Err(TrainError::NonFiniteLoss {
+                loss: losses.total,
+                iteration,
+                epoch: epoch + 1,
+                last_good,
+                run_dir: self.dir.clone(),
+            });
+        }
+        self.sgd.zero_grad();
+        loss.backward();
+        self.sgd.step(lr);
+        self.state.iteration = iteration;
+        self.state.lr = lr;
+        Ok(losses)
+    }
+
+    fn log_iteration(
+        &mut self,
+        epoch: usize,
+        losses: &Losses,
+        rate: f64,
+    ) -> Result<(), TrainError> {
+        tracing::debug!(
+            "epoch {} iteration {}: loss {:.4} (main {:.4}, aux {:.4}), lr {:.3e}",
+            epoch + 1,
+            self.state.iteration,
+            losses.total,
+            losses.main,
+            losses.aux,
+            self.state.lr
+        );
+        self.append(&MetricsRecord::Train {
+            epoch: epoch + 1,
+            iteration: self.state.iteration,
+            loss: losses.total,
+            main_loss: losses.main,
+            aux_loss: losses.aux,
+            lr: self.state.lr,
+            episodes_per_second: rate,
+        })
+    }
+
+    fn append(&mut self, record: &MetricsRecord) -> Result<(), TrainError> {
+        let path = self.metrics.path().to_path_buf();
+        self.metrics
+            .append(record)
+            .map_err(|source| TrainError::RunDir { path, source })
+    }
+
+    /// After `epoch` epochs (0 = before training): validates when due and not yet done, and keeps
+    /// the best checkpoint. Returns whether it validated.
+    fn validate_if_due(&mut self, epoch: usize) -> Result<bool, TrainError> {
+        let config = self.config;
+        let Some(val_data) = &self.val_data else {
+            return Ok(false);
+        };
+        let due = (epoch % config.val_freq == 0 || epoch == config.epochs)
+            && self.state.validated_epoch.is_none_or(|v| v < epoch);
+        if !due {
+            return Ok(false);
+        }
+        let options = EvalOptions::for_validation(config);
+        let result = eval::evaluate_on(&self.model.net, val_data, config, self.device, &options)?;
+        let (miou, fb_iou) = (result.miou.mean, result.fb_iou.mean);
+        let best = self.state.best_miou.is_none_or(|b| miou > b);
+        if epoch == 0 {
+            self.untrained_miou = Some(miou);
+        }
+        tracing::info!(
+            "validation after epoch {epoch}: mIoU {:.2}, FB-IoU {:.2}{}",
+            100.0 * miou,
+            100.0 * fb_iou,
+            if best { " (best so far)" } else { "" }
+        );
+        self.state.validated_epoch = Some(epoch);
+        if best {
+            self.state.best_miou = Some(miou);
+            self.state.best_epoch = Some(epoch);
+            let weights = checkpoint::model_weights(&self.model.vs);
+            checkpoint::save(&self.dir, BEST, &weights, None, &self.state)?;
+        }
+        self.append(&MetricsRecord::Val {
+            epoch,
+            iteration: self.state.iteration,
+            miou,
+            fb_iou,
+            best,
+        })?;
+        Ok(true)
+    }
+
+    fn save_last(&mut self) -> Result<(), TrainError> {
+        let weights = checkpoint::model_weights(&self.model.vs);
+        let buffers = self.sgd.state();
+        checkpoint::save(&self.dir, LAST, &weights, Some(&buffers), &self.state)?;
+        self.last_saved = Some(self.state.iteration);
+        Ok(())
+    }
+}
+
+struct Losses {
+    total: f64,
+    main: f64,
+    aux: f64,
+}

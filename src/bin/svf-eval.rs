@@ -1,6 +1,9 @@
 //! `svf-eval`: fixed-seed episodic evaluation (mIoU, FB-IoU).
+use std::path::PathBuf;
+
 use clap::Parser;
 use svf::cli::{ConfigArgs, RuntimeArgs};
+use svf::eval::{self, EvalOptions};
 
 /// Evaluate a trained few-shot segmentation model on the novel classes of a fold.
 #[derive(Parser, Debug)]
@@ -10,16 +13,71 @@ struct Cli {
     config: ConfigArgs,
     #[command(flatten)]
     runtime: RuntimeArgs,
+    /// Weights: a .safetensors checkpoint, or a run directory (its best, else last, checkpoint).
+    #[arg(long)]
+    weights: PathBuf,
+    /// Episodes per seed [default: 1000 for PASCAL-5i, 4000 for COCO-20i].
+    #[arg(long)]
+    episodes: Option<u64>,
+    /// Seeds, comma-separated; one evaluation each [default: the config's manual_seed].
+    #[arg(long, value_delimiter = ',', conflicts_with = "master_seed")]
+    seeds: Vec<u64>,
+    /// BAM's protocol: draw --seed-count seeds from this master seed (BAM: 5 from 123).
+    #[arg(long, requires = "seed_count")]
+    master_seed: Option<u64>,
+    /// Number of seeds drawn from --master-seed.
+    #[arg(long, requires = "master_seed")]
+    seed_count: Option<usize>,
+    /// Support images per episode [default: the config's shot].
+    #[arg(long)]
+    shot: Option<usize>,
+    /// Where eval.json, eval.md and the panels go [default: the config's save_path].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write N qualitative panels (support, ground truth, prediction) into OUT/vis.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    save_vis: usize,
+    /// Loader threads [default: the config's workers]; results do not depend on it.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Run SVF models with their SVD convolutions instead of folding them into full-rank weights.
+    #[arg(long)]
+    no_fuse: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.config.load()?;
-    svf::logging::init(cli.runtime.verbose, None)?;
+    let out = cli.out.clone().unwrap_or_else(|| config.save_path.clone());
+    svf::logging::init(cli.runtime.verbose, Some(&out))?;
     let device = cli.runtime.device.resolve()?;
     svf::device::log_startup(device);
-    anyhow::bail!(
-        "evaluation is not implemented yet (config {} is valid)",
-        cli.config.config.display()
-    )
+
+    let mut options = EvalOptions::for_test(&config);
+    if let Some(episodes) = cli.episodes {
+        options.episodes = episodes;
+    }
+    if let (Some(master), Some(count)) = (cli.master_seed, cli.seed_count) {
+        options.seeds = eval::draw_seeds(master, count);
+    } else if !cli.seeds.is_empty() {
+        options.seeds = cli.seeds.clone();
+    }
+    if let Some(shot) = cli.shot {
+        options.shot = shot;
+    }
+    if let Some(workers) = cli.workers {
+        options.workers = workers;
+    }
+    if cli.save_vis > 0 {
+        options.panels = Some((out.join("vis"), cli.save_vis));
+    }
+
+    let weights = eval::resolve_weights(&cli.weights)?;
+    tracing::info!(weights = %weights.display(), seeds = ?options.seeds, episodes = options.episodes, "evaluating");
+    let (_vs, model) = eval::load_model(&config, &weights, device, !cli.no_fuse)?;
+    let result = eval::evaluate(&model, &config, device, &options)?;
+    result.write(&out)?;
+    print!("{}", result.to_markdown());
+    tracing::info!("wrote {} and eval.md", out.join("eval.json").display());
+    Ok(())
 }

@@ -1,25 +1,58 @@
 //! `svf-train`: episodic training of PFENet (+ SVF) from a YAML config.
+use std::path::PathBuf;
+
 use clap::Parser;
 use svf::cli::{ConfigArgs, RuntimeArgs};
 
 /// Train a few-shot segmentation model (PFENet, optionally with Singular Value Fine-tuning).
+///
+/// The run directory (`save_path`) receives config.yaml, log.txt, metrics.jsonl and the `last` /
+/// `best` checkpoints. Ctrl-C saves `last` and exits; `--resume RUN_DIR` continues exactly there.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
     #[command(flatten)]
-    config: ConfigArgs,
+    config: Option<ConfigArgs>,
+    /// Continue the run in this directory from its `last` checkpoint, with its config.yaml.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "overrides"])]
+    resume: Option<PathBuf>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config = cli.config.load()?;
+    let config = match (&cli.resume, &cli.config) {
+        (Some(run_dir), _) => svf::train::resume_config(run_dir)?,
+        (None, Some(args)) => args.load()?,
+        (None, None) => {
+            anyhow::bail!("give --config FILE to start a run or --resume RUN_DIR to continue one")
+        }
+    };
     svf::logging::init(cli.runtime.verbose, Some(&config.save_path))?;
     let device = cli.runtime.device.resolve()?;
     svf::device::log_startup(device);
-    anyhow::bail!(
-        "training is not implemented yet (config {} is valid)",
-        cli.config.config.display()
-    )
+    let summary = svf::train::train(&config, device, cli.resume.as_deref())?;
+    let state = &summary.state;
+    let percent = |m: Option<f64>| m.map_or("-".to_string(), |m| format!("{:.2}", 100.0 * m));
+    if summary.interrupted {
+        println!(
+            "stopped after iteration {} (epoch {}); continue with: svf-train --resume {}",
+            state.iteration,
+            state.epochs_done(),
+            summary.run_dir.display()
+        );
+    } else {
+        println!(
+            "trained {} epochs ({} iterations, {:.2} episodes/s); mIoU untrained {} -> best {} (epoch {}); checkpoints in {}",
+            state.epochs_done(),
+            state.iteration,
+            summary.episodes_per_second,
+            percent(summary.untrained_miou),
+            percent(state.best_miou),
+            state.best_epoch.map_or("-".to_string(), |e| e.to_string()),
+            summary.run_dir.display()
+        );
+    }
+    Ok(())
 }

@@ -1,0 +1,31 @@
+//! `svf-report`: the paper's tables from every `eval.json` under a folder.
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Aggregate evaluation results into Markdown tables laid out like the paper's (folds and mean,
+/// mIoU and FB-IoU), beside the published numbers.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Folder searched recursively for eval.json files (e.g. the output of reproduce_tables.sh).
+    dir: PathBuf,
+    /// Also write the tables to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let results: Vec<_> = svf::report::find_results(&cli.dir)?
+        .into_iter()
+        .map(|(_, result)| result)
+        .collect();
+    let tables = svf::report::paper_tables(&results);
+    if let Some(out) = &cli.out {
+        std::fs::write(out, &tables)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+    }
+    print!("{tables}");
+    Ok(())
+}

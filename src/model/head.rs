@@ -1,0 +1,433 @@
+//! PFENet's head (Tian et al., TPAMI 2020, `model/PFENet.py`): prototype by masked average pooling,
+//! the training-free prior mask from layer-4 features, and the inter-scale feature enrichment module
+//! over a pyramid of bins. Variables carry PFENet's `state_dict` names (`down_query.0.weight`,
+//! `init_merge.0.0.weight`, ..., `cls.3.bias`).
+
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+/// The head's top-level modules, i.e. the first component of every head parameter's name.
+pub const HEAD_MODULES: [&str; 9] = [
+    "down_query",
+    "down_supp",
+    "init_merge",
+    "alpha_conv",
+    "beta_conv",
+    "inner_cls",
+    "res1",
+    "res2",
+    "cls",
+];
+
+/// Whether a model variable (full PyTorch name) belongs to the head rather than the backbone.
+pub fn is_head_parameter(name: &str) -> bool {
+    let module = name.split('.').next().unwrap_or(name);
+    HEAD_MODULES.contains(&module)
+}
+
+/// Added to the mask area in the masked average pooling (PFENet's `Weighted_GAP`).
+const AREA_EPS: f64 = 0.0005;
+/// Added to denominators of the cosine similarity and of the prior's min-max normalisation.
+const COSINE_EPS: f64 = 1e-7;
+/// Dropout2d after the down projections.
+const DOWN_DROPOUT: f64 = 0.5;
+/// Dropout2d inside the classifiers (`inner_cls`, `cls`).
+const CLS_DROPOUT: f64 = 0.1;
+
+/// Query features from the backbone.
+pub struct QueryFeatures {
+    /// `cat(layer3, layer2)` at the layer-3 resolution, `[B, mid_channels, h, w]`.
+    pub mid: Tensor,
+    /// layer4 of the query, `[B, C4, h4, w4]`.
+    pub high: Tensor,
+}
+
+/// One support shot's features from the backbone.
+pub struct SupportFeatures {
+    /// `cat(layer3, layer2)` at the layer-3 resolution.
+    pub mid: Tensor,
+    /// layer4 of the support's layer3 features multiplied by the mask.
+    pub high: Tensor,
+    /// Foreground mask at image resolution, `[B, 1, H, W]`, 1.0 on the class and 0.0 elsewhere.
+    pub mask: Tensor,
+}
+
+/// Logits at the feature resolution.
+pub struct HeadOutput {
+    /// `[B, 2, h, w]`.
+    pub logits: Tensor,
+    /// One `[B, 2, bin, bin]` per pyramid bin (the auxiliary classifiers).
+    pub aux_logits: Vec<Tensor>,
+}
+
+/// A convolution with PyTorch's default initialisation (`kaiming_uniform_(a=√5)`, i.e. weights
+/// and bias uniform in ±1/√fan_in), as PFENet's head gets it.
+fn conv(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, bias: bool) -> nn::Conv2D {
+    let bound = 1.0 / ((c_in * kernel * kernel) as f64).sqrt();
+    let init = nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
+    nn::conv2d(
+        p,
+        c_in,
+        c_out,
+        kernel,
+        nn::ConvConfig {
+            padding: kernel / 2,
+            bias,
+            ws_init: init,
+            bs_init: init,
+            ..Default::default()
+        },
+    )
+}
+
+/// `3×3 conv, ReLU, Dropout2d(0.1), 1×1 conv → 2` (PFENet's `cls` and `inner_cls` layout).
+struct Classifier {
+    hidden: nn::Conv2D,
+    out: nn::Conv2D,
+}
+
+impl Classifier {
+    fn new(p: nn::Path, dim: i64) -> Classifier {
+        Classifier {
+            hidden: conv(&p / "0", dim, dim, 3, false),
+            out: conv(&p / "3", dim, 2, 1, true),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        self.out.forward(
+            &self
+                .hidden
+                .forward(x)
+                .relu()
+                .feature_dropout(CLS_DROPOUT, train),
+        )
+    }
+}
+
+/// Two `3×3 conv, ReLU` (PFENet's `beta_conv` and `res2`).
+struct DoubleConv {
+    first: nn::Conv2D,
+    second: nn::Conv2D,
+}
+
+impl DoubleConv {
+    fn new(p: nn::Path, dim: i64) -> DoubleConv {
+        DoubleConv {
+            first: conv(&p / "0", dim, dim, 3, false),
+            second: conv(&p / "2", dim, dim, 3, false),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.second.forward(&self.first.forward(x).relu()).relu()
+    }
+}
+
+/// The PFENet head.
+pub struct PfeHead {
+    down_query: nn::Conv2D,
+    down_supp: nn::Conv2D,
+    init_merge: Vec<nn::Conv2D>,
+    alpha_conv: Vec<nn::Conv2D>,
+    beta_conv: Vec<DoubleConv>,
+    inner_cls: Vec<Classifier>,
+    res1: nn::Conv2D,
+    res2: DoubleConv,
+    cls: Classifier,
+    bins: Vec<i64>,
+}
+
+impl PfeHead {
+    /// `mid_channels`: channels of `cat(layer3, layer2)`; `reduce_dim`: the head width (PFENet 256);
+    /// `bins`: the pyramid (PFENet 60, 30, 15, 8).
+    pub fn new(root: &nn::Path, mid_channels: i64, reduce_dim: i64, bins: &[i64]) -> PfeHead {
+        let d = reduce_dim;
+        let indexed = |name: &str, i: usize| root / name / i;
+        PfeHead {
+            down_query: conv(root / "down_query" / "0", mid_channels, d, 1, false),
+            down_supp: conv(root / "down_supp" / "0", mid_channels, d, 1, false),
+            // Query bin, prototype and prior: 2d + 1 channels.
+            init_merge: (0..bins.len())
+                .map(|i| conv(indexed("init_merge", i) / "0", 2 * d + 1, d, 1, false))
+                .collect(),
+            alpha_conv: (1..bins.len())
+                .map(|i| conv(indexed("alpha_conv", i - 1) / "0", 2 * d, d, 1, false))
+                .collect(),
+            beta_conv: (0..bins.len())
+                .map(|i| DoubleConv::new(indexed("beta_conv", i), d))
+                .collect(),
+            inner_cls: (0..bins.len())
+                .map(|i| Classifier::new(indexed("inner_cls", i), d))
+                .collect(),
+            res1: conv(root / "res1" / "0", d * bins.len() as i64, d, 1, false),
+            res2: DoubleConv::new(root / "res2", d),
+            cls: Classifier::new(root / "cls", d),
+            bins: bins.to_vec(),
+        }
+    }
+
+    /// Segments the query given K ≥ 1 support shots; `train` enables dropout.
+    pub fn forward(
+        &self,
+        query: &QueryFeatures,
+        supports: &[SupportFeatures],
+        train: bool,
+    ) -> HeadOutput {
+        assert!(
+            !supports.is_empty(),
+            "PFENet needs at least one support shot"
+        );
+        let query_feat = self
+            .down_query
+            .forward(&query.mid)
+            .relu()
+            .feature_dropout(DOWN_DROPOUT, train);
+        let feat_size = spatial_size(&query_feat);
+        let mut prototypes = Vec::with_capacity(supports.len());
+        let mut priors = Vec::with_capacity(supports.len());
+        for support in supports {
+            let supp_feat = self
+                .down_supp
+                .forward(&support.mid)
+                .relu()
+                .feature_dropout(DOWN_DROPOUT, train);
+            let mask = resize(&support.mask, spatial_size(&supp_feat));
+            prototypes.push(weighted_gap(&supp_feat, &mask));
+            let prior = prior_mask(&query.high, &support.high, &support.mask);
+            priors.push(resize(&prior, spatial_size(&query.mid)));
+        }
+        // K-shot: the mean prior and the mean prototype.
+        let prior = resize(
+            &Tensor::cat(&priors, 1).mean_dim(1, true, Kind::Float),
+            feat_size,
+        );
+        let prototype = Tensor::stack(&prototypes, 0).mean_dim(0, false, Kind::Float);
+
+        let mut pyramid: Vec<Tensor> = Vec::with_capacity(self.bins.len());
+        let mut aux_logits = Vec::with_capacity(self.bins.len());
+        for (idx, &bin) in self.bins.iter().enumerate() {
+            let query_bin = query_feat.adaptive_avg_pool2d([bin, bin]);
+            let prototype_bin = prototype.expand([-1, -1, bin, bin], false);
+            let prior_bin = resize(&prior, [bin, bin]);
+            let mut merged = self.init_merge[idx]
+                .forward(&Tensor::cat(&[query_bin, prototype_bin, prior_bin], 1))
+                .relu();
+            if idx >= 1 {
+                let previous = resize(&pyramid[idx - 1], [bin, bin]);
+                merged = self.alpha_conv[idx - 1]
+                    .forward(&Tensor::cat(&[&merged, &previous], 1))
+                    .relu()
+                    + &merged;
+            }
+            merged = self.beta_conv[idx].forward(&merged) + &merged;
+            aux_logits.push(self.inner_cls[idx].forward(&merged, train));
+            pyramid.push(resize(&merged, feat_size));
+        }
+        let fused = self.res1.forward(&Tensor::cat(&pyramid, 1)).relu();
+        let fused = self.res2.forward(&fused) + &fused;
+        HeadOutput {
+            logits: self.cls.forward(&fused, train),
+            aux_logits,
+        }
+    }
+}
+
+fn spatial_size(x: &Tensor) -> [i64; 2] {
+    let size = x.size();
+    [size[size.len() - 2], size[size.len() - 1]]
+}
+
+/// Bilinear resize with `align_corners = true`, as everywhere in PFENet.
+pub(crate) fn resize(x: &Tensor, size: [i64; 2]) -> Tensor {
+    if spatial_size(x) == size {
+        return x.shallow_clone();
+    }
+    x.upsample_bilinear2d(size, true, None, None)
+}
+
+/// Masked average pooling: `Σ feat·mask / (Σ mask + 0.0005)` per channel, `[B, C, 1, 1]`.
+pub fn weighted_gap(feat: &Tensor, mask: &Tensor) -> Tensor {
+    let area = mask.sum_dim_intlist(&[2i64, 3][..], true, Kind::Float) + AREA_EPS;
+    (feat * mask).sum_dim_intlist(&[2i64, 3][..], true, Kind::Float) / area
+}
+
+/// PFENet's prior: for every query layer-4 position, the highest cosine similarity to a support
+/// layer-4 position inside the (resized) mask, min-max normalised per query, `[B, 1, h4, w4]`.
+pub fn prior_mask(query_high: &Tensor, support_high: &Tensor, mask: &Tensor) -> Tensor {
+    let [h, w] = spatial_size(query_high);
+    let size = query_high.size();
+    let (batch, channels) = (size[0], size[1]);
+    let support = support_high * resize(mask, spatial_size(support_high));
+    let query = query_high.reshape([batch, channels, -1]);
+    let support = support.reshape([batch, channels, -1]).permute([0, 2, 1]);
+    let query_norm = query.norm_scalaropt_dim(2, [1], true);
+    let support_norm = support.norm_scalaropt_dim(2, [2], true);
+    let similarity = support.bmm(&query) / (support_norm.bmm(&query_norm) + COSINE_EPS);
+    let best = similarity.amax([1], false);
+    let low = best.amin([1], true);
+    let high = best.amax([1], true);
+    ((best - &low) / (high - &low + COSINE_EPS)).reshape([batch, 1, h, w])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    const OPTS: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn weighted_gap_is_the_masked_mean() {
+        // Channel 0 holds 1..16, channel 1 holds 2·(1..16); the mask keeps the top two rows.
+        let base = Tensor::arange_start(1, 17, OPTS).reshape([1, 1, 4, 4]);
+        let feat = Tensor::cat(&[&base, &(&base * 2.0)], 1);
+        let mask = Tensor::zeros([1, 1, 4, 4], OPTS);
+        let _ = mask.narrow(2, 0, 2).fill_(1.0);
+        let pooled = weighted_gap(&feat, &mask);
+        assert_eq!(pooled.size(), [1, 2, 1, 1]);
+        // Σ(1..8) = 36 over an area of 8.
+        let expected = Tensor::from_slice(&[36.0 / 8.0005, 72.0 / 8.0005]).to_kind(Kind::Float);
+        assert!(max_abs_diff(&pooled.flatten(0, -1), &expected) < 1e-5);
+    }
+
+    #[test]
+    fn prior_is_the_min_max_normalised_best_cosine_over_the_masked_support() {
+        // Support: one foreground position with feature e0; the masked-out positions become zero
+        // vectors of similarity 0, which the max also sees (as in the reference). Query positions:
+        // e0 (similarity 1), e0+e1 (1/√2), e1 (0) and -e0 (-1, so its max is the masked 0).
+        let support = Tensor::zeros([1, 2, 2, 2], OPTS);
+        let _ = support.get(0).get(0).get(0).get(0).fill_(1.0);
+        let _ = support.get(0).get(1).get(1).get(1).fill_(5.0);
+        let mask = Tensor::zeros([1, 1, 2, 2], OPTS);
+        let _ = mask.get(0).get(0).get(0).get(0).fill_(1.0);
+        let query =
+            Tensor::from_slice(&[1.0f32, 1.0, 0.0, -1.0, 0.0, 1.0, 1.0, 0.0]).reshape([1, 2, 2, 2]);
+        let prior = prior_mask(&query, &support, &mask);
+        assert_eq!(prior.size(), [1, 1, 2, 2]);
+        // Maxima {1, 1/√2, 0, 0} are already in [0, 1].
+        let s = std::f64::consts::FRAC_1_SQRT_2;
+        let expected = Tensor::from_slice(&[1.0, s, 0.0, 0.0]).to_kind(Kind::Float);
+        assert!(
+            max_abs_diff(&prior.flatten(0, -1), &expected) < 1e-5,
+            "{prior}"
+        );
+    }
+
+    fn random_features(
+        batch: i64,
+        mid: i64,
+        high: i64,
+        side: i64,
+        image: i64,
+    ) -> (QueryFeatures, SupportFeatures) {
+        let query = QueryFeatures {
+            mid: Tensor::randn([batch, mid, side, side], OPTS),
+            high: Tensor::randn([batch, high, side, side], OPTS).relu(),
+        };
+        let mask = Tensor::rand([batch, 1, image, image], OPTS)
+            .gt(0.5)
+            .to_kind(Kind::Float);
+        let support = SupportFeatures {
+            mid: Tensor::randn([batch, mid, side, side], OPTS),
+            high: Tensor::randn([batch, high, side, side], OPTS).relu(),
+            mask,
+        };
+        (query, support)
+    }
+
+    #[test]
+    fn names_follow_pfenet_state_dict() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _head = PfeHead::new(&vs.root(), 24, 8, &[4, 2]);
+        let mut names: Vec<String> = vs.variables().into_keys().collect();
+        names.sort();
+        let expected = [
+            "alpha_conv.0.0.weight",
+            "beta_conv.0.0.weight",
+            "beta_conv.0.2.weight",
+            "beta_conv.1.0.weight",
+            "beta_conv.1.2.weight",
+            "cls.0.weight",
+            "cls.3.bias",
+            "cls.3.weight",
+            "down_query.0.weight",
+            "down_supp.0.weight",
+            "init_merge.0.0.weight",
+            "init_merge.1.0.weight",
+            "inner_cls.0.0.weight",
+            "inner_cls.0.3.bias",
+            "inner_cls.0.3.weight",
+            "inner_cls.1.0.weight",
+            "inner_cls.1.3.bias",
+            "inner_cls.1.3.weight",
+            "res1.0.weight",
+            "res2.0.weight",
+            "res2.2.weight",
+        ];
+        assert_eq!(names, expected);
+        assert!(names.iter().all(|n| is_head_parameter(n)));
+        assert!(!is_head_parameter("layer2.0.conv1.vector_S"));
+        assert!(!is_head_parameter("classifier.weight"));
+        let variables = vs.variables();
+        assert_eq!(variables["init_merge.1.0.weight"].size(), [8, 17, 1, 1]);
+        assert_eq!(variables["alpha_conv.0.0.weight"].size(), [8, 16, 1, 1]);
+        assert_eq!(variables["res1.0.weight"].size(), [8, 16, 1, 1]);
+        assert_eq!(variables["cls.3.weight"].size(), [2, 8, 1, 1]);
+        // PyTorch's default bound 1/√fan_in (fan_in 8·9 for the 3×3 convs).
+        let bound = 1.0 / 72f64.sqrt();
+        let max = variables["res2.0.weight"].abs().max().double_value(&[]);
+        assert!(max <= bound && max > 0.5 * bound, "{max} vs {bound}");
+    }
+
+    #[test]
+    fn output_shapes_for_shots_batches_and_bins_larger_than_the_map() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        // Bin 12 is larger than the 9×9 map: adaptive pooling enlarges it, as in the reference.
+        let head = PfeHead::new(&vs.root(), 24, 8, &[12, 4, 2]);
+        for (batch, shots) in [(1, 1), (2, 3)] {
+            let (query, _) = random_features(batch, 24, 6, 9, 65);
+            let supports: Vec<SupportFeatures> = (0..shots)
+                .map(|_| random_features(batch, 24, 6, 9, 65).1)
+                .collect();
+            let out = head.forward(&query, &supports, true);
+            assert_eq!(out.logits.size(), [batch, 2, 9, 9]);
+            let aux: Vec<Vec<i64>> = out.aux_logits.iter().map(Tensor::size).collect();
+            assert_eq!(
+                aux,
+                [
+                    vec![batch, 2, 12, 12],
+                    vec![batch, 2, 4, 4],
+                    vec![batch, 2, 2, 2]
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn identical_shots_give_the_one_shot_result_and_eval_is_deterministic() {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let head = PfeHead::new(&vs.root(), 24, 8, &[4, 2]);
+        let (query, support) = random_features(2, 24, 6, 9, 65);
+        let copy = |s: &SupportFeatures| SupportFeatures {
+            mid: s.mid.copy(),
+            high: s.high.copy(),
+            mask: s.mask.copy(),
+        };
+        let one = head.forward(&query, &[copy(&support)], false).logits;
+        let again = head.forward(&query, &[copy(&support)], false).logits;
+        let shots: Vec<SupportFeatures> = (0..5).map(|_| copy(&support)).collect();
+        let five = head.forward(&query, &shots, false).logits;
+        assert_eq!(max_abs_diff(&one, &again), 0.0);
+        assert!(max_abs_diff(&one, &five) < 1e-5);
+    }
+}

@@ -1,0 +1,306 @@
+//! Whole-pipeline tests of evaluation, paper tables and prediction on the synthetic dataset, with a
+//! tiny model (ResNet-18 at width 1/8, 65×65 inputs).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use svf::config::Config;
+use svf::data::synth::{write_dataset, SynthOptions};
+use svf::eval::{self, EvalOptions};
+use svf::metrics::IoUAccumulator;
+use tch::{nn, Device, Kind, Tensor};
+
+/// A per-test scratch folder, emptied first.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("svf-tests-eval-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The synthetic dataset shared by every test of this file (written once).
+fn dataset() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = scratch("synth");
+        let options = SynthOptions {
+            train_images: 60,
+            val_images: 30,
+            size: 112,
+            seed: 5,
+        };
+        write_dataset(&dir, &options).unwrap();
+        dir
+    })
+}
+
+/// The YAML of a tiny model on the synthetic dataset.
+fn tiny_yaml(run: &Path) -> String {
+    let data = dataset();
+    format!(
+        "data_root: {data}\ntrain_list: {data}/lists/train.txt\nval_list: {data}/lists/val.txt\n\
+         layers: 18\nbackbone_width: 0.125\nreduce_dim: 16\nppm_scales: [4, 2]\n\
+         train_h: 65\ntrain_w: 65\nval_size: 65\nbatch_size: 4\nworkers: 2\n\
+         val_episodes: 8\nval_freq: 0\nsave_path: {run}\n",
+        data = data.display(),
+        run = run.display()
+    )
+}
+
+fn tiny_config(run: &Path, overrides: &[&str]) -> Config {
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    Config::from_yaml_str(&tiny_yaml(run), Path::new("tiny.yaml"), &overrides).unwrap()
+}
+
+/// Random weights of `config`'s model written as a state dict; returns the file.
+fn random_weights(config: &Config, dir: &Path) -> PathBuf {
+    tch::manual_seed(7);
+    let vs = nn::VarStore::new(Device::Cpu);
+    svf::model::PfeNet::new(&vs.root(), config).unwrap();
+    let path = dir.join("random.safetensors");
+    let named = svf::checkpoint::model_weights(&vs);
+    Tensor::write_safetensors(&named, &path).unwrap();
+    path
+}
+
+#[test]
+fn same_checkpoint_and_seed_give_identical_results_with_any_thread_count() {
+    let run = scratch("repeat");
+    let config = tiny_config(&run, &[]);
+    let weights = random_weights(&config, &run);
+    let (_vs, model) = eval::load_model(&config, &weights, Device::Cpu, true).unwrap();
+    let mut options = EvalOptions::for_validation(&config);
+    options.episodes = 6;
+    options.seeds = vec![3, 4];
+    options.batch_size = 2;
+    options.workers = 1;
+    let one = eval::evaluate(&model, &config, Device::Cpu, &options).unwrap();
+    options.workers = 3;
+    let three = eval::evaluate(&model, &config, Device::Cpu, &options).unwrap();
+    assert_eq!(one.seeds, three.seeds);
+    assert_eq!(one.miou, three.miou);
+    assert_ne!(
+        one.seeds[0], one.seeds[1],
+        "different seeds, different episodes"
+    );
+    assert_eq!(one.seeds.len(), 2);
+    assert_eq!(one.class_iou.iter().map(|c| c.episodes).sum::<u64>(), 12);
+}
+
+#[test]
+fn fused_svf_model_scores_as_the_decomposed_one() {
+    let run = scratch("fused");
+    // The reference's rank rounding (multiple of 4) truncates the stem: the fused weights must
+    // still compute what the decomposed model computes.
+    let config = tiny_config(&run, &["svf=true"]);
+    let weights = random_weights(&config, &run);
+    let mut options = EvalOptions::for_validation(&config);
+    options.episodes = 4;
+    let (_vs, decomposed) = eval::load_model(&config, &weights, Device::Cpu, false).unwrap();
+    let (fvs, fused) = eval::load_model(&config, &weights, Device::Cpu, true).unwrap();
+    assert!(fvs.variables().keys().all(|n| !n.contains("vector_S")));
+    tch::manual_seed(1);
+    let query = Tensor::randn([1, 3, 65, 65], (Kind::Float, Device::Cpu));
+    let supports = Tensor::randn([1, 1, 3, 65, 65], (Kind::Float, Device::Cpu));
+    let labels = Tensor::randint(2, [1, 1, 65, 65], (Kind::Int64, Device::Cpu));
+    let logits = |model: &svf::model::PfeNet| {
+        tch::no_grad(|| model.forward(&query, &supports, &labels, false).logits)
+    };
+    let (a, b) = (logits(&decomposed), logits(&fused));
+    let scale = f64::try_from(a.abs().max()).unwrap();
+    let diff = f64::try_from((&a - &b).abs().max()).unwrap();
+    assert!(
+        diff <= 1e-4 * scale.max(1.0),
+        "logits differ by {diff} (scale {scale})"
+    );
+    let slow = eval::evaluate(&decomposed, &config, Device::Cpu, &options).unwrap();
+    let fast = eval::evaluate(&fused, &config, Device::Cpu, &options).unwrap();
+    assert!(
+        (slow.miou.mean - fast.miou.mean).abs() < 1e-4,
+        "{slow:?} vs {fast:?}"
+    );
+    assert!((slow.fb_iou.mean - fast.fb_iou.mean).abs() < 1e-4);
+    assert_eq!(fast.setting.method, "PFENet+SVF");
+}
+
+#[test]
+fn eval_writes_results_and_panels() {
+    let run = scratch("panels");
+    let config = tiny_config(&run, &[]);
+    let weights = random_weights(&config, &run);
+    let yaml = run.join("tiny.yaml");
+    std::fs::write(&yaml, tiny_yaml(&run)).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_svf-eval"))
+        .arg("--config")
+        .arg(&yaml)
+        .arg("--weights")
+        .arg(&weights)
+        .args([
+            "--episodes",
+            "3",
+            "--seeds",
+            "1,2",
+            "--save-vis",
+            "2",
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result = svf::eval::EvalResult::read(&run.join("eval.json")).unwrap();
+    assert_eq!(
+        result.seeds.iter().map(|s| s.seed).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert!(std::fs::read_to_string(run.join("eval.md"))
+        .unwrap()
+        .contains("mean ± std"));
+    for index in 0..2 {
+        let panel = image::open(run.join(format!("vis/episode_{index:05}.png"))).unwrap();
+        // Three 65-pixel tiles enlarged 3 times under a two-line title strip.
+        assert_eq!(panel.height(), 2 * (14 + 8) + 3 * 65 + 4);
+    }
+    assert!(!run.join("vis/episode_00002.png").exists());
+}
+
+fn run_script(args: &[&str]) -> std::process::Output {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_svf-eval")).parent().unwrap();
+    Command::new("bash")
+        .arg(root.join("scripts/reproduce_tables.sh"))
+        .arg("--bin-dir")
+        .arg(bin_dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn reproduce_tables_dry_run_lists_the_32_paper_runs() {
+    let output = run_script(&["--dry-run", "--out", "/nonexistent/tables"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    let runs: Vec<&str> = text.lines().filter(|l| l.starts_with("run ")).collect();
+    assert_eq!(runs.len(), 32, "{text}");
+    for dataset in ["pascal", "coco"] {
+        for fold in 0..4 {
+            for shot in [1, 5] {
+                for variant in ["baseline", "svf"] {
+                    let name = format!(": {dataset}/split{fold}/{shot}shot/{variant}");
+                    assert_eq!(
+                        runs.iter().filter(|l| l.ends_with(&name)).count(),
+                        1,
+                        "{name}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        text.contains("coco_split3.yaml --set svf=true --set shot=5"),
+        "{text}"
+    );
+    assert!(text.contains("--master-seed 123 --seed-count 5"));
+    assert!(text.contains("svf-report"));
+}
+
+#[test]
+fn reproduce_tables_on_synthetic_data_fills_every_cell() {
+    let dir = scratch("tables");
+    let configs = dir.join("configs");
+    std::fs::create_dir_all(&configs).unwrap();
+    std::fs::write(
+        configs.join("pascal_split0.yaml"),
+        tiny_yaml(&dir.join("unused")),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let args = [
+        "--out",
+        out.to_str().unwrap(),
+        "--config-dir",
+        configs.to_str().unwrap(),
+        "--datasets",
+        "pascal",
+        "--folds",
+        "0",
+        "--shots",
+        "1",
+        "--episodes",
+        "4",
+        "--seed-count",
+        "2",
+        "--device",
+        "cpu",
+        "--set",
+        "epochs=1",
+        "--set",
+        "train_episodes=4",
+    ];
+    let output = run_script(&args);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let tables = std::fs::read_to_string(out.join("tables.md")).unwrap();
+    for method in ["PFENet", "PFENet+SVF"] {
+        for metric in ["mIoU", "FB-IoU"] {
+            let section = tables
+                .split(&format!("## PASCAL-5i: {metric}"))
+                .nth(1)
+                .unwrap();
+            let row = section
+                .lines()
+                .find(|l| l.starts_with(&format!("| {method} | ResNet-18 x0.125 | 1 |")))
+                .unwrap_or_else(|| panic!("no {method} row in {metric}:\n{tables}"));
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            // | method | backbone | shot | fold 0 | ... : fold 0 and the mean hold numbers.
+            assert!(cells[4].parse::<f64>().is_ok(), "{row}");
+            assert!(
+                cells[8].trim_end_matches('*').parse::<f64>().is_ok(),
+                "{row}"
+            );
+            assert!(
+                cells[1..cells.len() - 1].iter().all(|c| !c.is_empty()),
+                "{row}"
+            );
+        }
+    }
+    // Finished runs are skipped.
+    let again = run_script(&args);
+    let log = String::from_utf8_lossy(&again.stdout);
+    assert_eq!(log.matches("eval.json exists, skipped").count(), 2, "{log}");
+}
+
+#[test]
+fn accumulator_on_cuda_matches_cpu() {
+    if !tch::Cuda::is_available() {
+        eprintln!("no CUDA device: the on-device counting check is skipped");
+        return;
+    }
+    let device = Device::Cuda(0);
+    let pred = Tensor::randint(2, [3, 17, 13], (Kind::Int64, Device::Cpu));
+    let label = Tensor::randint(3, [3, 17, 13], (Kind::Int64, Device::Cpu));
+    let label = label.where_self(&label.ne(2), &label.full_like(255));
+    let mut cpu = IoUAccumulator::new(&[1, 2, 3]);
+    cpu.add_episodes(&pred, &label, &[1, 2, 3]);
+    let mut dev = IoUAccumulator::new(&[1, 2, 3]);
+    dev.add_episodes(
+        &pred.to_device(device),
+        &label.to_device(device),
+        &[1, 2, 3],
+    );
+    assert_eq!(cpu.class_iou(), dev.class_iou());
+    assert_eq!(cpu.fb_iou(), dev.fb_iou());
+}
