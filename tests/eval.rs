@@ -346,7 +346,7 @@ fn predict_after_training_beats_the_untrained_model() {
                 &config,
                 Device::Cpu,
                 &supports,
-                &[query.0.clone()],
+                std::slice::from_ref(&query.0),
                 out,
             )
             .unwrap();
