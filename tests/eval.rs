@@ -9,11 +9,14 @@ use svf::config::Config;
 use svf::data::synth::{write_dataset, SynthOptions};
 use svf::eval::{self, EvalOptions};
 use svf::metrics::IoUAccumulator;
+use svf::predict::{self, SupportExample};
 use tch::{nn, Device, Kind, Tensor};
 
-/// A per-test scratch folder, emptied first.
+/// A per-test scratch folder under the target directory, emptied first.
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("svf-tests-eval-{}-{name}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("eval")
+        .join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -281,6 +284,82 @@ fn reproduce_tables_on_synthetic_data_fills_every_cell() {
     let again = run_script(&args);
     let log = String::from_utf8_lossy(&again.stdout);
     assert_eq!(log.matches("eval.json exists, skipped").count(), 2, "{log}");
+}
+
+/// Foreground IoU of a predicted mask PNG against the synthetic label's `class` pixels.
+fn mask_iou(mask: &Path, label: &Path, class: u8) -> (u64, u64) {
+    let mask = image::open(mask).unwrap().to_luma8();
+    let label = image::open(label).unwrap().to_luma8();
+    assert_eq!(mask.dimensions(), label.dimensions());
+    let (mut inter, mut union) = (0, 0);
+    for (m, l) in mask.pixels().zip(label.pixels()) {
+        if l[0] == 255 {
+            continue;
+        }
+        let (p, t) = (m[0] != 0, l[0] == class);
+        inter += u64::from(p && t);
+        union += u64::from(p || t);
+    }
+    (inter, union)
+}
+
+#[test]
+fn predict_after_training_beats_the_untrained_model() {
+    let run = scratch("predict");
+    let config = tiny_config(&run, &["epochs=6", "train_episodes=64", "base_lr=0.01"]);
+    svf::train::train(&config, Device::Cpu, None).unwrap();
+    let trained = eval::resolve_weights(&run).unwrap();
+    let untrained = random_weights(&config, &run);
+    // Support/query pairs of one class from the val list: the i-th image's primary class cycles.
+    let data = dataset();
+    let list = std::fs::read_to_string(data.join("lists/val.txt")).unwrap();
+    let pairs: Vec<(PathBuf, PathBuf)> = list
+        .lines()
+        .map(|l| {
+            let mut parts = l.split_whitespace();
+            (
+                data.join(parts.next().unwrap()),
+                data.join(parts.next().unwrap()),
+            )
+        })
+        .collect();
+    let score = |weights: &Path, out: &Path| {
+        let (_vs, model) = eval::load_model(&config, weights, Device::Cpu, true).unwrap();
+        let (mut inter, mut union) = (0, 0);
+        std::fs::create_dir_all(out).unwrap();
+        for class in 1..=5usize {
+            // Images i and i + 20 share their primary class.
+            let (support, query) = (&pairs[class - 1], &pairs[class - 1 + 20]);
+            let mask = out.join(format!("support{class}.png"));
+            let label = image::open(&support.1).unwrap().to_luma8();
+            image::GrayImage::from_fn(label.width(), label.height(), |x, y| {
+                image::Luma([u8::from(label.get_pixel(x, y)[0] == class as u8) * 255])
+            })
+            .save(&mask)
+            .unwrap();
+            let supports = [SupportExample {
+                image: support.0.clone(),
+                mask,
+            }];
+            let written = predict::predict(
+                &model,
+                &config,
+                Device::Cpu,
+                &supports,
+                std::slice::from_ref(&query.0),
+                out,
+            )
+            .unwrap();
+            let (i, u) = mask_iou(&written[0].mask, &query.1, class as u8);
+            inter += i;
+            union += u;
+        }
+        inter as f64 / union as f64
+    };
+    let after = score(&trained, &run.join("trained"));
+    let before = score(&untrained, &run.join("untrained"));
+    eprintln!("predicted-mask IoU: trained {after:.3}, untrained {before:.3}");
+    assert!(after > before, "trained IoU {after} <= untrained {before}");
 }
 
 #[test]
