@@ -70,17 +70,16 @@ pub enum TrainError {
     },
     #[error("run directory {dir} already holds a checkpoint; continue it with `svf-train --resume {dir}` or set another save_path (--set save_path=...)")]
     RunExists { dir: PathBuf },
-    #[error("nothing to resume in {dir}: {reason}")]
-    NothingToResume { dir: PathBuf, reason: String },
+    #[error("cannot resume the run in {dir}: {reason}")]
+    CannotResume { dir: PathBuf, reason: String },
     #[error("the training split has {episodes} episodes per epoch, fewer than batch_size {batch_size}: lower batch_size or raise train_episodes")]
     EpochTooShort { episodes: usize, batch_size: usize },
-    #[error("loss is {loss} at iteration {iteration} (epoch {epoch}); stopped before updating the weights. Last good checkpoint: {last_good}. Lower base_lr (or set warmup_steps) and start again, or continue it with `svf-train --resume {run_dir}`")]
+    #[error("loss is {loss} at iteration {iteration} (epoch {epoch}); stopped before updating the weights. Last good checkpoint: {last_good}. Training is deterministic, so resuming would diverge at the same point: lower base_lr or set warmup_steps and start a new run")]
     NonFiniteLoss {
         loss: f64,
         iteration: u64,
         epoch: usize,
         last_good: String,
-        run_dir: PathBuf,
     },
 }
 
@@ -128,9 +127,11 @@ pub struct TrainHooks<'a> {
     /// Stop as on Ctrl-C once this many iterations are done (in total).
     pub stop_after: Option<u64>,
     /// Replaces the loss of an iteration (1-based) before the finiteness check, e.g. with NaN.
-    #[allow(clippy::type_complexity)]
-    pub map_loss: Option<Box<dyn FnMut(u64, Tensor) -> Tensor + 'a>>,
+    pub map_loss: Option<LossMap<'a>>,
 }
+
+/// `(iteration, loss) -> loss`, see [`TrainHooks::map_loss`].
+pub type LossMap<'a> = Box<dyn FnMut(u64, Tensor) -> Tensor + 'a>;
 
 /// Trains `config` on `device`, stopping cleanly on Ctrl-C; `resume`: continue the run in that
 /// directory (its config must be `config`, see [`resume_config`]).
@@ -151,7 +152,7 @@ pub fn train(
 pub fn resume_config(run_dir: &Path) -> Result<Config, TrainError> {
     let path = run_dir.join(CONFIG_FILE);
     if !path.exists() {
-        return Err(TrainError::NothingToResume {
+        return Err(TrainError::CannotResume {
             dir: run_dir.to_path_buf(),
             reason: format!("{} does not exist", path.display()),
         });
@@ -318,7 +319,7 @@ fn restore(
     sgd: &mut Sgd,
     iterations_per_epoch: u64,
 ) -> Result<TrainState, TrainError> {
-    let nothing = |reason: String| TrainError::NothingToResume {
+    let nothing = |reason: String| TrainError::CannotResume {
         dir: dir.to_path_buf(),
         reason,
     };
@@ -423,7 +424,11 @@ impl Run<'_> {
             bar.inc(batch);
             bar.set_message(format!("loss {:.4} lr {:.2e}", losses.total, self.state.lr));
             let rate = (steps * batch) as f64 / started.elapsed().as_secs_f64();
-            if self.state.iteration % config.print_freq as u64 == 0 {
+            if self
+                .state
+                .iteration
+                .is_multiple_of(config.print_freq as u64)
+            {
                 self.log_iteration(epoch, &losses, rate)?;
             }
             let stop = hooks.interrupt.is_some_and(|f| f.load(Ordering::SeqCst))
@@ -441,7 +446,7 @@ impl Run<'_> {
                 );
                 return Ok(EpochEnd::Stopped);
             }
-            if self.state.iteration % config.save_freq as u64 == 0 {
+            if self.state.iteration.is_multiple_of(config.save_freq as u64) {
                 self.save_last()?;
             }
         }
@@ -521,7 +526,6 @@ impl Run<'_> {
                 iteration,
                 epoch: epoch + 1,
                 last_good,
-                run_dir: self.dir.clone(),
             });
         }
         self.sgd.zero_grad();
@@ -572,7 +576,7 @@ impl Run<'_> {
         let Some(val_data) = &self.val_data else {
             return Ok(false);
         };
-        let due = (epoch % config.val_freq == 0 || epoch == config.epochs)
+        let due = (epoch.is_multiple_of(config.val_freq) || epoch == config.epochs)
             && self.state.validated_epoch.is_none_or(|v| v < epoch);
         if !due {
             return Ok(false);

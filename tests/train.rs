@@ -306,7 +306,7 @@ fn nan_loss_stops_with_the_iteration_and_last_good_checkpoint() {
         message.contains(&format!("{} (iteration 4)", last.display())),
         "{message}"
     );
-    assert!(message.contains("--resume"), "{message}");
+    assert!(message.contains("Last good checkpoint"), "{message}");
     let saved: checkpoint::Checkpoint<train::TrainState> =
         checkpoint::load(&config.save_path, "last").unwrap();
     assert_eq!(saved.state.iteration, 4);
