@@ -9,7 +9,6 @@ use svf::config::Config;
 use svf::data::synth::{write_dataset, SynthOptions};
 use svf::eval::{self, EvalOptions};
 use svf::metrics::IoUAccumulator;
-use svf::predict::{self, SupportExample};
 use tch::{nn, Device, Kind, Tensor};
 
 /// A per-test scratch folder under the target directory, emptied first.
@@ -323,12 +322,14 @@ fn predict_after_training_beats_the_untrained_model() {
             )
         })
         .collect();
+    let yaml = run.join("tiny.yaml");
+    std::fs::write(&yaml, config.to_yaml()).unwrap();
+    // IoU over fold 0's five novel classes of svf-predict's masks, one support each.
     let score = |weights: &Path, out: &Path| {
-        let (_vs, model) = eval::load_model(&config, weights, Device::Cpu, true).unwrap();
         let (mut inter, mut union) = (0, 0);
         std::fs::create_dir_all(out).unwrap();
         for class in 1..=5usize {
-            // Images i and i + 20 share their primary class.
+            // Image n's primary object has class 1 + n % 20: images n and n + 20 share it.
             let (support, query) = (&pairs[class - 1], &pairs[class - 1 + 20]);
             let mask = out.join(format!("support{class}.png"));
             let label = image::open(&support.1).unwrap().to_luma8();
@@ -337,20 +338,31 @@ fn predict_after_training_beats_the_untrained_model() {
             })
             .save(&mask)
             .unwrap();
-            let supports = [SupportExample {
-                image: support.0.clone(),
-                mask,
-            }];
-            let written = predict::predict(
-                &model,
-                &config,
-                Device::Cpu,
-                &supports,
-                std::slice::from_ref(&query.0),
-                out,
-            )
-            .unwrap();
-            let (i, u) = mask_iou(&written[0].mask, &query.1, class as u8);
+            let output = Command::new(env!("CARGO_BIN_EXE_svf-predict"))
+                .arg("--config")
+                .arg(&yaml)
+                .arg("--weights")
+                .arg(weights)
+                .arg("--support")
+                .arg(&support.0)
+                .arg("--mask")
+                .arg(&mask)
+                .arg("--query")
+                .arg(&query.0)
+                .arg("--out")
+                .arg(out)
+                .args(["--device", "cpu"])
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let stem = query.0.file_stem().unwrap().to_str().unwrap();
+            let overlay = image::open(out.join(format!("{stem}_overlay.png"))).unwrap();
+            let (i, u) = mask_iou(&out.join(format!("{stem}_mask.png")), &query.1, class as u8);
+            assert_eq!(overlay.width(), image::open(&query.0).unwrap().width());
             inter += i;
             union += u;
         }
