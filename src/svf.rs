@@ -17,7 +17,11 @@ const BACKBONE_STAGES: [&str; 5] = ["layer0.", "layer1.", "layer2.", "layer3.", 
 
 /// Whether a model parameter (full PyTorch name) is trained: backbone names (`layer0.`..`layer4.`)
 /// only `vector_S` of layer2..4 when `svf_enabled`, never otherwise; every other name (the head) yes.
+/// BatchNorm buffers are never trained.
 pub fn is_trainable(name: &str, svf_enabled: bool) -> bool {
+    if is_buffer(name) {
+        return false;
+    }
     match BACKBONE_STAGES.iter().position(|s| name.starts_with(s)) {
         None => true,
         // The reference freezes layer0 and layer1 entirely, even their singular values.
@@ -27,7 +31,7 @@ pub fn is_trainable(name: &str, svf_enabled: bool) -> bool {
 }
 
 /// Whether a state-dict entry is a BatchNorm buffer (statistics, not a parameter).
-fn is_buffer(name: &str) -> bool {
+pub fn is_buffer(name: &str) -> bool {
     ["running_mean", "running_var", "num_batches_tracked"]
         .iter()
         .any(|b| name.ends_with(b))
