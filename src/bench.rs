@@ -17,9 +17,9 @@ use crate::backbone::{self, Backbone, BackboneError};
 use crate::config::Config;
 use crate::data::{DataError, EpisodeLoader, FewShotDataset, Split};
 use crate::eval::{self, EvalError};
-use crate::model::{self, ModelError, PfeNet};
+use crate::model::{ModelError, PfeNet};
 use crate::svf::{self, SvfOptions};
-use crate::train::Sgd;
+use crate::train;
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -194,8 +194,8 @@ pub struct EpisodeShape {
     pub shot: usize,
 }
 
-/// One training iteration as the trainer runs it (forward in train mode, loss, backward, SGD step
-/// on the trainable set with the head at `head_lr_scale`, the loss read back) on a random batch of
+/// One training iteration as the trainer runs it (forward in train mode, loss, backward, a step of
+/// [`train::optimiser`], the loss read back) on a random batch of
 /// `batch_size` episodes, for each shape. The model is built once.
 pub fn train_step_throughput(
     config: &Config,
@@ -206,18 +206,7 @@ pub fn train_step_throughput(
     tch::manual_seed(config.manual_seed as i64);
     let vs = nn::VarStore::new(options.device);
     let net = PfeNet::new(&vs.root(), config)?;
-    let parameters = model::freeze_all_but_trainable(&vs, config.svf)
-        .into_iter()
-        .map(|(name, tensor)| {
-            let scale = if model::is_head_parameter(&name) {
-                config.head_lr_scale
-            } else {
-                1.0
-            };
-            (name, tensor, scale)
-        })
-        .collect();
-    let mut sgd = Sgd::new(parameters, config.momentum, config.weight_decay);
+    let mut sgd = train::optimiser(&vs, config);
     let setup_s = setup.elapsed().as_secs_f64();
     let batch = config.batch_size;
     let mut results = Vec::with_capacity(shapes.len());

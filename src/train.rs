@@ -288,8 +288,9 @@ fn run_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError {
     move |source| TrainError::RunDir { path, source }
 }
 
-/// SGD over exactly the trainable set, the head at `head_lr_scale` times the base LR.
-fn optimiser(vs: &nn::VarStore, config: &Config) -> Sgd {
+/// The trainer's optimiser: SGD over exactly the trainable set (everything else of `vs` is frozen,
+/// see [`model::freeze_all_but_trainable`]), the head at `head_lr_scale` times the base LR.
+pub fn optimiser(vs: &nn::VarStore, config: &Config) -> Sgd {
     let trainable = model::freeze_all_but_trainable(vs, config.svf);
     let parameter_count: i64 = trainable.iter().map(|(_, t)| t.numel() as i64).sum();
     tracing::info!(
