@@ -4,6 +4,7 @@
 //! [`model`] (PFENet head) → [`train`] / [`eval`] (+ [`metrics`]). Binaries under `src/bin/` only
 //! parse arguments and call into here.
 
+pub mod amp;
 pub mod backbone;
 pub mod bench;
 pub mod checkpoint;
