@@ -30,6 +30,7 @@ pub use metrics_log::{read_metrics, MetricsLog, MetricsRecord};
 pub use schedule::PolySchedule;
 pub use sgd::{Sgd, SgdStateError};
 
+use crate::amp;
 use crate::backbone::{self, BackboneError};
 use crate::checkpoint::{self, CheckpointError, CheckpointFiles};
 use crate::config::{Config, ConfigError};
@@ -218,6 +219,7 @@ pub fn train_with(
     resume: Option<&Path>,
     mut hooks: TrainHooks,
 ) -> Result<TrainSummary, TrainError> {
+    amp::enable_cudnn_benchmark(device);
     let dir = resume.map_or_else(|| config.save_path.clone(), Path::to_path_buf);
     std::fs::create_dir_all(&dir).map_err(run_dir_error(&dir))?;
     if resume.is_none() && checkpoint::exists(&dir, LAST)? {
@@ -495,13 +497,15 @@ impl Run<'_> {
         let lr = self.schedule.lr(iteration);
         let device = self.device;
         let query_label = batch.query_label.to_device(device);
-        let out = self.model.net.forward(
-            &batch.query_image.to_device(device),
-            &batch.support_images.to_device(device),
-            &batch.support_labels.to_device(device),
-            true,
-        );
-        let (main, aux) = self.model.net.loss_terms(&out, &query_label);
+        let (main, aux) = amp::autocast(self.config, device, || {
+            let out = self.model.net.forward(
+                &batch.query_image.to_device(device),
+                &batch.support_images.to_device(device),
+                &batch.support_labels.to_device(device),
+                true,
+            );
+            self.model.net.loss_terms(&out, &query_label)
+        });
         let mut loss = &main + &aux * self.config.aux_weight;
         if let Some(map) = hooks.map_loss.as_mut() {
             loss = map(iteration, loss);
