@@ -12,6 +12,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::amp;
 use crate::checkpoint::{self, CheckpointError, CheckpointFiles};
 use crate::config::Config;
 use crate::data::rng::EpisodeRng;
@@ -130,6 +131,7 @@ pub fn evaluate_on(
     if options.seeds.is_empty() {
         return Err(EvalError::NoSeeds);
     }
+    amp::enable_cudnn_benchmark(device);
     let bar = crate::logging::progress_bar(options.episodes * options.seeds.len() as u64, "eval");
     let start = Instant::now();
     let mut seeds = Vec::with_capacity(options.seeds.len());
@@ -145,14 +147,16 @@ pub fn evaluate_on(
         for batch in loader {
             let batch = batch?;
             let logits = tch::no_grad(|| {
-                model
-                    .forward(
+                amp::autocast(config, device, || {
+                    model.forward(
                         &batch.query_image.to_device(device),
                         &batch.support_images.to_device(device),
                         &batch.support_labels.to_device(device),
                         false,
                     )
-                    .logits
+                })
+                .logits
+                .to_kind(Kind::Float)
             });
             if options.ori_resize {
                 for (e, original) in batch.original_labels.iter().enumerate() {
