@@ -13,6 +13,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::amp;
 use crate::backbone::{self, Backbone, BackboneError};
 use crate::config::Config;
 use crate::data::{DataError, EpisodeLoader, FewShotDataset, Split};
@@ -215,8 +216,10 @@ pub fn train_step_throughput(
             synthetic_episodes(batch, shot, size, options.device);
         reset_peak_rss();
         let timing = Timing::measure(options, || {
-            let out = net.forward(&query, &supports, &support_labels, true);
-            let loss = net.loss(&out, &query_label);
+            let loss = amp::autocast(config, options.device, || {
+                let out = net.forward(&query, &supports, &support_labels, true);
+                net.loss(&out, &query_label)
+            });
             sgd.zero_grad();
             loss.backward();
             sgd.step(config.base_lr);
@@ -262,9 +265,11 @@ impl EvalModel {
         })
     }
 
-    /// Times the logits and argmax of one batch; returns the timing and the logits.
+    /// Times the logits and argmax of one batch as [`eval::evaluate`] computes them; returns the
+    /// timing and the logits.
     fn measure(
         &self,
+        config: &Config,
         options: &BenchOptions,
         episodes: &[Tensor; 4],
         shape: EpisodeShape,
@@ -272,9 +277,11 @@ impl EvalModel {
         let [query, _, supports, support_labels] = episodes;
         let logits = || {
             tch::no_grad(|| {
-                self.net
-                    .forward(query, supports, support_labels, false)
-                    .logits
+                amp::autocast(config, options.device, || {
+                    self.net.forward(query, supports, support_labels, false)
+                })
+                .logits
+                .to_kind(Kind::Float)
             })
         };
         reset_peak_rss();
@@ -318,10 +325,10 @@ pub fn eval_throughput(
                 shape.size,
                 options.device,
             );
-            let (unfused, unfused_logits) = unfused.measure(options, &episodes, shape);
+            let (unfused, unfused_logits) = unfused.measure(config, options, &episodes, shape);
             let (fused, diff) = match &fused {
                 Some(model) => {
-                    let (fused, fused_logits) = model.measure(options, &episodes, shape);
+                    let (fused, fused_logits) = model.measure(config, options, &episodes, shape);
                     let diff = (fused_logits - unfused_logits)
                         .abs()
                         .max()
