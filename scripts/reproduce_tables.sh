@@ -6,9 +6,12 @@
 #
 # Evaluation follows BAM's protocol, which the paper's tables use (REFERENCE §6): 1000 episodes per
 # fold, five seeds drawn from master seed 123, the mean of the five reported.
-# A run whose eval.json exists is skipped; one whose training finished (a `best` or `last`
-# checkpoint) is only evaluated. Re-running the script therefore resumes the grid.
+# A run whose eval.json exists is skipped; one whose training finished is only evaluated; one whose
+# training was interrupted (a `last` checkpoint, no `train_done` mark) resumes with
+# `svf-train --resume`. Re-running the script therefore continues the grid where it stopped.
 set -euo pipefail
+# svf-train saves and exits cleanly on Ctrl-C; stop here too instead of marking the run trained.
+trap 'echo "reproduce_tables.sh: interrupted; run it again to continue" >&2; exit 130' INT
 
 usage() {
     cat <<'USAGE'
@@ -105,9 +108,12 @@ for dataset in $datasets; do
                     echo "== $name: eval.json exists, skipped"
                     continue
                 fi
-                if [[ -f "$dir/best.safetensors" || -f "$dir/last.safetensors" ]] \
-                    && [[ -f "$dir/train_done" ]]; then
-                    echo "== $name: trained, evaluating"
+                if [[ -f "$dir/train_done" ]]; then
+                    echo "== $name: already trained"
+                elif [[ -f "$dir/last.safetensors" ]]; then
+                    echo "== $name: resuming training"
+                    "$bin_dir/svf-train" --resume "$dir" --device "$device"
+                    touch "$dir/train_done"
                 else
                     echo "== $name: training"
                     "${train[@]}"

@@ -21,6 +21,7 @@ use crate::model::IGNORE_LABEL;
 use crate::model::{ModelError, PfeNet};
 use crate::predict::{self, PredictError};
 use crate::report;
+use crate::train;
 
 /// Why an evaluation could not run or its results could not be stored.
 #[derive(Debug, thiserror::Error)]
@@ -271,8 +272,8 @@ pub fn resolve_weights(path: &Path) -> Result<PathBuf, EvalError> {
     if !path.is_dir() {
         return Ok(path.to_path_buf());
     }
-    let best = CheckpointFiles::new(path, "best").weights;
-    let last = CheckpointFiles::new(path, "last").weights;
+    let best = CheckpointFiles::new(path, train::BEST).weights;
+    let last = CheckpointFiles::new(path, train::LAST).weights;
     if best.is_file() {
         Ok(best)
     } else if last.is_file() {

@@ -11,9 +11,11 @@ use svf::eval::{self, EvalOptions};
 use svf::metrics::IoUAccumulator;
 use tch::{nn, Device, Kind, Tensor};
 
-/// A per-test scratch folder, emptied first.
+/// A per-test scratch folder under the target directory, emptied first.
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("svf-tests-eval-{}-{name}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("eval")
+        .join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -281,6 +283,95 @@ fn reproduce_tables_on_synthetic_data_fills_every_cell() {
     let again = run_script(&args);
     let log = String::from_utf8_lossy(&again.stdout);
     assert_eq!(log.matches("eval.json exists, skipped").count(), 2, "{log}");
+}
+
+/// Foreground IoU of a predicted mask PNG against the synthetic label's `class` pixels.
+fn mask_iou(mask: &Path, label: &Path, class: u8) -> (u64, u64) {
+    let mask = image::open(mask).unwrap().to_luma8();
+    let label = image::open(label).unwrap().to_luma8();
+    assert_eq!(mask.dimensions(), label.dimensions());
+    let (mut inter, mut union) = (0, 0);
+    for (m, l) in mask.pixels().zip(label.pixels()) {
+        if l[0] == 255 {
+            continue;
+        }
+        let (p, t) = (m[0] != 0, l[0] == class);
+        inter += u64::from(p && t);
+        union += u64::from(p || t);
+    }
+    (inter, union)
+}
+
+#[test]
+fn predict_after_training_beats_the_untrained_model() {
+    let run = scratch("predict");
+    let config = tiny_config(&run, &["epochs=6", "train_episodes=64", "base_lr=0.01"]);
+    svf::train::train(&config, Device::Cpu, None).unwrap();
+    let trained = eval::resolve_weights(&run).unwrap();
+    let untrained = random_weights(&config, &run);
+    // Support/query pairs of one class from the val list: the i-th image's primary class cycles.
+    let data = dataset();
+    let list = std::fs::read_to_string(data.join("lists/val.txt")).unwrap();
+    let pairs: Vec<(PathBuf, PathBuf)> = list
+        .lines()
+        .map(|l| {
+            let mut parts = l.split_whitespace();
+            (
+                data.join(parts.next().unwrap()),
+                data.join(parts.next().unwrap()),
+            )
+        })
+        .collect();
+    let yaml = run.join("tiny.yaml");
+    std::fs::write(&yaml, config.to_yaml()).unwrap();
+    // IoU over fold 0's five novel classes of svf-predict's masks, one support each.
+    let score = |weights: &Path, out: &Path| {
+        let (mut inter, mut union) = (0, 0);
+        std::fs::create_dir_all(out).unwrap();
+        for class in 1..=5usize {
+            // Image n's primary object has class 1 + n % 20: images n and n + 20 share it.
+            let (support, query) = (&pairs[class - 1], &pairs[class - 1 + 20]);
+            let mask = out.join(format!("support{class}.png"));
+            let label = image::open(&support.1).unwrap().to_luma8();
+            image::GrayImage::from_fn(label.width(), label.height(), |x, y| {
+                image::Luma([u8::from(label.get_pixel(x, y)[0] == class as u8) * 255])
+            })
+            .save(&mask)
+            .unwrap();
+            let output = Command::new(env!("CARGO_BIN_EXE_svf-predict"))
+                .arg("--config")
+                .arg(&yaml)
+                .arg("--weights")
+                .arg(weights)
+                .arg("--support")
+                .arg(&support.0)
+                .arg("--mask")
+                .arg(&mask)
+                .arg("--query")
+                .arg(&query.0)
+                .arg("--out")
+                .arg(out)
+                .args(["--device", "cpu"])
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let stem = query.0.file_stem().unwrap().to_str().unwrap();
+            let overlay = image::open(out.join(format!("{stem}_overlay.png"))).unwrap();
+            let (i, u) = mask_iou(&out.join(format!("{stem}_mask.png")), &query.1, class as u8);
+            assert_eq!(overlay.width(), image::open(&query.0).unwrap().width());
+            inter += i;
+            union += u;
+        }
+        inter as f64 / union as f64
+    };
+    let after = score(&trained, &run.join("trained"));
+    let before = score(&untrained, &run.join("untrained"));
+    eprintln!("predicted-mask IoU: trained {after:.3}, untrained {before:.3}");
+    assert!(after > before, "trained IoU {after} <= untrained {before}");
 }
 
 #[test]
