@@ -5,8 +5,9 @@
 //! fold's query images and per-class support lists ([`classes`]); the [`EpisodeSampler`] turns
 //! (seed, episode index) into a query, a class and K supports; [`transform`] augments them; the
 //! [`EpisodeLoader`] does all of it on worker threads and hands out batched tensors.
-//! [`synth`] writes a small learnable dataset.
+//! [`synth`] writes a small learnable dataset, [`check`] validates a dataset before training.
 
+pub mod check;
 pub mod classes;
 pub mod dataset;
 pub mod index;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use svf::config::Config;
 use svf::data::index::MIN_CLASS_PIXELS;
-use svf::data::raster::read_label;
+use svf::data::raster::{read_label, LabelMap};
 use svf::data::synth::{write_dataset, SynthOptions};
 use svf::data::{DataError, EpisodeLoader, EpisodeSampler, FewShotDataset, FoldClasses, Split};
 use tch::{Kind, Tensor};
@@ -141,6 +141,10 @@ fn episodes_do_not_depend_on_the_number_of_workers() {
             assert!(a.support_images.equal(&b.support_images));
             assert!(a.support_labels.equal(&b.support_labels));
         }
+        // Dropping a loader mid-range stops its workers (this would hang otherwise).
+        let mut early = EpisodeLoader::new(dataset.clone(), 321, 0..10_000, 2, 3);
+        assert!(early.next().unwrap().is_ok());
+        drop(early);
         // Another seed gives other episodes (validation keeps its query order, not its supports).
         let other: Vec<_> = EpisodeLoader::new(dataset.clone(), 322, 0..12, 2, 2)
             .collect::<Result<Vec<_>, _>>()
@@ -225,4 +229,216 @@ fn a_class_without_enough_images_fails_naming_it() {
     );
     assert!(message.contains("class "), "{message}");
     assert!(message.contains("shot"), "{message}");
+}
+
+/// Writes a grey JPEG and `label` as `<name>.jpg` / `<name>.png` under `root`; returns the list line.
+fn write_pair(root: &Path, name: &str, label: &LabelMap) -> String {
+    let (w, h) = (label.width as u32, label.height as u32);
+    std::fs::create_dir_all(root.join("JPEGImages")).unwrap();
+    std::fs::create_dir_all(root.join("SegmentationClassAug")).unwrap();
+    image::RgbImage::from_pixel(w, h, image::Rgb([120, 130, 140]))
+        .save(root.join(format!("JPEGImages/{name}.jpg")))
+        .unwrap();
+    image::GrayImage::from_raw(w, h, label.data.clone())
+        .unwrap()
+        .save(root.join(format!("SegmentationClassAug/{name}.png")))
+        .unwrap();
+    format!("JPEGImages/{name}.jpg SegmentationClassAug/{name}.png\n")
+}
+
+/// A 64×64 label with `class` on its first `pixels` pixels (row-major), background elsewhere.
+fn label_with(pixels: &[(u8, usize)]) -> LabelMap {
+    let mut label = LabelMap::filled(64, 64, 0);
+    let mut at = 0;
+    for &(class, n) in pixels {
+        label.data[at..at + n].fill(class);
+        at += n;
+    }
+    label
+}
+
+/// PASCAL fold 0's novel classes 1..5 with two 2048-pixel images each, plus `edge`: class 1 on
+/// 2047 pixels and class 2 on 2048.
+fn boundary_dataset(name: &str) -> Config {
+    let root = scratch(name);
+    let mut list = String::new();
+    for class in 1..=5u8 {
+        for copy in 0..2 {
+            list += &write_pair(
+                &root,
+                &format!("c{class}_{copy}"),
+                &label_with(&[(class, 2048)]),
+            );
+        }
+    }
+    list += &write_pair(&root, "edge", &label_with(&[(1, 2047), (2, 2048)]));
+    let list_path = root.join("val.txt");
+    std::fs::write(&list_path, list).unwrap();
+    Config {
+        data_root: root.clone(),
+        train_list: list_path.clone(),
+        val_list: list_path,
+        save_path: root.join("run"),
+        val_size: 33,
+        ..Config::default()
+    }
+}
+
+#[test]
+fn the_2048_pixel_rule_is_exact_at_its_boundary() {
+    let config = boundary_dataset("boundary");
+    let dataset = FewShotDataset::open(&config, Split::Val).unwrap();
+    // `edge` is a query (class 2 is eligible) but supports only class 2.
+    assert_eq!(dataset.query_count(), 11);
+    assert_eq!(dataset.support_count(1), 2);
+    assert_eq!(dataset.support_count(2), 3);
+    assert_eq!(dataset.support_count(3), 2);
+    // Its small class 1 can still be the episode's class, as in the reference.
+    let edge = (0..11)
+        .find(|&i| dataset.item_paths(i).0.ends_with("JPEGImages/edge.jpg"))
+        .unwrap();
+    let mut sampler = EpisodeSampler::new(&dataset, 3);
+    let classes: HashSet<usize> = (0..200u64)
+        .map(|k| sampler.draw(edge as u64 + 11 * k, 0))
+        .inspect(|d| assert_eq!(d.query, edge))
+        .map(|d| d.class_id)
+        .collect();
+    assert_eq!(classes, HashSet::from([1, 2]));
+}
+
+#[test]
+fn the_class_index_cache_is_reused_and_follows_file_changes() {
+    let config = boundary_dataset("cache");
+    FewShotDataset::open(&config, Split::Val).unwrap();
+    let cache_dir = config.data_root.join(".svf-index");
+    let cache = std::fs::read_dir(&cache_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    // Reuse: a doctored record (same file stamps) is believed.
+    let text = std::fs::read_to_string(&cache).unwrap();
+    let doctored = text.replace("[[1,2047],[2,2048]]", "[[1,5000],[2,2048]]");
+    assert_ne!(text, doctored, "cache format changed: {text}");
+    std::fs::write(&cache, doctored).unwrap();
+    let dataset = FewShotDataset::open(&config, Split::Val).unwrap();
+    assert_eq!(dataset.support_count(1), 3);
+    // Invalidation: a rewritten label (new modification time) is read again.
+    let label = config.data_root.join("SegmentationClassAug/edge.png");
+    write_pair(
+        &config.data_root,
+        "edge",
+        &label_with(&[(1, 2048), (2, 10)]),
+    );
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&label)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let dataset = FewShotDataset::open(&config, Split::Val).unwrap();
+    assert_eq!(dataset.support_count(1), 3);
+    assert_eq!(dataset.support_count(2), 2);
+}
+
+/// Cuts a file to half its length.
+fn truncate(path: &Path) {
+    let bytes = std::fs::read(path).unwrap();
+    std::fs::write(path, &bytes[..bytes.len() / 2]).unwrap();
+}
+
+#[test]
+fn a_bad_file_mid_run_is_replaced_and_too_many_abort() {
+    let config = Config {
+        train_h: 33,
+        train_w: 33,
+        ..synthetic("bad", 60, 40)
+    };
+    let dataset = Arc::new(FewShotDataset::open(&config, Split::Train).unwrap());
+    // Break one image after the index was built, and find a window of 20 episodes where exactly
+    // one episode reads it.
+    let bad = 0;
+    let bad_path = dataset.item_paths(bad).0.to_path_buf();
+    truncate(&bad_path);
+    let mut sampler = EpisodeSampler::new(&dataset, 5);
+    let hits: Vec<bool> = (0..2000u64)
+        .map(|i| {
+            let d = sampler.draw(i, 0);
+            d.query == bad || d.supports.contains(&bad)
+        })
+        .collect();
+    let start = (0..hits.len() - 20)
+        .find(|&s| hits[s..s + 20].iter().filter(|&&h| h).count() == 1)
+        .unwrap();
+    let hit = (start..start + 20).find(|&i| hits[i]).unwrap() as u64;
+    let mut loader = EpisodeLoader::new(dataset.clone(), 5, start as u64..start as u64 + 20, 4, 2);
+    let batches: Vec<_> = loader.by_ref().collect::<Result<_, _>>().unwrap();
+    assert_eq!(loader.failed_episodes(), 1);
+    let replaced = batches
+        .iter()
+        .flat_map(|b| b.episode_indices.iter().zip(&b.query_paths))
+        .find(|(&i, _)| i == hit)
+        .unwrap();
+    // The replacement takes the next position's query and its own stream.
+    let replacement = sampler.draw(hit, 1);
+    assert_eq!(replaced.1, dataset.item_paths(replacement.query).0);
+    assert!(batches.iter().all(|b| !b.query_paths.contains(&bad_path)));
+
+    // Break a third of the images: the run stops with a message naming a file.
+    for item in (0..dataset.query_count()).step_by(3) {
+        truncate(dataset.item_paths(item).0);
+    }
+    let result: Result<Vec<_>, _> = EpisodeLoader::new(dataset.clone(), 5, 0..400, 4, 2).collect();
+    let message = result.unwrap_err().to_string();
+    assert!(message.contains("more than 1%"), "{message}");
+    assert!(message.contains(".jpg"), "{message}");
+}
+
+/// Runs `svf-data check` on `config` (written as YAML) and returns (success, stderr).
+fn run_check(config: &Config) -> (bool, String) {
+    let path = config.data_root.join("check.yaml");
+    std::fs::write(&path, config.to_yaml()).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_svf-data"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_reports_each_planted_defect_by_file() {
+    let config = synthetic("check", 40, 40);
+    let (ok, stderr) = run_check(&config);
+    assert!(ok, "clean dataset rejected: {stderr}");
+    let root = &config.data_root;
+    std::fs::remove_file(root.join("JPEGImages/train_00001.jpg")).unwrap();
+    truncate(&root.join("JPEGImages/train_00002.jpg"));
+    image::GrayImage::new(10, 12)
+        .save(root.join("SegmentationClassAug/train_00003.png"))
+        .unwrap();
+    let mut label = read_label(&root.join("SegmentationClassAug/val_00004.png")).unwrap();
+    label.data[5] = 42;
+    image::GrayImage::from_raw(label.width as u32, label.height as u32, label.data)
+        .unwrap()
+        .save(root.join("SegmentationClassAug/val_00004.png"))
+        .unwrap();
+    let (ok, stderr) = run_check(&config);
+    assert!(!ok);
+    let line = |needle: &str| {
+        stderr
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line names {needle}:\n{stderr}"))
+            .to_string()
+    };
+    assert!(line("train_00001.jpg").contains("missing"));
+    assert!(line("train_00002.jpg").contains("truncated"));
+    assert!(line("train_00003.png").contains("size mismatch"));
+    assert!(line("val_00004.png").contains("[42]"));
 }

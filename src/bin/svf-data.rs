@@ -2,6 +2,8 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use svf::cli::ConfigArgs;
+use svf::data::check::check_dataset;
 use svf::data::synth::{write_dataset, SynthOptions, MIN_SIZE};
 
 /// Dataset tools for few-shot segmentation.
@@ -25,7 +27,8 @@ enum Command {
         /// Images in the train list.
         #[arg(long, default_value_t = SynthOptions::default().train_images)]
         images: usize,
-        /// Images in the val list (default: a quarter of --images, at least 40).
+        /// Images in the val list (default: 30% of --images, at least 40; 120 = 6 large objects
+        /// of each class, enough for 5-shot).
         #[arg(long)]
         val_images: Option<usize>,
         /// Longer image side in pixels.
@@ -33,6 +36,12 @@ enum Command {
         size: u64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Validate the dataset of a config: every file of both lists, per-class counts of the fold.
+    /// Exits non-zero with one line per problem.
+    Check {
+        #[command(flatten)]
+        config: ConfigArgs,
     },
 }
 
@@ -49,7 +58,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let options = SynthOptions {
                 train_images: images,
-                val_images: val_images.unwrap_or((images / 4).max(40)),
+                val_images: val_images.unwrap_or((images * 3 / 10).max(40)),
                 size: size as usize,
                 seed,
             };
@@ -61,6 +70,34 @@ fn main() -> anyhow::Result<()> {
             println!("data_root: {}", out.display());
             println!("train_list: {}", train.display());
             println!("val_list: {}", val.display());
+        }
+        Command::Check { config: args } => {
+            let config = args.load()?;
+            let report = check_dataset(&config);
+            for list in &report.lists {
+                println!(
+                    "{} list {}: {} images; {} classes of fold {} (eligible / present images):",
+                    list.split.name(),
+                    list.list.display(),
+                    list.images,
+                    list.split.name(),
+                    config.split
+                );
+                for count in &list.classes {
+                    println!(
+                        "  class {:3}: {:6} / {:6}",
+                        count.class, count.eligible, count.present
+                    );
+                }
+            }
+            for problem in &report.problems {
+                eprintln!("{problem}");
+            }
+            if !report.is_clean() {
+                eprintln!("{} problem(s) found in the dataset", report.problems.len());
+                std::process::exit(1);
+            }
+            println!("dataset OK");
         }
     }
     Ok(())

@@ -186,7 +186,9 @@ impl ClassIndex {
             stale.len(),
             entries.len()
         );
-        let scanned = scan_parallel(&stale, &entries, data_root, threads)?;
+        let scanned = map_parallel(&stale, threads, "index", |&i| scan(&entries[i], data_root))
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
         for (i, item) in stale.into_iter().zip(scanned) {
             items[i] = Some(item);
         }
@@ -226,25 +228,27 @@ impl ClassIndex {
     }
 }
 
-/// Scans `which` entries on `threads` threads, in order; the first error (in list order) wins.
-fn scan_parallel(
-    which: &[usize],
-    entries: &[ListEntry],
-    data_root: &Path,
+/// `f` over `inputs` on `threads` threads, results in input order; a progress bar named `what`
+/// shows when the work is long. Reading many files is I/O and decode bound, so plain threads
+/// pulling from a shared counter are enough.
+pub(crate) fn map_parallel<T: Sync, R: Send>(
+    inputs: &[T],
     threads: usize,
-) -> Result<Vec<IndexedItem>, DataError> {
+    what: &str,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
     let next = AtomicUsize::new(0);
     let bar =
-        (which.len() >= 1000).then(|| crate::logging::progress_bar(which.len() as u64, "index"));
-    let mut results: Vec<(usize, Result<IndexedItem, DataError>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads.max(1))
+        (inputs.len() >= 1000).then(|| crate::logging::progress_bar(inputs.len() as u64, what));
+    let mut results: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads.clamp(1, inputs.len().max(1)))
             .map(|_| {
                 scope.spawn(|| {
                     let mut out = Vec::new();
                     loop {
                         let k = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&i) = which.get(k) else { break };
-                        out.push((k, scan(&entries[i], data_root)));
+                        let Some(input) = inputs.get(k) else { break };
+                        out.push((k, f(input)));
                         if let Some(bar) = &bar {
                             bar.inc(1);
                         }
@@ -255,7 +259,7 @@ fn scan_parallel(
             .collect();
         handles
             .into_iter()
-            .flat_map(|h| h.join().expect("index reader panicked"))
+            .flat_map(|h| h.join().expect("a file reader thread panicked"))
             .collect()
     });
     if let Some(bar) = bar {

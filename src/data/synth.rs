@@ -35,7 +35,7 @@ impl Default for SynthOptions {
     fn default() -> Self {
         SynthOptions {
             train_images: 400,
-            val_images: 100,
+            val_images: 120,
             size: 160,
             seed: 0,
         }

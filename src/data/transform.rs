@@ -132,34 +132,50 @@ pub fn rotate(image: &RgbImage, label: &LabelMap, degrees: f64) -> (RgbImage, La
     // Forward map [[cos, sin, tx], [-sin, cos, ty]]; warpAffine samples through its inverse.
     let tx = (1.0 - cos) * cx - sin * cy;
     let ty = sin * cx + (1.0 - cos) * cy;
-    let inverse = |x: f64, y: f64| {
-        let (u, v) = (x - tx, y - ty);
-        (cos * u - sin * v, sin * u + cos * v)
-    };
     let mut data = vec![0f32; h * w * 3];
     let mut labels = vec![IGNORE_LABEL; h * w];
+    let (wi, hi) = (w as i64, h as i64);
+    let tap = |x: i64, y: i64| -> [f32; 3] {
+        if x >= 0 && y >= 0 && x < wi && y < hi {
+            let i = (y as usize * w + x as usize) * 3;
+            [image.data[i], image.data[i + 1], image.data[i + 2]]
+        } else {
+            IMAGENET_MEAN
+        }
+    };
     for y in 0..h {
+        // Source of (x, y): (cos·(x - tx) - sin·(y - ty), sin·(x - tx) + cos·(y - ty)).
+        let v = y as f64 - ty;
+        let (row_x, row_y) = (-cos * tx - sin * v, -sin * tx + cos * v);
         for x in 0..w {
-            let (sx, sy) = inverse(x as f64, y as f64);
-            let out = (y * w + x) * 3;
-            let (nx, ny) = ((sx + 0.5).floor(), (sy + 0.5).floor());
-            if nx >= 0.0 && ny >= 0.0 && (nx as usize) < w && (ny as usize) < h {
+            let sx = cos * x as f64 + row_x;
+            let sy = sin * x as f64 + row_y;
+            let (nx, ny) = ((sx + 0.5).floor() as i64, (sy + 0.5).floor() as i64);
+            if nx >= 0 && ny >= 0 && nx < wi && ny < hi {
                 labels[y * w + x] = label.data[ny as usize * w + nx as usize];
             }
             let (x0, y0) = (sx.floor(), sy.floor());
             let (fx, fy) = ((sx - x0) as f32, (sy - y0) as f32);
             let (x0, y0) = (x0 as i64, y0 as i64);
-            let tap = |xx: i64, yy: i64, c: usize| -> f32 {
-                if xx >= 0 && yy >= 0 && (xx as usize) < w && (yy as usize) < h {
-                    image.data[(yy as usize * w + xx as usize) * 3 + c]
-                } else {
-                    IMAGENET_MEAN[c]
+            let out = &mut data[(y * w + x) * 3..(y * w + x) * 3 + 3];
+            if x0 >= 0 && y0 >= 0 && x0 + 1 < wi && y0 + 1 < hi {
+                // Inside: the four taps without border tests.
+                let i = (y0 as usize * w + x0 as usize) * 3;
+                let j = i + w * 3;
+                let p = &image.data;
+                for c in 0..3 {
+                    let top = p[i + c] + (p[i + 3 + c] - p[i + c]) * fx;
+                    let bottom = p[j + c] + (p[j + 3 + c] - p[j + c]) * fx;
+                    out[c] = top + (bottom - top) * fy;
                 }
-            };
-            for c in 0..3 {
-                let top = tap(x0, y0, c) * (1.0 - fx) + tap(x0 + 1, y0, c) * fx;
-                let bottom = tap(x0, y0 + 1, c) * (1.0 - fx) + tap(x0 + 1, y0 + 1, c) * fx;
-                data[out + c] = top * (1.0 - fy) + bottom * fy;
+            } else {
+                let (a, b) = (tap(x0, y0), tap(x0 + 1, y0));
+                let (d, e) = (tap(x0, y0 + 1), tap(x0 + 1, y0 + 1));
+                for c in 0..3 {
+                    let top = a[c] + (b[c] - a[c]) * fx;
+                    let bottom = d[c] + (e[c] - d[c]) * fx;
+                    out[c] = top + (bottom - top) * fy;
+                }
             }
         }
     }

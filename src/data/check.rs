@@ -1,0 +1,155 @@
+//! Dataset validation before hours of training (`svf-data check`): every file of both lists is
+//! decoded in full, and each problem becomes one line naming its file.
+
+use std::path::{Path, PathBuf};
+
+use super::classes::FoldClasses;
+use super::index::{map_parallel, MIN_CLASS_PIXELS};
+use super::lists::{read_list, ListEntry};
+use super::raster::{read_image, read_label};
+use super::Split;
+use crate::config::Config;
+
+/// Images of one class in one list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassCount {
+    pub class: usize,
+    /// Images where the class covers at least [`MIN_CLASS_PIXELS`] pixels (its support list).
+    pub eligible: usize,
+    /// Images where the class appears at all.
+    pub present: usize,
+}
+
+/// What one list holds for its split's classes.
+#[derive(Debug, Clone)]
+pub struct ListReport {
+    pub split: Split,
+    pub list: PathBuf,
+    pub images: usize,
+    pub classes: Vec<ClassCount>,
+}
+
+/// The outcome of [`check_dataset`].
+#[derive(Debug, Clone, Default)]
+pub struct CheckReport {
+    pub lists: Vec<ListReport>,
+    /// One line per problem, naming the file.
+    pub problems: Vec<String>,
+}
+
+impl CheckReport {
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Checks one list entry; returns the label's histogram when the label could be read.
+fn check_entry(
+    entry: &ListEntry,
+    data_root: &Path,
+    classes: usize,
+) -> (Option<[u32; 256]>, Vec<String>) {
+    let mut problems = Vec::new();
+    let image_path = entry.image_path(data_root);
+    let label_path = entry.label_path(data_root);
+    for (what, path) in [("image", &image_path), ("label", &label_path)] {
+        if !path.is_file() {
+            problems.push(format!("missing {what} file {}", path.display()));
+        }
+    }
+    if !problems.is_empty() {
+        return (None, problems);
+    }
+    let image = read_image(&image_path)
+        .map_err(|e| problems.push(e.to_string()))
+        .ok();
+    let label = read_label(&label_path)
+        .map_err(|e| problems.push(e.to_string()))
+        .ok();
+    let Some(label) = label else {
+        return (None, problems);
+    };
+    if let Some(image) = image {
+        if (image.height, image.width) != (label.height, label.width) {
+            problems.push(format!(
+                "size mismatch: image {} is {}x{} but label {} is {}x{} (width x height)",
+                image_path.display(),
+                image.width,
+                image.height,
+                label_path.display(),
+                label.width,
+                label.height
+            ));
+        }
+    }
+    let histogram = label.histogram();
+    let bad: Vec<usize> = (classes + 1..255).filter(|&v| histogram[v] > 0).collect();
+    if !bad.is_empty() {
+        problems.push(format!(
+            "label {} holds values {bad:?} outside 0..={classes} and 255",
+            label_path.display()
+        ));
+    }
+    (Some(histogram), problems)
+}
+
+/// Checks both lists of `config`: missing, unreadable or truncated files, image/label size
+/// mismatches, label values outside {0..classes, 255}, and classes of the fold with fewer than
+/// `shot + 1` eligible images; counts each class's images for the fold.
+pub fn check_dataset(config: &Config) -> CheckReport {
+    let fold = FoldClasses::of(config);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let classes = config.dataset_classes();
+    let mut report = CheckReport::default();
+    for (split, list, key, split_classes) in [
+        (Split::Train, &config.train_list, "train_list", &fold.train),
+        (Split::Val, &config.val_list, "val_list", &fold.novel),
+    ] {
+        let entries = match read_list(list, key) {
+            Ok(entries) => entries,
+            Err(e) => {
+                report.problems.push(e.to_string());
+                continue;
+            }
+        };
+        let checked = map_parallel(&entries, threads, "check", |e| {
+            check_entry(e, &config.data_root, classes)
+        });
+        let mut counts: Vec<ClassCount> = split_classes
+            .iter()
+            .map(|&class| ClassCount {
+                class,
+                eligible: 0,
+                present: 0,
+            })
+            .collect();
+        for (histogram, problems) in checked {
+            report.problems.extend(problems);
+            let Some(histogram) = histogram else { continue };
+            for count in &mut counts {
+                let pixels = histogram[count.class];
+                count.present += usize::from(pixels > 0);
+                count.eligible += usize::from(pixels >= MIN_CLASS_PIXELS);
+            }
+        }
+        for count in counts.iter().filter(|c| c.eligible < config.shot + 1) {
+            report.problems.push(format!(
+                "class {} has {} eligible image(s) (at least {MIN_CLASS_PIXELS} pixels) in {}, but {} \
+                 episodes with shot {} need {}",
+                count.class,
+                count.eligible,
+                list.display(),
+                split.name(),
+                config.shot,
+                config.shot + 1
+            ));
+        }
+        report.lists.push(ListReport {
+            split,
+            list: list.clone(),
+            images: entries.len(),
+            classes: counts,
+        });
+    }
+    report
+}
