@@ -154,12 +154,13 @@ fn cross_entropy(logits: &Tensor, label: &Tensor) -> Tensor {
 }
 
 /// The parameters training updates, by name in name order: the variables that
-/// [`svf::is_trainable`] names (never a BatchNorm buffer). Every other variable of `vs` is
-/// frozen (`requires_grad` off), so autograd never computes a gradient it would throw away.
+/// [`svf::is_trainable`] names (BatchNorm buffers live in the backbone and never qualify). Every
+/// other variable of `vs` is frozen (`requires_grad` off), so autograd never computes a gradient
+/// it would throw away.
 pub fn freeze_all_but_trainable(vs: &nn::VarStore, svf_enabled: bool) -> Vec<(String, Tensor)> {
     let mut trainable = Vec::new();
     for (name, tensor) in crate::checkpoint::model_weights(vs) {
-        if svf::is_trainable(&name, svf_enabled) && !svf::is_buffer(&name) {
+        if svf::is_trainable(&name, svf_enabled) {
             trainable.push((name, tensor.set_requires_grad(true)));
         } else if tensor.requires_grad() {
             let _ = tensor.set_requires_grad(false);

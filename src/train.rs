@@ -70,17 +70,16 @@ pub enum TrainError {
     },
     #[error("run directory {dir} already holds a checkpoint; continue it with `svf-train --resume {dir}` or set another save_path (--set save_path=...)")]
     RunExists { dir: PathBuf },
-    #[error("nothing to resume in {dir}: {reason}")]
-    NothingToResume { dir: PathBuf, reason: String },
+    #[error("cannot resume the run in {dir}: {reason}")]
+    CannotResume { dir: PathBuf, reason: String },
     #[error("the training split has {episodes} episodes per epoch, fewer than batch_size {batch_size}: lower batch_size or raise train_episodes")]
     EpochTooShort { episodes: usize, batch_size: usize },
-    #[error("loss is {loss} at iteration {iteration} (epoch {epoch}); stopped before updating the weights. Last good checkpoint: {last_good}. Lower base_lr (or set warmup_steps) and start again, or continue it with `svf-train --resume {run_dir}`")]
+    #[error("loss is {loss} at iteration {iteration} (epoch {epoch}); stopped before updating the weights. Last good checkpoint: {last_good}. Training is deterministic, so resuming would diverge at the same point: lower base_lr or set warmup_steps and start a new run")]
     NonFiniteLoss {
         loss: f64,
         iteration: u64,
         epoch: usize,
         last_good: String,
-        run_dir: PathBuf,
     },
 }
 
@@ -114,7 +113,7 @@ pub struct TrainSummary {
     pub untrained_miou: Option<f64>,
     /// Mean loss of the last epoch trained in this process.
     pub last_epoch_loss: Option<f64>,
-    /// Training throughput of this process.
+    /// Training throughput of this process (validation excluded).
     pub episodes_per_second: f64,
     /// Stopped by Ctrl-C (or [`TrainHooks::stop_after`]) before the last epoch.
     pub interrupted: bool,
@@ -128,9 +127,11 @@ pub struct TrainHooks<'a> {
     /// Stop as on Ctrl-C once this many iterations are done (in total).
     pub stop_after: Option<u64>,
     /// Replaces the loss of an iteration (1-based) before the finiteness check, e.g. with NaN.
-    #[allow(clippy::type_complexity)]
-    pub map_loss: Option<Box<dyn FnMut(u64, Tensor) -> Tensor + 'a>>,
+    pub map_loss: Option<LossMap<'a>>,
 }
+
+/// `(iteration, loss) -> loss`, see [`TrainHooks::map_loss`].
+pub type LossMap<'a> = Box<dyn FnMut(u64, Tensor) -> Tensor + 'a>;
 
 /// Trains `config` on `device`, stopping cleanly on Ctrl-C; `resume`: continue the run in that
 /// directory (its config must be `config`, see [`resume_config`]).
@@ -151,7 +152,7 @@ pub fn train(
 pub fn resume_config(run_dir: &Path) -> Result<Config, TrainError> {
     let path = run_dir.join(CONFIG_FILE);
     if !path.exists() {
-        return Err(TrainError::NothingToResume {
+        return Err(TrainError::CannotResume {
             dir: run_dir.to_path_buf(),
             reason: format!("{} does not exist", path.display()),
         });
@@ -173,10 +174,14 @@ struct Model {
 }
 
 impl Model {
-    fn new(config: &Config, device: Device) -> Result<Model, TrainError> {
+    /// `initialise`: load `backbone_weights` and `weight` (a resumed run loads its checkpoint instead).
+    fn new(config: &Config, device: Device, initialise: bool) -> Result<Model, TrainError> {
         tch::manual_seed(config.manual_seed as i64);
         let vs = nn::VarStore::new(device);
         let net = PfeNet::new(&vs.root(), config)?;
+        if !initialise {
+            return Ok(Model { vs, net });
+        }
         if let Some(path) = &config.backbone_weights {
             let report = backbone::load_pretrained(&vs, path, config)?;
             tracing::info!("backbone weights from {}: {report}", path.display());
@@ -214,12 +219,10 @@ pub fn train_with(
     mut hooks: TrainHooks,
 ) -> Result<TrainSummary, TrainError> {
     let dir = resume.map_or_else(|| config.save_path.clone(), Path::to_path_buf);
-    let run_dir_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| TrainError::RunDir { path, source }
-    };
-    std::fs::create_dir_all(&dir).map_err(run_dir_err(&dir))?;
-
+    std::fs::create_dir_all(&dir).map_err(run_dir_error(&dir))?;
+    if resume.is_none() && checkpoint::exists(&dir, LAST)? {
+        return Err(TrainError::RunExists { dir });
+    }
     // Everything that can fail on the config or the data fails here, before any training.
     let dataset = Arc::new(FewShotDataset::open(config, Split::Train)?);
     let val_data = match config.val_freq {
@@ -234,8 +237,60 @@ pub fn train_with(
             batch_size: config.batch_size,
         });
     }
-    let model = Model::new(config, device)?;
-    let trainable = model::freeze_all_but_trainable(&model.vs, config.svf);
+    let model = Model::new(config, device, resume.is_none())?;
+    let mut sgd = optimiser(&model.vs, config);
+    let state = match resume {
+        Some(dir) => restore(dir, &model.vs, &mut sgd, iterations_per_epoch)?,
+        None => {
+            let path = dir.join(CONFIG_FILE);
+            std::fs::write(&path, config.to_yaml()).map_err(run_dir_error(&path))?;
+            TrainState {
+                iteration: 0,
+                iterations_per_epoch,
+                validated_epoch: None,
+                best_miou: None,
+                best_epoch: None,
+                lr: 0.0,
+            }
+        }
+    };
+    // On resume, records written after the checkpoint (then lost) are dropped.
+    let covered = |record: &MetricsRecord| match record {
+        MetricsRecord::Train { iteration, .. } => *iteration <= state.iteration,
+        MetricsRecord::Val { epoch, .. } => state.validated_epoch.is_some_and(|v| *epoch <= v),
+    };
+    let keep = resume.map(|_| &covered as &dyn Fn(&MetricsRecord) -> bool);
+    let metrics =
+        MetricsLog::open(&dir, keep).map_err(run_dir_error(&dir.join(MetricsLog::FILE_NAME)))?;
+    let mut run = Run {
+        config,
+        device,
+        schedule: PolySchedule {
+            base_lr: config.base_lr,
+            max_iter: iterations_per_epoch * config.epochs as u64,
+            power: config.power,
+            warmup_steps: config.warmup_steps as u64,
+        },
+        last_saved: resume.map(|_| state.iteration),
+        state,
+        dir,
+        model,
+        sgd,
+        metrics,
+        val_data,
+        untrained_miou: None,
+    };
+    run.train_epochs(&dataset, &mut hooks)
+}
+
+fn run_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError {
+    let path = path.to_path_buf();
+    move |source| TrainError::RunDir { path, source }
+}
+
+/// SGD over exactly the trainable set, the head at `head_lr_scale` times the base LR.
+fn optimiser(vs: &nn::VarStore, config: &Config) -> Sgd {
+    let trainable = model::freeze_all_but_trainable(vs, config.svf);
     let parameter_count: i64 = trainable.iter().map(|(_, t)| t.numel() as i64).sum();
     tracing::info!(
         tensors = trainable.len(),
@@ -254,78 +309,57 @@ pub fn train_with(
             (name, tensor, scale)
         })
         .collect();
-    let mut sgd = Sgd::new(parameters, config.momentum, config.weight_decay);
-    let schedule = PolySchedule {
-        base_lr: config.base_lr,
-        max_iter: iterations_per_epoch * config.epochs as u64,
-        power: config.power,
-        warmup_steps: config.warmup_steps as u64,
-    };
+    Sgd::new(parameters, config.momentum, config.weight_decay)
+}
 
-    let state = match resume {
-        Some(dir) => {
-            let saved = checkpoint::load::<TrainState>(dir, LAST).map_err(|e| match e {
-                CheckpointError::Missing { missing, .. } => TrainError::NothingToResume {
-                    dir: dir.to_path_buf(),
-                    reason: format!("{} does not exist", missing.display()),
-                },
-                other => other.into(),
-            })?;
-            if saved.state.iterations_per_epoch != iterations_per_epoch {
-                return Err(TrainError::NothingToResume {
-                    dir: dir.to_path_buf(),
-                    reason: format!(
-                        "the checkpoint has {} iterations per epoch but the data now gives {}; the dataset or batch_size changed",
-                        saved.state.iterations_per_epoch, iterations_per_epoch
-                    ),
-                });
-            }
-            checkpoint::copy_into(&model.vs, &saved.weights, &CheckpointFiles::new(dir, LAST).weights)?;
-            sgd.load_state(saved.optimizer.unwrap_or_default())?;
-            tracing::info!(
-                "resuming {} at iteration {} (epoch {})",
-                dir.display(),
-                saved.state.iteration,
-                saved.state.epochs_done()
-            );
-            saved.state
+/// Loads `dir/last` into the model and the optimiser and returns its state.
+fn restore(
+    dir: &Path,
+    vs: &nn::VarStore,
+    sgd: &mut Sgd,
+    iterations_per_epoch: u64,
+) -> Result<TrainState, TrainError> {
+    let nothing = |reason: String| TrainError::CannotResume {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    let saved = checkpoint::load::<TrainState>(dir, LAST).map_err(|e| match e {
+        CheckpointError::Missing { missing, .. } => {
+            nothing(format!("{} does not exist", missing.display()))
         }
-        None => {
-            if checkpoint::exists(&dir, LAST)? {
-                return Err(TrainError::RunExists { dir });
-            }
-            let path = dir.join(CONFIG_FILE);
-            std::fs::write(&path, config.to_yaml()).map_err(run_dir_err(&path))?;
-            TrainState {
-                iteration: 0,
-                iterations_per_epoch,
-                validated_epoch: None,
-                best_miou: None,
-                best_epoch: None,
-                lr: schedule.lr(1),
-            }
-        }
-    };
-    let keep = |record: &MetricsRecord| match record {
-        MetricsRecord::Train { iteration, .. } => *iteration <= state.iteration,
-        MetricsRecord::Val { epoch, .. } => state.validated_epoch.is_some_and(|v| *epoch <= v),
-    };
-    let metrics = MetricsLog::open(&dir, resume.map(|_| &keep as &dyn Fn(&MetricsRecord) -> bool))
-        .map_err(run_dir_err(&dir.join(MetricsLog::FILE_NAME)))?;
-    let mut run = Run {
-        config,
-        device,
-        last_saved: resume.map(|_| state.iteration),
-        state,
-        dir,
-        model,
-        sgd,
-        schedule,
-        metrics,
-        val_data,
-        untrained_miou: None,
-    };
-    run.train_epochs(&dataset, &mut hooks)
+        other => other.into(),
+    })?;
+    if saved.state.iterations_per_epoch != iterations_per_epoch {
+        return Err(nothing(format!(
+            "the checkpoint has {} iterations per epoch but the data now gives {}; the dataset or batch_size changed",
+            saved.state.iterations_per_epoch, iterations_per_epoch
+        )));
+    }
+    checkpoint::copy_into(vs, &saved.weights, &CheckpointFiles::new(dir, LAST).weights)?;
+    sgd.load_state(saved.optimizer.unwrap_or_default())?;
+    tracing::info!(
+        "resuming {} at iteration {} (epoch {})",
+        dir.display(),
+        saved.state.iteration,
+        saved.state.epochs_done()
+    );
+    Ok(saved.state)
+}
+
+/// How an epoch ended.
+enum EpochEnd {
+    Finished {
+        mean_loss: f64,
+    },
+    /// Ctrl-C or [`TrainHooks::stop_after`]; `last` is saved.
+    Stopped,
+}
+
+/// Training throughput of this process (validation excluded).
+#[derive(Default)]
+struct Throughput {
+    episodes: u64,
+    seconds: f64,
 }
 
 impl Run<'_> {
@@ -334,94 +368,116 @@ impl Run<'_> {
         dataset: &Arc<FewShotDataset>,
         hooks: &mut TrainHooks,
     ) -> Result<TrainSummary, TrainError> {
-        let config = self.config;
-        let per_epoch = self.state.iterations_per_epoch;
-        let batch = config.batch_size as u64;
-        let epe = dataset.episodes_per_epoch() as u64;
         // Validation before training (epoch 0), or of an epoch whose run stopped between its last
         // iteration and its validation.
         if self.validate_if_due(self.state.epochs_done())? {
             self.save_last()?;
         }
-        let started = Instant::now();
-        let mut episodes_trained = 0u64;
+        let mut throughput = Throughput::default();
         let mut last_epoch_loss = None;
-        for epoch in self.state.epochs_done()..config.epochs {
-            let first = self.state.iteration - epoch as u64 * per_epoch;
-            let episodes = epoch as u64 * epe + first * batch..epoch as u64 * epe + per_epoch * batch;
-            let loader = EpisodeLoader::new(
-                dataset.clone(),
-                config.manual_seed,
-                episodes,
-                config.batch_size,
-                config.workers,
-            );
-            let bar = crate::logging::progress_bar(
-                per_epoch * batch,
-                &format!("epoch {}/{}", epoch + 1, config.epochs),
-            );
-            bar.set_position(first * batch);
-            let epoch_start = Instant::now();
-            let (mut loss_sum, mut steps) = (0.0, 0u64);
-            for batch_result in loader {
-                let episode_batch = batch_result?;
-                let losses = self.step(&episode_batch, epoch, hooks)?;
-                loss_sum += losses.total;
-                steps += 1;
-                episodes_trained += batch;
-                bar.inc(batch);
-                let rate = (steps * batch) as f64 / epoch_start.elapsed().as_secs_f64();
-                bar.set_message(format!("loss {:.4} lr {:.2e}", losses.total, self.state.lr));
-                if self.state.iteration % config.print_freq as u64 == 0 {
-                    self.log_iteration(epoch, &losses, rate)?;
+        for epoch in self.state.epochs_done()..self.config.epochs {
+            match self.train_epoch(dataset, epoch, hooks, &mut throughput)? {
+                EpochEnd::Stopped => {
+                    return Ok(self.summary(true, last_epoch_loss, &throughput));
                 }
-                let stop = hooks.interrupt.is_some_and(|f| f.load(Ordering::SeqCst))
-                    || hooks.stop_after == Some(self.state.iteration);
-                if stop && self.state.iteration < per_epoch * config.epochs as u64 {
-                    bar.abandon();
-                    self.save_last()?;
-                    tracing::warn!(
-                        "stopped at iteration {} (epoch {}); continue with `svf-train --resume {}`",
-                        self.state.iteration,
-                        epoch + 1,
-                        self.dir.display()
-                    );
-                    return Ok(self.summary(true, last_epoch_loss, episodes_trained, started));
-                }
-                if self.state.iteration % config.save_freq as u64 == 0 {
-                    self.save_last()?;
-                }
+                EpochEnd::Finished { mean_loss } => last_epoch_loss = Some(mean_loss),
             }
-            bar.finish_and_clear();
-            let mean_loss = loss_sum / steps.max(1) as f64;
-            last_epoch_loss = Some(mean_loss);
-            tracing::info!(
-                "epoch {}/{}: loss {:.4}, lr {:.2e}, {:.2} episodes/s",
-                epoch + 1,
-                config.epochs,
-                mean_loss,
-                self.state.lr,
-                (steps * batch) as f64 / epoch_start.elapsed().as_secs_f64()
-            );
             self.validate_if_due(epoch + 1)?;
             self.save_last()?;
         }
-        Ok(self.summary(false, last_epoch_loss, episodes_trained, started))
+        Ok(self.summary(false, last_epoch_loss, &throughput))
+    }
+
+    /// The rest of epoch `epoch` (0-based) from the current iteration.
+    fn train_epoch(
+        &mut self,
+        dataset: &Arc<FewShotDataset>,
+        epoch: usize,
+        hooks: &mut TrainHooks,
+        throughput: &mut Throughput,
+    ) -> Result<EpochEnd, TrainError> {
+        let config = self.config;
+        let per_epoch = self.state.iterations_per_epoch;
+        let total = per_epoch * config.epochs as u64;
+        let batch = config.batch_size as u64;
+        let first = self.state.iteration - epoch as u64 * per_epoch;
+        // Epoch e is the data's epoch e (episodes e·E..), less the incomplete last batch.
+        let epoch_start = epoch as u64 * dataset.episodes_per_epoch() as u64;
+        let loader = EpisodeLoader::new(
+            dataset.clone(),
+            config.manual_seed,
+            epoch_start + first * batch..epoch_start + per_epoch * batch,
+            config.batch_size,
+            config.workers,
+        );
+        let bar = crate::logging::progress_bar(
+            per_epoch * batch,
+            &format!("epoch {}/{}", epoch + 1, config.epochs),
+        );
+        bar.set_position(first * batch);
+        let started = Instant::now();
+        let (mut loss_sum, mut steps) = (0.0, 0u64);
+        for episode_batch in loader {
+            let losses = self.step(&episode_batch?, epoch, hooks)?;
+            loss_sum += losses.total;
+            steps += 1;
+            bar.inc(batch);
+            bar.set_message(format!("loss {:.4} lr {:.2e}", losses.total, self.state.lr));
+            let rate = (steps * batch) as f64 / started.elapsed().as_secs_f64();
+            if self
+                .state
+                .iteration
+                .is_multiple_of(config.print_freq as u64)
+            {
+                self.log_iteration(epoch, &losses, rate)?;
+            }
+            let stop = hooks.interrupt.is_some_and(|f| f.load(Ordering::SeqCst))
+                || hooks.stop_after == Some(self.state.iteration);
+            if stop && self.state.iteration < total {
+                bar.abandon();
+                throughput.episodes += steps * batch;
+                throughput.seconds += started.elapsed().as_secs_f64();
+                self.save_last()?;
+                tracing::warn!(
+                    "stopped at iteration {} (epoch {}); continue with `svf-train --resume {}`",
+                    self.state.iteration,
+                    epoch + 1,
+                    self.dir.display()
+                );
+                return Ok(EpochEnd::Stopped);
+            }
+            if self.state.iteration.is_multiple_of(config.save_freq as u64) {
+                self.save_last()?;
+            }
+        }
+        bar.finish_and_clear();
+        let seconds = started.elapsed().as_secs_f64();
+        throughput.episodes += steps * batch;
+        throughput.seconds += seconds;
+        let mean_loss = loss_sum / steps.max(1) as f64;
+        tracing::info!(
+            "epoch {}/{}: loss {:.4}, lr {:.2e}, {:.2} episodes/s",
+            epoch + 1,
+            config.epochs,
+            mean_loss,
+            self.state.lr,
+            (steps * batch) as f64 / seconds
+        );
+        Ok(EpochEnd::Finished { mean_loss })
     }
 
     fn summary(
         &self,
         interrupted: bool,
         last_epoch_loss: Option<f64>,
-        episodes: u64,
-        started: Instant,
+        throughput: &Throughput,
     ) -> TrainSummary {
         TrainSummary {
             run_dir: self.dir.clone(),
             state: self.state.clone(),
             untrained_miou: self.untrained_miou,
             last_epoch_loss,
-            episodes_per_second: episodes as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            episodes_per_second: throughput.episodes as f64 / throughput.seconds.max(1e-9),
             interrupted,
         }
     }
@@ -450,8 +506,8 @@ impl Run<'_> {
             loss = map(iteration, loss);
         }
         // The one host synchronisation of a step: the loss value for the check and the logs.
-        let values = Tensor::stack(&[loss.detach(), main.detach(), aux.detach()], 0)
-            .to_device(Device::Cpu);
+        let values =
+            Tensor::stack(&[loss.detach(), main.detach(), aux.detach()], 0).to_device(Device::Cpu);
         let losses = Losses {
             total: values.double_value(&[0]),
             main: values.double_value(&[1]),
@@ -470,7 +526,6 @@ impl Run<'_> {
                 iteration,
                 epoch: epoch + 1,
                 last_good,
-                run_dir: self.dir.clone(),
             });
         }
         self.sgd.zero_grad();
@@ -481,7 +536,12 @@ impl Run<'_> {
         Ok(losses)
     }
 
-    fn log_iteration(&mut self, epoch: usize, losses: &Losses, rate: f64) -> Result<(), TrainError> {
+    fn log_iteration(
+        &mut self,
+        epoch: usize,
+        losses: &Losses,
+        rate: f64,
+    ) -> Result<(), TrainError> {
         tracing::debug!(
             "epoch {} iteration {}: loss {:.4} (main {:.4}, aux {:.4}), lr {:.3e}",
             epoch + 1,
@@ -516,7 +576,7 @@ impl Run<'_> {
         let Some(val_data) = &self.val_data else {
             return Ok(false);
         };
-        let due = (epoch % config.val_freq == 0 || epoch == config.epochs)
+        let due = (epoch.is_multiple_of(config.val_freq) || epoch == config.epochs)
             && self.state.validated_epoch.is_none_or(|v| v < epoch);
         if !due {
             return Ok(false);

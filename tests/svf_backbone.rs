@@ -664,3 +664,180 @@ save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[2])
     assert_eq!(theirs["stem.rank"].int64_value(&[]), 24);
     assert!(rel_max_err(&theirs["stem.svd"], &theirs["stem.full"]) > 1e-3);
 }
+
+/// The backbones rebuilt in PyTorch from the reference's module structure (PSPNet's ResNet with
+/// PFENet's dilation loop, torchvision's VGG16-BN split by `get_vgg16_layer`, `svf.py`'s
+/// `SVD_Conv2d`): our weights must load with `strict=True` and give the same stage outputs.
+const PYTORCH_BACKBONE: &str = r#"
+import sys
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+class SVD_Conv2d(nn.Module):  # svf.py
+    def __init__(self, conv, rank):
+        super().__init__()
+        self.conv_U = nn.Conv2d(rank, conv.out_channels, 1, 1, 0, 1, 1, conv.bias is not None)
+        self.conv_V = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation, 1, False)
+        self.vector_S = nn.Parameter(torch.empty((1, rank, 1, 1)))
+    def forward(self, x):
+        return self.conv_U(self.conv_V(x).mul(self.vector_S))
+
+class Block(nn.Module):  # PSPNet's BasicBlock / Bottleneck
+    def __init__(self, bottleneck, inplanes, planes, stride, downsample):
+        super().__init__()
+        self.expansion = 4 if bottleneck else 1
+        if bottleneck:
+            self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+            self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+            self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+            self.bn3 = nn.BatchNorm2d(planes * 4)
+        else:
+            self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn1, self.bn2 = nn.BatchNorm2d(planes), nn.BatchNorm2d(planes)
+        self.downsample, self.bottleneck = downsample, bottleneck
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.bottleneck:
+            out = self.bn3(self.conv3(torch.relu(out)))
+        residual = x if self.downsample is None else self.downsample(x)
+        return torch.relu(out + residual)
+
+def scaled(c, width):
+    return max(4, int(c * width + 0.5))
+
+def resnet(layers, width):
+    bottleneck = layers >= 50
+    blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}[layers]
+    c64, c128 = scaled(64, width), scaled(128, width)
+    conv = lambda i, o, s: nn.Conv2d(i, o, 3, s, 1, bias=False)
+    stages = [nn.Sequential(conv(3, c64, 2), nn.BatchNorm2d(c64), nn.ReLU(), conv(c64, c64, 1), nn.BatchNorm2d(c64), nn.ReLU(),
+                            conv(c64, c128, 1), nn.BatchNorm2d(c128), nn.ReLU(), nn.MaxPool2d(3, 2, 1))]
+    inplanes, expansion = c128, 4 if bottleneck else 1
+    for index, n in enumerate(blocks):
+        planes, stride = scaled(64 << index, width), 1 if index == 0 else 2
+        downsample = None
+        if stride != 1 or inplanes != planes * expansion:
+            downsample = nn.Sequential(nn.Conv2d(inplanes, planes * expansion, 1, stride, bias=False), nn.BatchNorm2d(planes * expansion))
+        mods = [Block(bottleneck, inplanes, planes, stride, downsample)]
+        inplanes = planes * expansion
+        mods += [Block(bottleneck, inplanes, planes, 1, None) for _ in range(1, n)]
+        stages.append(nn.Sequential(*mods))
+    for stage, d in ((stages[3], 2), (stages[4], 4)):  # PFENet's dilation loop
+        for n, m in stage.named_modules():
+            dilate = 'conv2' in n if bottleneck else ('conv' in n and isinstance(m, nn.Conv2d))
+            if dilate:
+                m.dilation, m.padding, m.stride = (d, d), (d, d), (1, 1)
+            elif 'downsample.0' in n:
+                m.stride = (1, 1)
+    return stages
+
+def vgg(width):
+    features, cin = [], 3
+    for v in [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M']:
+        if v == 'M':
+            features.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+        else:
+            v = scaled(v, width)
+            features += [nn.Conv2d(cin, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU()]
+            cin = v
+    return [nn.Sequential(*features[a:b]) for a, b in ((0, 7), (7, 14), (14, 24), (24, 34), (34, 43))]
+
+def decompose(module, weights, prefix):
+    for name, child in module.named_children():
+        full = prefix + name
+        if isinstance(child, nn.Conv2d) and full + '.vector_S' in weights:
+            setattr(module, name, SVD_Conv2d(child, weights[full + '.vector_S'].shape[1]))
+        else:
+            decompose(child, weights, full + '.')
+
+for case in sys.argv[1:]:
+    arch, width, path_in, path_out = case.split(',')
+    weights = load_file(path_in)
+    x = weights.pop('x')
+    model = nn.Module()
+    stages = vgg(float(width)) if arch == 'vgg' else resnet(int(arch), float(width))
+    for i, stage in enumerate(stages):
+        setattr(model, 'layer%d' % i, stage)
+    decompose(model, weights, '')
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            out['layer%d' % i] = x.contiguous()
+    save_file(out, path_out)
+"#;
+
+#[test]
+fn pytorch_cross_check_of_whole_backbones() {
+    if !Path::new(VENV_PYTHON).exists() {
+        eprintln!(
+            "skipped: {VENV_PYTHON} not found (run scripts/setup-libtorch.sh to create the venv)"
+        );
+        return;
+    }
+    let dir = temp_dir("pytorch-backbones");
+    tch::manual_seed(10);
+    let cases = [
+        ("18", small(18, false, 4)),
+        ("50", small(50, true, 4)),
+        (
+            "vgg",
+            Config {
+                vgg: true,
+                ..small(50, true, 4)
+            },
+        ),
+    ];
+    let x = Tensor::randn([2, 3, 65, 65], CPU_F32);
+    let mut args = Vec::new();
+    let mut models = Vec::new();
+    for (index, (arch, config)) in cases.iter().enumerate() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let backbone = Backbone::new(&vs.root(), config).unwrap();
+        randomize_batch_norm(&vs);
+        let mut weights = backbone::backbone_variables(&vs);
+        weights.insert("x".into(), x.shallow_clone());
+        let (input, output) = (
+            dir.join(format!("in{index}.safetensors")),
+            dir.join(format!("out{index}.safetensors")),
+        );
+        backbone::write_weights(&weights, &input).unwrap();
+        args.push(format!(
+            "{arch},{},{},{}",
+            config.backbone_width,
+            input.display(),
+            output.display()
+        ));
+        models.push((vs, backbone, output));
+    }
+    let result = Command::new(VENV_PYTHON)
+        .arg("-c")
+        .arg(PYTORCH_BACKBONE)
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    for ((arch, _), (_vs, backbone, output)) in cases.iter().zip(&models) {
+        let theirs: HashMap<String, Tensor> = Tensor::read_safetensors(output)
+            .unwrap()
+            .into_iter()
+            .collect();
+        let mut h = x.shallow_clone();
+        for stage in 0..5 {
+            h = tch::no_grad(|| backbone.forward_layer(stage, &h, false));
+            let expected = &theirs[&format!("layer{stage}")];
+            assert_eq!(h.size(), expected.size(), "{arch} layer{stage}");
+            let err = rel_max_err(&h, expected);
+            assert!(err < 1e-4, "{arch} layer{stage}: {err}");
+        }
+    }
+}

@@ -147,7 +147,8 @@ pub fn write_weights(weights: &HashMap<String, Tensor>, path: &Path) -> Result<(
     })
 }
 
-/// The backbone's variables of `vs` (names under `layer0.`..`layer4.`).
+/// The backbone's variables of `vs` (names under `layer0.`..`layer4.`: the backbone sits at the
+/// var store's root, as in PFENet).
 pub fn backbone_variables(vs: &nn::VarStore) -> HashMap<String, Tensor> {
     vs.variables()
         .into_iter()
@@ -186,7 +187,11 @@ pub fn load_pretrained(
     path: &Path,
     config: &Config,
 ) -> Result<DecompositionReport, BackboneError> {
-    let file = read_backbone_weights(path)?;
+    // Decompose where the model lives: on a GPU the SVDs are much faster.
+    let file: HashMap<String, Tensor> = read_backbone_weights(path)?
+        .into_iter()
+        .map(|(n, t)| (n, t.to_device(vs.device())))
+        .collect();
     let (weights, report) = match (is_decomposed(&file), config.svf) {
         (false, true) => svf::decompose_weights(&file, &SvfOptions::from_config(config)),
         (true, false) => {
@@ -206,8 +211,7 @@ pub fn load_pretrained(
     tch::no_grad(|| {
         for (name, var) in &variables {
             if let Some(value) = weights.get(name) {
-                var.shallow_clone()
-                    .copy_(&value.to_device(var.device()).to_kind(var.kind()));
+                var.shallow_clone().copy_(&value.to_kind(var.kind()));
             }
         }
     });

@@ -25,7 +25,9 @@ fn main() -> anyhow::Result<()> {
     let config = match (&cli.resume, &cli.config) {
         (Some(run_dir), _) => svf::train::resume_config(run_dir)?,
         (None, Some(args)) => args.load()?,
-        (None, None) => anyhow::bail!("give --config FILE to start a run or --resume RUN_DIR to continue one"),
+        (None, None) => {
+            anyhow::bail!("give --config FILE to start a run or --resume RUN_DIR to continue one")
+        }
     };
     svf::logging::init(cli.runtime.verbose, Some(&config.save_path))?;
     let device = cli.runtime.device.resolve()?;

@@ -112,7 +112,10 @@ mod tests {
             log.append(&train(i)).unwrap();
         }
         let text = std::fs::read_to_string(log.path()).unwrap();
-        assert!(text.starts_with(r#"{"kind":"train","epoch":1,"iteration":5,"#), "{text}");
+        assert!(
+            text.starts_with(r#"{"kind":"train","epoch":1,"iteration":5,"#),
+            "{text}"
+        );
         drop(log);
         let keep = |r: &MetricsRecord| matches!(r, MetricsRecord::Train { iteration, .. } if *iteration <= 10);
         let mut log = MetricsLog::open(&dir, Some(&keep)).unwrap();
