@@ -1,12 +1,408 @@
 //! Benchmarks: loader, train step, eval and decomposition throughput.
+//!
+//! Every timing is the median of `repeats` runs after `warmup` unmeasured ones (the first runs pay
+//! for allocator growth, oneDNN/cuDNN algorithm selection and page faults); on CUDA the device is
+//! synchronised before the clock stops. The train and eval steps run on synthetic episodes (random
+//! images and masks already on the device): their cost does not depend on image content, so no
+//! dataset is needed, and the loader is measured on its own to show whether it can keep up.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
+use tch::{nn, Device, Kind, Tensor};
 
+use crate::backbone::{self, Backbone, BackboneError};
 use crate::config::Config;
 use crate::data::{DataError, EpisodeLoader, FewShotDataset, Split};
+use crate::eval::{self, EvalError};
+use crate::model::{self, ModelError, PfeNet};
+use crate::svf::{self, SvfOptions};
+use crate::train::Sgd;
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Backbone(#[from] BackboneError),
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    #[error("loader benchmark: cannot load the config's dataset (data_root, train_list, val_list); only `--what loader` needs it")]
+    Data(#[from] DataError),
+    #[error("cannot write the benchmark's temporary weights {path}: {source}; set TMPDIR to a writable folder")]
+    Weights {
+        path: PathBuf,
+        source: tch::TchError,
+    },
+}
+
+/// How to time: where, and how often.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchOptions {
+    pub device: Device,
+    /// Unmeasured runs first.
+    pub warmup: usize,
+    /// Measured runs; the median is reported.
+    pub repeats: usize,
+}
+
+/// Seconds of one run: the median and spread of the wall-clock time, and the median CPU time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Timing {
+    pub median_s: f64,
+    pub min_s: f64,
+    pub max_s: f64,
+    /// CPU seconds of the process (all threads) per run, median. On a machine shared with other
+    /// work, wall time inflates while CPU time stays closer to the work done; on CUDA it is the
+    /// host's share only.
+    pub cpu_median_s: f64,
+    pub repeats: usize,
+}
+
+/// The median of a non-empty sample (sorted in place).
+fn median(samples: &mut [f64]) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    let n = samples.len();
+    (samples[(n - 1) / 2] + samples[n / 2]) / 2.0
+}
+
+/// User + system CPU seconds this process has used so far.
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the rusage struct it is given, which lives on this stack.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+impl Timing {
+    /// Runs `work` `warmup + repeats` times and times the last `repeats`.
+    fn measure(options: &BenchOptions, mut work: impl FnMut()) -> Timing {
+        let finish = || {
+            if let Device::Cuda(index) = options.device {
+                tch::Cuda::synchronize(index as i64);
+            }
+        };
+        for _ in 0..options.warmup {
+            work();
+        }
+        finish();
+        let (mut wall, mut cpu): (Vec<f64>, Vec<f64>) = (0..options.repeats.max(1))
+            .map(|_| {
+                let (start, cpu_start) = (Instant::now(), process_cpu_seconds());
+                work();
+                finish();
+                (
+                    start.elapsed().as_secs_f64(),
+                    process_cpu_seconds() - cpu_start,
+                )
+            })
+            .unzip();
+        Timing {
+            median_s: median(&mut wall),
+            min_s: wall[0],
+            max_s: wall[wall.len() - 1],
+            cpu_median_s: median(&mut cpu),
+            repeats: wall.len(),
+        }
+    }
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB, when the kernel reports it.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Restarts the peak-RSS count from the current RSS (Linux ≥ 4.0), so that each section reports
+/// its own peak. Where that is refused, sections report the process's peak so far.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Episodes per second of one step that processes `batch_size` episodes.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepThroughput {
+    /// Image side (square images).
+    pub size: i64,
+    pub shot: usize,
+    pub batch_size: usize,
+    /// Seconds to build the model once, before timing (for SVF this includes an SVD of every
+    /// decomposed layer).
+    pub setup_s: f64,
+    pub timing: Timing,
+    pub seconds_per_episode: f64,
+    pub episodes_per_second: f64,
+    /// Peak resident memory while building the model and timing, MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+impl StepThroughput {
+    fn new(
+        size: i64,
+        shot: usize,
+        batch_size: usize,
+        setup_s: f64,
+        timing: Timing,
+    ) -> StepThroughput {
+        let seconds_per_episode = timing.median_s / batch_size as f64;
+        StepThroughput {
+            size,
+            shot,
+            batch_size,
+            setup_s,
+            timing,
+            seconds_per_episode,
+            episodes_per_second: 1.0 / seconds_per_episode,
+            peak_rss_mib: peak_rss_mib(),
+        }
+    }
+}
+
+/// A batch of random episodes on the device: `(query, query_label, supports, support_labels)`
+/// with labels in {0, 1, 255} (about 45 % foreground, 10 % ignored).
+fn synthetic_episodes(batch: usize, shot: usize, size: i64, device: Device) -> [Tensor; 4] {
+    let (b, k) = (batch as i64, shot as i64);
+    let opts = (Kind::Float, device);
+    let label = |shape: &[i64]| {
+        let u = Tensor::rand(shape, opts);
+        let foreground = u.lt(0.45).to_kind(Kind::Int64);
+        foreground.where_self(&u.lt(0.9), &Tensor::full([], 255, (Kind::Int64, device)))
+    };
+    [
+        Tensor::randn([b, 3, size, size], opts),
+        label(&[b, size, size]),
+        Tensor::randn([b, k, 3, size, size], opts),
+        label(&[b, k, size, size]),
+    ]
+}
+
+/// The geometry of the episodes a step is timed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpisodeShape {
+    /// Side of the square images.
+    pub size: i64,
+    /// Supports per episode (K).
+    pub shot: usize,
+}
+
+/// One training iteration as the trainer runs it (forward in train mode, loss, backward, SGD step
+/// on the trainable set with the head at `head_lr_scale`, the loss read back) on a random batch of
+/// `batch_size` episodes, for each shape. The model is built once.
+pub fn train_step_throughput(
+    config: &Config,
+    options: &BenchOptions,
+    shapes: &[EpisodeShape],
+) -> Result<Vec<StepThroughput>, BenchError> {
+    let setup = Instant::now();
+    tch::manual_seed(config.manual_seed as i64);
+    let vs = nn::VarStore::new(options.device);
+    let net = PfeNet::new(&vs.root(), config)?;
+    let parameters = model::freeze_all_but_trainable(&vs, config.svf)
+        .into_iter()
+        .map(|(name, tensor)| {
+            let scale = if model::is_head_parameter(&name) {
+                config.head_lr_scale
+            } else {
+                1.0
+            };
+            (name, tensor, scale)
+        })
+        .collect();
+    let mut sgd = Sgd::new(parameters, config.momentum, config.weight_decay);
+    let setup_s = setup.elapsed().as_secs_f64();
+    let batch = config.batch_size;
+    let mut results = Vec::with_capacity(shapes.len());
+    for &EpisodeShape { size, shot } in shapes {
+        let [query, query_label, supports, support_labels] =
+            synthetic_episodes(batch, shot, size, options.device);
+        reset_peak_rss();
+        let timing = Timing::measure(options, || {
+            let out = net.forward(&query, &supports, &support_labels, true);
+            let loss = net.loss(&out, &query_label);
+            sgd.zero_grad();
+            loss.backward();
+            sgd.step(config.base_lr);
+            loss.double_value(&[]);
+        });
+        results.push(StepThroughput::new(size, shot, batch, setup_s, timing));
+    }
+    Ok(results)
+}
+
+/// Evaluation throughput of the model as `svf-eval` runs it (eval mode, no autograd, argmax of
+/// the logits), unfused and, for SVF, fused.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalThroughput {
+    /// The model as trained (SVD convolutions as U·S·V for SVF).
+    pub unfused: StepThroughput,
+    /// SVF only: the SVD convolutions folded back into one convolution each (`svf-eval`'s path).
+    pub fused: Option<StepThroughput>,
+    /// SVF only: the largest |fused − unfused| logit on the timed episodes.
+    pub fused_max_abs_diff: Option<f64>,
+}
+
+/// A model loaded for evaluation, with the seconds [`eval::load_model`] took.
+struct EvalModel {
+    _vs: nn::VarStore,
+    net: PfeNet,
+    setup_s: f64,
+}
+
+impl EvalModel {
+    fn load(
+        config: &Config,
+        weights: &Path,
+        device: Device,
+        fuse: bool,
+    ) -> Result<Self, BenchError> {
+        let setup = Instant::now();
+        let (vs, net) = eval::load_model(config, weights, device, fuse)?;
+        Ok(EvalModel {
+            _vs: vs,
+            net,
+            setup_s: setup.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Times the logits and argmax of one batch; returns the timing and the logits.
+    fn measure(
+        &self,
+        options: &BenchOptions,
+        episodes: &[Tensor; 4],
+        shape: EpisodeShape,
+    ) -> (StepThroughput, Tensor) {
+        let [query, _, supports, support_labels] = episodes;
+        let logits = || {
+            tch::no_grad(|| {
+                self.net
+                    .forward(query, supports, support_labels, false)
+                    .logits
+            })
+        };
+        reset_peak_rss();
+        let timing = Timing::measure(options, || {
+            let _ = logits().argmax(1, false);
+        });
+        let batch = query.size()[0] as usize;
+        let throughput = StepThroughput::new(shape.size, shape.shot, batch, self.setup_s, timing);
+        (throughput, logits())
+    }
+}
+
+/// Times one evaluation forward pass of `batch_size_val` random episodes for each shape, for the
+/// model loaded by [`eval::load_model`] without and (SVF) with fusion, from random weights
+/// written to a temporary file. The models are loaded once.
+pub fn eval_throughput(
+    config: &Config,
+    options: &BenchOptions,
+    shapes: &[EpisodeShape],
+) -> Result<Vec<EvalThroughput>, BenchError> {
+    let weights = std::env::temp_dir().join(format!(
+        "svf-bench-{}-weights.safetensors",
+        std::process::id()
+    ));
+    let models = write_random_weights(config, &weights).and_then(|()| {
+        let unfused = EvalModel::load(config, &weights, options.device, false)?;
+        let fused = match config.svf {
+            true => Some(EvalModel::load(config, &weights, options.device, true)?),
+            false => None,
+        };
+        Ok((unfused, fused))
+    });
+    let _ = std::fs::remove_file(&weights);
+    let (unfused, fused) = models?;
+    let results = shapes
+        .iter()
+        .map(|&shape| {
+            let episodes = synthetic_episodes(
+                config.batch_size_val,
+                shape.shot,
+                shape.size,
+                options.device,
+            );
+            let (unfused, unfused_logits) = unfused.measure(options, &episodes, shape);
+            let (fused, diff) = match &fused {
+                Some(model) => {
+                    let (fused, fused_logits) = model.measure(options, &episodes, shape);
+                    let diff = (fused_logits - unfused_logits)
+                        .abs()
+                        .max()
+                        .double_value(&[]);
+                    (Some(fused), Some(diff))
+                }
+                None => (None, None),
+            };
+            EvalThroughput {
+                unfused,
+                fused,
+                fused_max_abs_diff: diff,
+            }
+        })
+        .collect();
+    Ok(results)
+}
+
+/// Writes the weights of a randomly initialised model of `config` (seeded) to `path`.
+fn write_random_weights(config: &Config, path: &Path) -> Result<(), BenchError> {
+    tch::manual_seed(config.manual_seed as i64);
+    let vs = nn::VarStore::new(Device::Cpu);
+    PfeNet::new(&vs.root(), config)?;
+    Tensor::write_safetensors(&crate::checkpoint::model_weights(&vs), path).map_err(|source| {
+        BenchError::Weights {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// Time to decompose the configured backbone's full-rank weights with its `svf_*` options, as
+/// loading pretrained weights into an SVF model does.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecomposeTiming {
+    /// Layers decomposed.
+    pub layers: usize,
+    /// Parameters of the decomposed backbone.
+    pub parameters: i64,
+    pub timing: Timing,
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Times [`svf::decompose_weights`] on a random full-rank backbone of `config`'s shape.
+pub fn decompose_timing(
+    config: &Config,
+    options: &BenchOptions,
+) -> Result<DecomposeTiming, BenchError> {
+    reset_peak_rss();
+    tch::manual_seed(config.manual_seed as i64);
+    let full_rank = Config {
+        svf: false,
+        ..config.clone()
+    };
+    let vs = nn::VarStore::new(options.device);
+    Backbone::new(&vs.root(), &full_rank)?;
+    let weights = backbone::backbone_variables(&vs);
+    let svf_options = SvfOptions::from_config(config);
+    let mut report = None;
+    let timing = Timing::measure(options, || {
+        report = Some(svf::decompose_weights(&weights, &svf_options).1);
+    });
+    let report = report.expect("measure runs the work at least once");
+    Ok(DecomposeTiming {
+        layers: report.layers.len(),
+        parameters: report.parameters,
+        timing,
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
 
 /// Episodes per second the loader delivers for one split and worker count.
 #[derive(Debug, Clone, Serialize)]
@@ -62,4 +458,209 @@ pub fn loader_throughput(
             })
         })
         .collect()
+}
+
+/// A part of the pipeline `svf-bench` can time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Section {
+    /// Episode loading (decode + augment + batch), train and val transforms.
+    Loader,
+    /// One training iteration (forward, backward, optimiser).
+    Train,
+    /// One evaluation forward pass, unfused and (SVF) fused.
+    Eval,
+    /// SVD decomposition of the backbone.
+    Decompose,
+}
+
+/// What to time: the sections, for every image size × shot.
+#[derive(Debug, Clone)]
+pub struct BenchPlan {
+    pub sections: Vec<Section>,
+    /// Square image sides (train crop, val canvas); empty: the config's `train_h` and `val_size`.
+    pub sizes: Vec<i64>,
+    /// Support counts; empty: the config's `shot`.
+    pub shots: Vec<usize>,
+    pub options: BenchOptions,
+    /// Loader worker counts.
+    pub loader_workers: Vec<usize>,
+    /// Episodes per loader measurement.
+    pub loader_episodes: u64,
+}
+
+/// Everything one `svf-bench` run measured; serialised as its JSON line.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// `PFENet` or `PFENet+SVF`.
+    pub method: String,
+    /// `ResNet-50`, `VGG-16`, ... (with the width when reduced).
+    pub backbone: String,
+    pub device: String,
+    /// libtorch intra-op threads.
+    pub threads: i32,
+    pub warmup: usize,
+    pub repeats: usize,
+    pub train: Vec<StepThroughput>,
+    pub eval: Vec<EvalThroughput>,
+    pub loader: Vec<LoaderThroughput>,
+    pub decompose: Option<DecomposeTiming>,
+}
+
+/// Runs `plan` on `config`: train and eval for every size × shot (default: the config's
+/// `train_h` resp. `val_size` and `shot`), the loader likewise with the size as train crop and
+/// validation canvas, and the decomposition once.
+pub fn run(config: &Config, plan: &BenchPlan) -> Result<BenchReport, BenchError> {
+    let shapes = |default_size: i64| -> Vec<EpisodeShape> {
+        let sizes = match plan.sizes.is_empty() {
+            true => vec![default_size],
+            false => plan.sizes.clone(),
+        };
+        let shots = match plan.shots.is_empty() {
+            true => vec![config.shot],
+            false => plan.shots.clone(),
+        };
+        sizes
+            .iter()
+            .flat_map(|&size| shots.iter().map(move |&shot| EpisodeShape { size, shot }))
+            .collect()
+    };
+    let setting = eval::EvalSetting::new(config, config.shot, 0, false);
+    let mut report = BenchReport {
+        method: setting.method,
+        backbone: setting.backbone,
+        device: match plan.options.device {
+            Device::Cuda(index) => format!("cuda:{index}"),
+            other => format!("{other:?}").to_lowercase(),
+        },
+        threads: tch::get_num_threads(),
+        warmup: plan.options.warmup,
+        repeats: plan.options.repeats.max(1),
+        train: Vec::new(),
+        eval: Vec::new(),
+        loader: Vec::new(),
+        decompose: None,
+    };
+    for section in &plan.sections {
+        match section {
+            Section::Train => {
+                report.train =
+                    train_step_throughput(config, &plan.options, &shapes(config.train_h))?
+            }
+            Section::Eval => {
+                report.eval = eval_throughput(config, &plan.options, &shapes(config.val_size))?
+            }
+            Section::Loader => {
+                for EpisodeShape { size, shot } in shapes(config.train_h) {
+                    let config = Config {
+                        shot,
+                        train_h: size,
+                        train_w: size,
+                        val_size: size,
+                        ..config.clone()
+                    };
+                    for split in [Split::Train, Split::Val] {
+                        report.loader.extend(loader_throughput(
+                            &config,
+                            split,
+                            &plan.loader_workers,
+                            plan.loader_episodes,
+                        )?);
+                    }
+                }
+            }
+            Section::Decompose => report.decompose = Some(decompose_timing(config, &plan.options)?),
+        }
+    }
+    Ok(report)
+}
+
+impl std::fmt::Display for BenchReport {
+    /// A small table: one row per measurement.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} {} on {} ({} threads), median of {} after {} warm-up",
+            self.method, self.backbone, self.device, self.threads, self.repeats, self.warmup
+        )?;
+        writeln!(
+            f,
+            "{:<12} {:>5} {:>4} {:>5} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10}",
+            "section",
+            "size",
+            "shot",
+            "batch",
+            "s/step",
+            "s/episode",
+            "episodes/s",
+            "peak MiB",
+            "setup s",
+            "CPU s/step"
+        )?;
+        let mib = |m: Option<f64>| m.map_or("n/a".to_string(), |m| format!("{m:.0}"));
+        let mut row = |name: &str, s: &StepThroughput| {
+            writeln!(
+                f,
+                "{:<12} {:>5} {:>4} {:>5} {:>10.4} {:>10.4} {:>10.2} {:>9} {:>8.2} {:>10.4}",
+                name,
+                s.size,
+                s.shot,
+                s.batch_size,
+                s.timing.median_s,
+                s.seconds_per_episode,
+                s.episodes_per_second,
+                mib(s.peak_rss_mib),
+                s.setup_s,
+                s.timing.cpu_median_s
+            )
+        };
+        for s in &self.train {
+            row("train", s)?;
+        }
+        for e in &self.eval {
+            row("eval", &e.unfused)?;
+            if let Some(fused) = &e.fused {
+                row("eval fused", fused)?;
+            }
+        }
+        for l in &self.loader {
+            writeln!(
+                f,
+                "{:<12} {:>5} {:>4} {:>5} {:>10} {:>10} {:>10.2}   ({} workers, {} episodes)",
+                format!("loader {}", l.split),
+                l.size.0,
+                l.shot,
+                l.batch_size,
+                "",
+                format!("{:.4}", 1.0 / l.episodes_per_second),
+                l.episodes_per_second,
+                l.workers,
+                l.episodes
+            )?;
+        }
+        for e in &self.eval {
+            if let Some(diff) = e.fused_max_abs_diff {
+                writeln!(
+                    f,
+                    "fused vs unfused logits at {}: max |diff| {diff:.2e}",
+                    e.unfused.size
+                )?;
+            }
+        }
+        if let Some(d) = &self.decompose {
+            writeln!(
+                f,
+                "decompose: {} layers ({} parameters) in {:.3} s, peak {} MiB",
+                d.layers,
+                d.parameters,
+                d.timing.median_s,
+                mib(d.peak_rss_mib)
+            )?;
+        }
+        if self.device.starts_with("cuda") {
+            // tch 0.24 does not expose the CUDA caching allocator's statistics.
+            writeln!(f, "peak GPU memory: n/a")?;
+        }
+        Ok(())
+    }
 }

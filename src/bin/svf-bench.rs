@@ -1,65 +1,71 @@
-//! `svf-bench`: throughput figures of the pipeline's parts, one section per `--what`.
+//! `svf-bench`: throughput of the pipeline's parts, printed as a small table (stderr) and one
+//! JSON line (stdout).
 use clap::{Parser, ValueEnum};
-use svf::bench::loader_throughput;
-use svf::cli::ConfigArgs;
-use svf::data::Split;
+use svf::bench::{self, BenchOptions, BenchPlan, Section};
+use svf::cli::{ConfigArgs, RuntimeArgs};
 
-/// Measure throughput (episodes per second) of the pipeline's parts on a config's dataset.
+/// Time the train step, evaluation, loader and SVD decomposition of a config's model: median of
+/// repeated runs after warm-up, on synthetic episodes (the loader reads the config's dataset).
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
     #[command(flatten)]
     config: ConfigArgs,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
     /// Sections to run (repeatable); default: all.
     #[arg(long, value_enum)]
-    what: Vec<What>,
-    /// Episodes per measurement.
+    what: Vec<Section>,
+    /// Square image sizes, comma-separated, e.g. 233,353,473 (default: the config's train_h and
+    /// val_size).
+    #[arg(long, value_delimiter = ',')]
+    size: Vec<i64>,
+    /// Shots, comma-separated, e.g. 1,5 (default: the config's shot).
+    #[arg(long, value_delimiter = ',')]
+    shot: Vec<usize>,
+    /// libtorch intra-op threads (default: libtorch's choice).
+    #[arg(long)]
+    threads: Option<i32>,
+    /// Unmeasured runs before timing.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed runs; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Episodes per loader measurement.
     #[arg(long, default_value_t = 200)]
     episodes: u64,
     /// Loader worker counts to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     workers: Vec<usize>,
-    /// Debug-level logging.
-    #[arg(short, long)]
-    verbose: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum What {
-    /// Episode loading (decode + augment + batch) for train and val.
-    Loader,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.config.load()?;
-    svf::logging::init(cli.verbose, None)?;
-    let sections = if cli.what.is_empty() {
-        What::value_variants().to_vec()
-    } else {
-        cli.what.clone()
-    };
-    for section in sections {
-        match section {
-            What::Loader => {
-                for split in [Split::Train, Split::Val] {
-                    for r in loader_throughput(&config, split, &cli.workers, cli.episodes)? {
-                        println!(
-                            "loader {:5} {}x{} shot {} batch {} workers {}: {:8.1} episodes/s ({} episodes in {:.2} s)",
-                            r.split,
-                            r.size.0,
-                            r.size.1,
-                            r.shot,
-                            r.batch_size,
-                            r.workers,
-                            r.episodes_per_second,
-                            r.episodes,
-                            r.seconds
-                        );
-                    }
-                }
-            }
-        }
+    svf::logging::init(cli.runtime.verbose, None)?;
+    let device = cli.runtime.device.resolve()?;
+    if let Some(threads) = cli.threads {
+        tch::set_num_threads(threads);
     }
+    let plan = BenchPlan {
+        sections: if cli.what.is_empty() {
+            Section::value_variants().to_vec()
+        } else {
+            cli.what
+        },
+        sizes: cli.size,
+        shots: cli.shot,
+        options: BenchOptions {
+            device,
+            warmup: cli.warmup,
+            repeats: cli.repeats,
+        },
+        loader_workers: cli.workers,
+        loader_episodes: cli.episodes,
+    };
+    let report = bench::run(&config, &plan)?;
+    eprint!("{report}");
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -1,0 +1,109 @@
+//! `svf-bench` end to end on a test-sized model: every section runs and the JSON line parses.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use svf::config::Config;
+use svf::data::synth::{write_dataset, SynthOptions};
+
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("svf-bench-test-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn every_section_runs_on_a_tiny_config_and_the_json_line_parses() {
+    let dir = scratch("all");
+    let data = dir.join("data");
+    let options = SynthOptions {
+        train_images: 60,
+        val_images: 60,
+        size: 112,
+        seed: 5,
+    };
+    write_dataset(&data, &options).unwrap();
+    let config = Config {
+        data_root: data.clone(),
+        train_list: data.join("lists/train.txt"),
+        val_list: data.join("lists/val.txt"),
+        layers: 18,
+        backbone_width: 0.25,
+        reduce_dim: 16,
+        ppm_scales: vec![8, 4],
+        svf: true,
+        batch_size: 2,
+        ..Config::default()
+    };
+    let config_path = dir.join("tiny.yaml");
+    std::fs::write(&config_path, config.to_yaml()).unwrap();
+
+    let output = Command::new(env!("CARGO_BIN_EXE_svf-bench"))
+        .env("OMP_NUM_THREADS", "1")
+        .arg("--config")
+        .arg(&config_path)
+        .args([
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--size",
+            "65",
+            "--shot",
+            "1,2",
+        ])
+        .args([
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--episodes",
+            "4",
+            "--workers",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "svf-bench failed:\n{stderr}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON line on stdout, got:\n{stdout}");
+    let report: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+
+    assert_eq!(report["method"], "PFENet+SVF");
+    assert_eq!(report["threads"], 1);
+    assert_eq!(report["repeats"], 2);
+    let shots = |section: &serde_json::Value| -> Vec<u64> {
+        section
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["shot"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(shots(&report["train"]), [1, 2]);
+    for train in report["train"].as_array().unwrap() {
+        assert_eq!(train["size"], 65);
+        assert_eq!(train["batch_size"], 2);
+        assert!(train["episodes_per_second"].as_f64().unwrap() > 0.0);
+        assert!(train["setup_s"].as_f64().unwrap() > 0.0);
+        assert!(train["timing"]["cpu_median_s"].as_f64().unwrap() >= 0.0);
+    }
+    let eval = report["eval"].as_array().unwrap();
+    assert_eq!(eval.len(), 2);
+    for e in eval {
+        assert_eq!(e["unfused"]["batch_size"], 1);
+        assert!(e["fused"]["timing"]["median_s"].as_f64().unwrap() > 0.0);
+        // The fused model computes the same function (fp32 round-off only).
+        assert!(e["fused_max_abs_diff"].as_f64().unwrap() < 1e-3, "{e}");
+    }
+    // Two shots × two splits × one worker count.
+    let loader = report["loader"].as_array().unwrap();
+    assert_eq!(loader.len(), 4);
+    assert!(loader.iter().all(|l| l["episodes"] == 4));
+    assert!(report["decompose"]["layers"].as_u64().unwrap() > 0);
+    assert!(stderr.contains("eval fused"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
