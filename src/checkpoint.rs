@@ -424,7 +424,12 @@ mod tests {
     }
 
     fn value_of(checkpoint: &Checkpoint<State>) -> f64 {
-        checkpoint.weights[0].1.mean(Kind::Float).double_value(&[])
+        let (_, weight) = checkpoint
+            .weights
+            .iter()
+            .find(|(n, _)| n == "a.weight")
+            .unwrap();
+        weight.mean(Kind::Float).double_value(&[])
     }
 
     fn temp_dir(tag: &str) -> PathBuf {
@@ -456,9 +461,16 @@ mod tests {
         .unwrap();
         let back: Checkpoint<State> = load(&dir, "last").unwrap();
         assert_eq!(back.state, State { iteration: 3 });
-        assert_eq!(back.weights[0].0, "a.weight");
-        assert_eq!(back.weights[1].1.kind(), Kind::Int64);
-        assert_eq!(back.weights[1].1.int64_value(&[]), 1);
+        let mut names: Vec<&str> = back.weights.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["a.num_batches_tracked", "a.weight"]);
+        let (_, counter) = back
+            .weights
+            .iter()
+            .find(|(n, _)| n == "a.num_batches_tracked")
+            .unwrap();
+        assert_eq!(counter.kind(), Kind::Int64);
+        assert_eq!(counter.int64_value(&[]), 1);
         assert_eq!(value_of(&back), 1.5);
         let optimizer = back.optimizer.unwrap();
         assert_eq!(optimizer[0].1.mean(Kind::Float).double_value(&[]), 7.0);

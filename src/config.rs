@@ -218,7 +218,14 @@ impl Config {
         };
         // Unknown keys and wrong types in the file are reported against the file itself.
         let from_file: Config = serde_yaml::from_value(serde_yaml::Value::Mapping(map.clone()))
-            .map_err(|e| parse_err(format!("{e}; see configs/pascal_split0.yaml for every key")))?;
+            .map_err(|e| {
+                parse_err(format!(
+                    "{}{e}; see configs/pascal_split0.yaml for every key",
+                    culprit_key(&map)
+                        .map(|k| format!("key `{k}`: "))
+                        .unwrap_or_default()
+                ))
+            })?;
         if overrides.is_empty() {
             from_file.validate(&origin.display().to_string())?;
             return Ok(from_file);
@@ -384,6 +391,20 @@ impl Config {
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).expect("a Config always serialises")
     }
+}
+
+/// The first key whose value alone fails to deserialise: serde_yaml's type errors do not name it.
+fn culprit_key(map: &serde_yaml::Mapping) -> Option<String> {
+    map.iter().find_map(|(key, value)| {
+        let mut single = serde_yaml::Mapping::new();
+        single.insert(key.clone(), value.clone());
+        serde_yaml::from_value::<Config>(serde_yaml::Value::Mapping(single))
+            .is_err()
+            .then(|| match key {
+                serde_yaml::Value::String(s) => s.clone(),
+                other => format!("{other:?}"),
+            })
+    })
 }
 
 /// Splits `key=value` and parses the value as YAML (`shot=5`, `ppm_scales=[30,15]`, `weight=null`).

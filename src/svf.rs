@@ -31,7 +31,7 @@ pub fn is_trainable(name: &str, svf_enabled: bool) -> bool {
 }
 
 /// Whether a state-dict entry is a BatchNorm buffer (statistics, not a parameter).
-pub fn is_buffer(name: &str) -> bool {
+fn is_buffer(name: &str) -> bool {
     ["running_mean", "running_var", "num_batches_tracked"]
         .iter()
         .any(|b| name.ends_with(b))
