@@ -147,7 +147,8 @@ pub struct StepThroughput {
     pub timing: Timing,
     pub seconds_per_episode: f64,
     pub episodes_per_second: f64,
-    /// Peak resident memory while building the model and timing, MiB.
+    /// Peak resident memory while timing this shape, MiB: the section's models (for eval both the
+    /// unfused and the fused one) plus what the step allocates.
     pub peak_rss_mib: Option<f64>,
 }
 
