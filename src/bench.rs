@@ -18,7 +18,7 @@ use crate::backbone::{self, Backbone, BackboneError};
 use crate::config::Config;
 use crate::data::{DataError, EpisodeLoader, FewShotDataset, Split};
 use crate::eval::{self, EvalError};
-use crate::model::{ModelError, PfeNet};
+use crate::model::{ModelError, PfeNet, Shortcuts};
 use crate::svf::{self, SvfOptions};
 use crate::train;
 
@@ -48,6 +48,28 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Measured runs; the median is reported.
     pub repeats: usize,
+    /// The model's work-saving shortcuts; turning one off measures what it saves.
+    pub shortcuts: Shortcuts,
+}
+
+/// A shortcut `svf-bench --without` can turn off, to time the work it saves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shortcut {
+    /// Autograd through every backbone weight (all trainable, gradients computed and unused),
+    /// instead of frozen weights and gradient-free layer0..1.
+    FrozenWithoutAutograd,
+    /// The K shots through the backbone one by one instead of as one batch.
+    BatchedShots,
+}
+
+impl Shortcut {
+    /// `shortcuts` with this one off.
+    pub fn disable(self, shortcuts: &mut Shortcuts) {
+        match self {
+            Shortcut::FrozenWithoutAutograd => shortcuts.frozen_without_autograd = false,
+            Shortcut::BatchedShots => shortcuts.batched_shots = false,
+        }
+    }
 }
 
 /// Seconds of one run: the median and spread of the wall-clock time, and the median CPU time.
@@ -212,8 +234,18 @@ pub fn train_step_throughput(
     let setup = Instant::now();
     tch::manual_seed(config.manual_seed as i64);
     let vs = nn::VarStore::new(options.device);
-    let net = PfeNet::new(&vs.root(), config)?;
+    let mut net = PfeNet::new(&vs.root(), config)?;
+    net.shortcuts = options.shortcuts;
     let mut sgd = train::optimiser(&vs, config);
+    if !options.shortcuts.frozen_without_autograd {
+        // What a model that freezes nothing pays: autograd through every weight.
+        for (name, variable) in vs.variables() {
+            let statistic = name.contains(".running_") || name.ends_with("num_batches_tracked");
+            if !statistic {
+                let _ = variable.set_requires_grad(true);
+            }
+        }
+    }
     let setup_s = setup.elapsed().as_secs_f64();
     let batch = config.batch_size;
     let mut results = Vec::with_capacity(shapes.len());
@@ -259,11 +291,12 @@ impl EvalModel {
     fn load(
         config: &Config,
         weights: &Path,
-        device: Device,
+        options: &BenchOptions,
         fuse: bool,
     ) -> Result<Self, BenchError> {
         let setup = Instant::now();
-        let (vs, net) = eval::load_model(config, weights, device, fuse)?;
+        let (vs, mut net) = eval::load_model(config, weights, options.device, fuse)?;
+        net.shortcuts = options.shortcuts;
         Ok(EvalModel {
             _vs: vs,
             net,
@@ -313,9 +346,9 @@ pub fn eval_throughput(
         std::process::id()
     ));
     let models = write_random_weights(config, &weights).and_then(|()| {
-        let unfused = EvalModel::load(config, &weights, options.device, false)?;
+        let unfused = EvalModel::load(config, &weights, options, false)?;
         let fused = match config.svf {
-            true => Some(EvalModel::load(config, &weights, options.device, true)?),
+            true => Some(EvalModel::load(config, &weights, options, true)?),
             false => None,
         };
         Ok((unfused, fused))
@@ -501,6 +534,8 @@ pub struct BenchReport {
     pub device: String,
     /// libtorch intra-op threads.
     pub threads: i32,
+    /// The model's shortcuts, as on or off (`--without`) for this run.
+    pub shortcuts: Shortcuts,
     pub warmup: usize,
     pub repeats: usize,
     pub train: Vec<StepThroughput>,
@@ -536,6 +571,7 @@ pub fn run(config: &Config, plan: &BenchPlan) -> Result<BenchReport, BenchError>
             other => format!("{other:?}").to_lowercase(),
         },
         threads: tch::get_num_threads(),
+        shortcuts: plan.options.shortcuts,
         warmup: plan.options.warmup,
         repeats: plan.options.repeats.max(1),
         train: Vec::new(),
@@ -582,8 +618,18 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{} {} on {} ({} threads), median of {} after {} warm-up",
-            self.method, self.backbone, self.device, self.threads, self.repeats, self.warmup
+            "{} {} on {} ({} threads), median of {} after {} warm-up{}",
+            self.method,
+            self.backbone,
+            self.device,
+            self.threads,
+            self.repeats,
+            self.warmup,
+            if self.shortcuts == Shortcuts::default() {
+                String::new()
+            } else {
+                format!(", shortcuts {:?}", self.shortcuts)
+            }
         )?;
         writeln!(
             f,

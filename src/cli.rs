@@ -7,7 +7,7 @@ use clap::Args;
 use crate::config::Config;
 use crate::device::DeviceArg;
 
-/// `--device` and `--verbose`, which every command takes.
+/// `--device`, `--threads` and `--verbose`, which every command takes.
 #[derive(Debug, Clone, Args)]
 pub struct RuntimeArgs {
     /// Compute device: auto (first CUDA GPU if any, else CPU), cpu, cuda or cuda:N.
@@ -16,6 +16,24 @@ pub struct RuntimeArgs {
     /// Debug-level logging (RUST_LOG, when set, takes precedence).
     #[arg(short, long)]
     pub verbose: bool,
+    /// libtorch intra-op threads on the CPU [default: libtorch's, one per physical core, or
+    /// OMP_NUM_THREADS]. Fewer than the cores helps when other work shares the machine:
+    /// libtorch's threads wait for the slowest one.
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    pub threads: Option<i32>,
+}
+
+impl RuntimeArgs {
+    /// Applies `--threads`, resolves `--device` and logs the start-up line; call after logging
+    /// is initialised.
+    pub fn start(&self) -> anyhow::Result<tch::Device> {
+        if let Some(threads) = self.threads {
+            tch::set_num_threads(threads);
+        }
+        let device = self.device.resolve()?;
+        crate::device::log_startup(device);
+        Ok(device)
+    }
 }
 
 impl clap::builder::ValueParserFactory for DeviceArg {

@@ -4,7 +4,6 @@
 //! (seed, index), so every run sees the same ones; each prediction is compared with the episode's
 //! label at its original size; BAM's protocol repeats this for several seeds and reports the mean.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::amp;
+use crate::backbone::Init;
 use crate::checkpoint::{self, CheckpointError, CheckpointFiles};
 use crate::config::Config;
 use crate::data::rng::EpisodeRng;
@@ -292,9 +292,7 @@ pub fn resolve_weights(path: &Path) -> Result<PathBuf, EvalError> {
 }
 
 /// A model for inference with the weights of `weights` (a checkpoint or any state dict of the
-/// config's model, strictly matched). With `fuse` and an SVF config, the SVD convolutions are folded
-/// back into full-rank weights (`svf::recompose`) and the model is built full-rank: the same
-/// function, one convolution per layer instead of two.
+/// config's model, strictly matched). With `fuse` and an SVF config, the model is [`fuse`]d.
 pub fn load_model(
     config: &Config,
     weights: &Path,
@@ -302,20 +300,28 @@ pub fn load_model(
     fuse: bool,
 ) -> Result<(nn::VarStore, PfeNet), EvalError> {
     let vs = nn::VarStore::new(device);
-    let model = PfeNet::new(&vs.root(), config)?;
+    let model = PfeNet::with_backbone_init(&vs.root(), config, Init::Zeros)?;
     checkpoint::load_weights(&vs, weights)?;
-    if !(fuse && config.svf) {
-        return Ok((vs, model));
+    if fuse && config.svf {
+        Ok(self::fuse(&vs, config)?)
+    } else {
+        Ok((vs, model))
     }
-    let decomposed: HashMap<String, Tensor> = vs.variables();
-    let full: Vec<(String, Tensor)> = crate::svf::recompose(&decomposed).into_iter().collect();
+}
+
+/// The SVF model held in `vs` with its SVD convolutions folded back into full-rank weights
+/// (`svf::recompose`), built full-rank on the same device: the same function, one convolution
+/// per layer instead of two, for inference.
+pub fn fuse(vs: &nn::VarStore, config: &Config) -> Result<(nn::VarStore, PfeNet), ModelError> {
+    let full: Vec<(String, Tensor)> = crate::svf::recompose(&vs.variables()).into_iter().collect();
     let full_config = Config {
         svf: false,
         ..config.clone()
     };
-    let fused_vs = nn::VarStore::new(device);
-    let fused = PfeNet::new(&fused_vs.root(), &full_config)?;
-    checkpoint::copy_into(&fused_vs, &full, weights)?;
+    let fused_vs = nn::VarStore::new(vs.device());
+    let fused = PfeNet::with_backbone_init(&fused_vs.root(), &full_config, Init::Zeros)?;
+    checkpoint::copy_into(&fused_vs, &full, Path::new("the recomposed model"))
+        .expect("recomposing an SVF model gives exactly the full-rank model's variables");
     Ok((fused_vs, fused))
 }
 

@@ -10,7 +10,7 @@ pub use head::{
 
 use tch::{nn, Kind, Reduction, Tensor};
 
-use crate::backbone::{self, Backbone, BackboneError};
+use crate::backbone::{self, Backbone, BackboneError, Init};
 use crate::config::Config;
 use crate::svf;
 
@@ -32,6 +32,26 @@ pub struct PfeNetOutput {
     pub aux_logits: Vec<Tensor>,
 }
 
+/// Work the forward pass saves without changing its result; all on by default. `svf-bench
+/// --without` turns one off to measure what it saves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Shortcuts {
+    /// The backbone layers that never train (layer0..1; all of them without SVF) run without
+    /// autograd, keeping no activations for a backward pass.
+    pub frozen_without_autograd: bool,
+    /// The K shots of an episode go through the backbone as one batch (see `support_features`).
+    pub batched_shots: bool,
+}
+
+impl Default for Shortcuts {
+    fn default() -> Shortcuts {
+        Shortcuts {
+            frozen_without_autograd: true,
+            batched_shots: true,
+        }
+    }
+}
+
 /// PFENet (+ SVF when `config.svf`): backbone variables at the root (`layer0.*`..`layer4.*`), head
 /// variables at the root with PFENet's names.
 pub struct PfeNet {
@@ -42,12 +62,23 @@ pub struct PfeNet {
     /// Whether backbone BatchNorm is in training mode while training (not with `fix_bn`).
     bn_train_when_training: bool,
     aux_weight: f64,
+    pub shortcuts: Shortcuts,
 }
 
 impl PfeNet {
     /// Builds the model with random weights (PyTorch's default initialisation for the head).
     pub fn new(root: &nn::Path, config: &Config) -> Result<PfeNet, ModelError> {
-        let backbone = Backbone::new(root, config)?;
+        PfeNet::with_backbone_init(root, config, Init::Random)
+    }
+
+    /// [`PfeNet::new`] with the backbone's convolutions started as `init` says
+    /// ([`Init::Zeros`] when its weights are loaded next).
+    pub fn with_backbone_init(
+        root: &nn::Path,
+        config: &Config,
+        init: Init,
+    ) -> Result<PfeNet, ModelError> {
+        let backbone = Backbone::with_init(root, config, init)?;
         let channels = backbone.out_channels();
         let head = PfeHead::new(
             root,
@@ -61,6 +92,7 @@ impl PfeNet {
             svf: config.svf,
             bn_train_when_training: backbone::batch_norm_training(config, true),
             aux_weight: config.aux_weight,
+            shortcuts: Shortcuts::default(),
         })
     }
 
@@ -81,18 +113,7 @@ impl PfeNet {
             "PFENet input {height}×{width} must satisfy (H - 1) % 8 == 0 and (W - 1) % 8 == 0"
         );
         let (query_mid, query_high) = self.features(query, None, train);
-        let shots = supports.size()[1];
-        let support_features: Vec<SupportFeatures> = (0..shots)
-            .map(|k| {
-                let mask = support_labels
-                    .select(1, k)
-                    .eq(1)
-                    .to_kind(Kind::Float)
-                    .unsqueeze(1);
-                let (mid, high) = self.features(&supports.select(1, k), Some(&mask), train);
-                SupportFeatures { mid, high, mask }
-            })
-            .collect();
+        let support_features = self.support_features(supports, support_labels, train);
         let query_features = QueryFeatures {
             mid: query_mid,
             high: query_high,
@@ -104,6 +125,42 @@ impl PfeNet {
         }
     }
 
+    /// The features of each of the K shots. With BatchNorm on running statistics, all shots go
+    /// through the backbone as one batch of B·K images (the same numbers, fewer and larger
+    /// convolutions); while BatchNorm trains on batch statistics, shot by shot as PFENet does, since
+    /// the statistics of a shot's batch would otherwise change.
+    fn support_features(
+        &self,
+        supports: &Tensor,
+        support_labels: &Tensor,
+        train: bool,
+    ) -> Vec<SupportFeatures> {
+        let size = supports.size();
+        let (batch, shots) = (size[0], size[1]);
+        let masks = support_labels.eq(1).to_kind(Kind::Float).unsqueeze(2);
+        let batch_statistics = train && self.bn_train_when_training;
+        if batch_statistics || !self.shortcuts.batched_shots {
+            return (0..shots)
+                .map(|k| {
+                    let mask = masks.select(1, k);
+                    let (mid, high) = self.features(&supports.select(1, k), Some(&mask), train);
+                    SupportFeatures { mid, high, mask }
+                })
+                .collect();
+        }
+        let flat = |t: &Tensor| t.flatten(0, 1);
+        let (mid, high) = self.features(&flat(supports), Some(&flat(&masks)), train);
+        let per_shot = |t: &Tensor| t.unflatten(0, [batch, shots]);
+        let (mid, high) = (per_shot(&mid), per_shot(&high));
+        (0..shots)
+            .map(|k| SupportFeatures {
+                mid: mid.select(1, k),
+                high: high.select(1, k),
+                mask: masks.select(1, k),
+            })
+            .collect()
+    }
+
     /// `cat(layer3, layer2)` and layer4 of `images`; with `mask` (a support), layer4 sees the
     /// layer3 features multiplied by the resized mask.
     fn features(&self, images: &Tensor, mask: Option<&Tensor>, train: bool) -> (Tensor, Tensor) {
@@ -111,8 +168,10 @@ impl PfeNet {
         let layer = |index: usize, x: &Tensor| self.backbone.forward_layer(index, x, bn_train);
         // layer0..1 never train. layer2..4 need autograd only for SVF's singular values; without
         // SVF the whole backbone is frozen and runs gradient-free, as in PFENet.
-        let feat1 = tch::no_grad(|| layer(1, &layer(0, images)));
-        let tracked = |f: &dyn Fn() -> Tensor| if self.svf { f() } else { tch::no_grad(f) };
+        let skip_autograd = self.shortcuts.frozen_without_autograd;
+        let frozen = |f: &dyn Fn() -> Tensor| if skip_autograd { tch::no_grad(f) } else { f() };
+        let feat1 = frozen(&|| layer(1, &layer(0, images)));
+        let tracked = |f: &dyn Fn() -> Tensor| if self.svf { f() } else { frozen(f) };
         let feat2 = tracked(&|| layer(2, &feat1));
         let feat3 = tracked(&|| layer(3, &feat2));
         let layer3_size = [feat3.size()[2], feat3.size()[3]];
@@ -218,6 +277,41 @@ mod tests {
                 assert_eq!(aux, [vec![batch, 2, 8, 8], vec![batch, 2, 4, 4]]);
             }
         }
+    }
+
+    #[test]
+    fn shots_in_one_backbone_batch_give_the_shot_by_shot_logits_and_gradients() {
+        tch::manual_seed(3);
+        let config = Config {
+            shot: 3,
+            fix_bn: true,
+            ..tiny(true)
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut model = PfeNet::new(&vs.root(), &config).unwrap();
+        let trainable = freeze_all_but_trainable(&vs, true);
+        let (query, supports, labels) = episode(2, 3, 65);
+        let query_label = labels.select(1, 0);
+        let mut run = |batched_shots: bool| {
+            model.shortcuts.batched_shots = batched_shots;
+            // Eval mode (no dropout, so no random draws) with autograd on.
+            let out = model.forward(&query, &supports, &labels, false);
+            for (_, t) in &trainable {
+                t.grad().defined().then(|| t.grad().zero_());
+            }
+            model.loss(&out, &query_label).backward();
+            let s = &trainable
+                .iter()
+                .find(|(n, _)| n.ends_with("vector_S"))
+                .unwrap()
+                .1;
+            (out.logits.detach(), s.grad().copy())
+        };
+        let (one_by_one, one_by_one_grad) = run(false);
+        let (batched, batched_grad) = run(true);
+        assert!(one_by_one.allclose(&batched, 1e-5, 1e-5, false));
+        assert!(one_by_one_grad.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        assert!(one_by_one_grad.allclose(&batched_grad, 1e-4, 1e-8, false));
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub use schedule::PolySchedule;
 pub use sgd::{Sgd, SgdStateError};
 
 use crate::amp;
-use crate::backbone::{self, BackboneError};
+use crate::backbone::{self, BackboneError, Init};
 use crate::checkpoint::{self, CheckpointError, CheckpointFiles};
 use crate::config::{Config, ConfigError};
 use crate::data::{DataError, EpisodeLoader, FewShotDataset, Split};
@@ -179,7 +179,13 @@ impl Model {
     fn new(config: &Config, device: Device, initialise: bool) -> Result<Model, TrainError> {
         tch::manual_seed(config.manual_seed as i64);
         let vs = nn::VarStore::new(device);
-        let net = PfeNet::new(&vs.root(), config)?;
+        // A backbone loaded next (pretrained, `weight` or the checkpoint) needs no random start.
+        let init = if initialise && config.backbone_weights.is_none() && config.weight.is_none() {
+            Init::Random
+        } else {
+            Init::Zeros
+        };
+        let net = PfeNet::with_backbone_init(&vs.root(), config, init)?;
         if !initialise {
             return Ok(Model { vs, net });
         }
@@ -587,7 +593,14 @@ impl Run<'_> {
             return Ok(false);
         }
         let options = EvalOptions::for_validation(config);
-        let result = eval::evaluate_on(&self.model.net, val_data, config, self.device, &options)?;
+        // Validate as svf-eval evaluates: SVD convolutions folded, a fifth less work per episode.
+        let fused = if config.svf {
+            Some(eval::fuse(&self.model.vs, config)?)
+        } else {
+            None
+        };
+        let model = fused.as_ref().map_or(&self.model.net, |(_, net)| net);
+        let result = eval::evaluate_on(model, val_data, config, self.device, &options)?;
         let (miou, fb_iou) = (result.miou.mean, result.fb_iou.mean);
         let best = self.state.best_miou.is_none_or(|b| miou > b);
         if epoch == 0 {

@@ -415,5 +415,10 @@ fn demo_training_clearly_beats_the_untrained_model() {
         trained - untrained > 0.15,
         "mIoU {untrained:.4} -> {trained:.4}"
     );
-    assert!(run_dir.join("best.safetensors").exists());
+    // Validation scores what svf-eval scores for the best checkpoint (both fuse the SVD convs).
+    let best = run_dir.join("best.safetensors");
+    let (_vs, model) = svf::eval::load_model(&config, &best, Device::Cpu, true).unwrap();
+    let options = svf::eval::EvalOptions::for_validation(&config);
+    let evaluated = svf::eval::evaluate(&model, &config, Device::Cpu, &options).unwrap();
+    assert_eq!(evaluated.miou.mean, trained);
 }

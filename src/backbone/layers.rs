@@ -4,7 +4,7 @@
 use tch::{nn, Kind, Tensor};
 
 use super::resnet::ResidualBlock;
-use crate::svf::{self, ConvGeometry, SvdConv2d, SvfOptions};
+use crate::svf::{self, ConvGeometry, SvdConv2d, SvdFactors, SvfOptions};
 
 /// Where variables are created: a var-store path plus the name relative to the backbone root,
 /// which decides decomposition (`svf_exclude`, per-layer ratios) and trainability independently
@@ -14,15 +14,26 @@ pub(crate) struct Scope<'a> {
     path: nn::Path<'a>,
     name: String,
     svf: Option<&'a SvfOptions>,
+    init: Init,
+}
+
+/// How convolution weights start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// Kaiming-normal; in SVD form the decomposition of such a weight (one SVD per convolution).
+    Random,
+    /// Zeros of the right shapes, for weights that are loaded next: no random draw, no SVD.
+    Zeros,
 }
 
 impl<'a> Scope<'a> {
     /// The backbone root; `svf` is `Some` when convolutions are decomposed.
-    pub(crate) fn root(path: &nn::Path<'a>, svf: Option<&'a SvfOptions>) -> Scope<'a> {
+    pub(crate) fn root(path: &nn::Path<'a>, svf: Option<&'a SvfOptions>, init: Init) -> Scope<'a> {
         Scope {
             path: path.clone(),
             name: String::new(),
             svf,
+            init,
         }
     }
 
@@ -32,6 +43,7 @@ impl<'a> Scope<'a> {
             path: self.path.sub(&component),
             name: self.qualified(&component),
             svf: self.svf,
+            init: self.init,
         }
     }
 
@@ -117,8 +129,8 @@ pub(crate) enum Conv2d {
 }
 
 impl Conv2d {
-    /// Kaiming-normal (fan-out, ReLU) weights and zero bias like PSPNet's init; in SVD form the
-    /// decomposition of such a random full-rank weight.
+    /// With [`Init::Random`], Kaiming-normal (fan-out, ReLU) weights and zero bias like PSPNet's
+    /// init; in SVD form the decomposition of such a random full-rank weight.
     pub(crate) fn new(scope: &Scope, spec: ConvSpec) -> Conv2d {
         let shape = [
             spec.out_channels,
@@ -126,20 +138,34 @@ impl Conv2d {
             spec.kernel,
             spec.kernel,
         ];
-        let std = (2.0 / (spec.out_channels * spec.kernel * spec.kernel) as f64).sqrt();
-        let weight = Tensor::randn(shape, (Kind::Float, scope.device())) * std;
-        let bias = spec
-            .bias
-            .then(|| Tensor::zeros([spec.out_channels], (Kind::Float, scope.device())));
+        let float = (Kind::Float, scope.device());
+        let bias = spec.bias.then(|| Tensor::zeros([spec.out_channels], float));
+        let random = || {
+            let std = (2.0 / (spec.out_channels * spec.kernel * spec.kernel) as f64).sqrt();
+            Tensor::randn(shape, float) * std
+        };
         let rank = scope.svf.and_then(|o| o.rank_for(&scope.name, &shape));
         match rank {
             None => Conv2d::Full {
-                weight: scope.add("weight", weight),
+                weight: scope.add(
+                    "weight",
+                    match scope.init {
+                        Init::Random => random(),
+                        Init::Zeros => Tensor::zeros(shape, float),
+                    },
+                ),
                 bias: bias.map(|b| scope.add("bias", b)),
                 geometry: spec.geometry,
             },
             Some(rank) => {
-                let factors = svf::decompose_conv(&weight, rank);
+                let factors = match scope.init {
+                    Init::Random => svf::decompose_conv(&random(), rank),
+                    Init::Zeros => SvdFactors {
+                        u: Tensor::zeros([spec.out_channels, rank, 1, 1], float),
+                        s: Tensor::zeros([1, rank, 1, 1], float),
+                        v: Tensor::zeros([rank, spec.in_channels, spec.kernel, spec.kernel], float),
+                    },
+                };
                 let u_scope = scope.sub("conv_U");
                 Conv2d::Svd(SvdConv2d {
                     conv_u: u_scope.add("weight", factors.u),

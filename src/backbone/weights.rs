@@ -8,7 +8,7 @@ use std::path::Path;
 use tch::{nn, Device, Tensor};
 
 use super::vgg::FEATURE_STARTS;
-use super::{Backbone, BackboneError};
+use super::{Backbone, BackboneError, Init};
 use crate::config::Config;
 use crate::svf::{self, DecompositionReport, SvfOptions};
 
@@ -241,7 +241,7 @@ pub fn decompose_pretrained(
         ..config.clone()
     };
     let vs = nn::VarStore::new(Device::Cpu);
-    Backbone::new(&vs.root(), &full_rank)?;
+    Backbone::with_init(&vs.root(), &full_rank, Init::Zeros)?;
     if let Some(mismatch) = WeightMismatch::between(&backbone_variables(&vs), &weights) {
         return Err(mismatch_error(input, &full_rank, mismatch));
     }

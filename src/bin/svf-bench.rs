@@ -1,8 +1,9 @@
 //! `svf-bench`: throughput of the pipeline's parts, printed as a small table (stderr) and one
 //! JSON line (stdout).
 use clap::{Parser, ValueEnum};
-use svf::bench::{self, BenchOptions, BenchPlan, Section};
+use svf::bench::{self, BenchOptions, BenchPlan, Section, Shortcut};
 use svf::cli::{ConfigArgs, RuntimeArgs};
+use svf::model::Shortcuts;
 
 /// Time the train step, evaluation, loader and SVD decomposition of a config's model: median of
 /// repeated runs after warm-up, on synthetic episodes (the loader reads the config's dataset).
@@ -13,8 +14,8 @@ struct Cli {
     config: ConfigArgs,
     #[command(flatten)]
     runtime: RuntimeArgs,
-    /// Sections to run (repeatable); default: all.
-    #[arg(long, value_enum)]
+    /// Sections to run, comma-separated or repeated; default: all.
+    #[arg(long, value_enum, value_delimiter = ',')]
     what: Vec<Section>,
     /// Square image sizes, comma-separated, e.g. 233,353,473 (default: the config's train_h and
     /// val_size).
@@ -23,9 +24,6 @@ struct Cli {
     /// Shots, comma-separated, e.g. 1,5 (default: the config's shot).
     #[arg(long, value_delimiter = ',')]
     shot: Vec<usize>,
-    /// libtorch intra-op threads (default: libtorch's choice).
-    #[arg(long)]
-    threads: Option<i32>,
     /// Unmeasured runs before timing.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
@@ -38,15 +36,19 @@ struct Cli {
     /// Loader worker counts to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     workers: Vec<usize>,
+    /// Shortcuts to turn off, comma-separated, to measure what each saves (train and eval).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    without: Vec<Shortcut>,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.config.load()?;
     svf::logging::init(cli.runtime.verbose, None)?;
-    let device = cli.runtime.device.resolve()?;
-    if let Some(threads) = cli.threads {
-        tch::set_num_threads(threads);
+    let device = cli.runtime.start()?;
+    let mut shortcuts = Shortcuts::default();
+    for shortcut in cli.without {
+        shortcut.disable(&mut shortcuts);
     }
     let plan = BenchPlan {
         sections: if cli.what.is_empty() {
@@ -60,6 +62,7 @@ fn main() -> anyhow::Result<()> {
             device,
             warmup: cli.warmup,
             repeats: cli.repeats,
+            shortcuts,
         },
         loader_workers: cli.workers,
         loader_episodes: cli.episodes,

@@ -27,8 +27,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.config.load()?;
     svf::logging::init(cli.runtime.verbose, None)?;
-    let device = cli.runtime.device.resolve()?;
-    svf::device::log_startup(device);
+    let device = cli.runtime.start()?;
     let start = Instant::now();
     let report = svf::backbone::decompose_pretrained(&cli.weights, &cli.out, &config, device)?;
     println!("{report}");

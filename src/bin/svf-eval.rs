@@ -50,8 +50,7 @@ fn main() -> anyhow::Result<()> {
     let config = cli.config.load()?;
     let out = cli.out.clone().unwrap_or_else(|| config.save_path.clone());
     svf::logging::init(cli.runtime.verbose, Some(&out))?;
-    let device = cli.runtime.device.resolve()?;
-    svf::device::log_startup(device);
+    let device = cli.runtime.start()?;
 
     let mut options = EvalOptions::for_test(&config);
     if let Some(episodes) = cli.episodes {

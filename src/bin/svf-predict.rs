@@ -35,8 +35,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.config.load()?;
     svf::logging::init(cli.runtime.verbose, None)?;
-    let device = cli.runtime.device.resolve()?;
-    svf::device::log_startup(device);
+    let device = cli.runtime.start()?;
     anyhow::ensure!(
         cli.supports.len() == cli.masks.len(),
         "{} --support image(s) but {} --mask(s): give one mask per support, in the same order",

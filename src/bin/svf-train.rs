@@ -30,8 +30,7 @@ fn main() -> anyhow::Result<()> {
         }
     };
     svf::logging::init(cli.runtime.verbose, Some(&config.save_path))?;
-    let device = cli.runtime.device.resolve()?;
-    svf::device::log_startup(device);
+    let device = cli.runtime.start()?;
     let summary = svf::train::train(&config, device, cli.resume.as_deref())?;
     let state = &summary.state;
     let percent = |m: Option<f64>| m.map_or("-".to_string(), |m| format!("{:.2}", 100.0 * m));
