@@ -53,11 +53,14 @@ pub fn autocast<T>(config: &Config, device: Device, f: impl FnOnce() -> T) -> T 
     }
 }
 
-/// On CUDA, lets cuDNN time its convolution algorithms once per input shape and keep the fastest
-/// (PyTorch's `cudnn.benchmark = True`). Episodes have a fixed size, so the timing is paid once.
-pub fn enable_cudnn_benchmark(device: Device) {
+/// Readies `device` for a run of fixed-size episodes. On CUDA, cuDNN times its convolution
+/// algorithms once per input shape and keeps the fastest (PyTorch's `cudnn.benchmark = True`);
+/// elsewhere `amp: bf16` has no effect, which is said once.
+pub fn prepare(config: &Config, device: Device) {
     if device.is_cuda() {
         tch::Cuda::cudnn_set_benchmark(true);
+    } else if config.amp == Amp::Bf16 {
+        tracing::warn!("`amp: bf16` applies on CUDA only: this run on {device:?} stays in float32");
     }
 }
 

@@ -58,8 +58,6 @@ pub enum Shortcut {
     /// Autograd through every backbone weight (all trainable, gradients computed and unused),
     /// instead of frozen weights and gradient-free layer0..1.
     FrozenWithoutAutograd,
-    /// The K shots through the backbone one by one instead of as one batch.
-    BatchedShots,
 }
 
 impl Shortcut {
@@ -67,7 +65,6 @@ impl Shortcut {
     pub fn disable(self, shortcuts: &mut Shortcuts) {
         match self {
             Shortcut::FrozenWithoutAutograd => shortcuts.frozen_without_autograd = false,
-            Shortcut::BatchedShots => shortcuts.batched_shots = false,
         }
     }
 }
@@ -548,6 +545,7 @@ pub struct BenchReport {
 /// `train_h` resp. `val_size` and `shot`), the loader likewise with the size as train crop and
 /// validation canvas, and the decomposition once.
 pub fn run(config: &Config, plan: &BenchPlan) -> Result<BenchReport, BenchError> {
+    amp::prepare(config, plan.options.device);
     let shapes = |default_size: i64| -> Vec<EpisodeShape> {
         let sizes = match plan.sizes.is_empty() {
             true => vec![default_size],

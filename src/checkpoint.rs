@@ -22,6 +22,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
+/// The checkpoint of a run written every `save_freq` iterations, at every epoch end and on Ctrl-C.
+pub const LAST: &str = "last";
+/// The checkpoint of a run with the best validation mIoU so far.
+pub const BEST: &str = "best";
+
 /// Why a checkpoint or weights file could not be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {

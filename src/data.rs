@@ -25,6 +25,7 @@ pub use classes::FoldClasses;
 pub use dataset::{Episode, EpisodeImage, FewShotDataset, Split};
 pub use loader::{EpisodeBatch, EpisodeLoader};
 pub use sampler::{EpisodeDraw, EpisodeSampler};
+pub use transform::IGNORE_LABEL;
 
 /// Why data could not be read or an episode not built. Every variant names the file and the fix.
 #[derive(Debug, thiserror::Error)]

@@ -16,13 +16,12 @@ use crate::backbone::Init;
 use crate::checkpoint::{self, CheckpointError, CheckpointFiles};
 use crate::config::Config;
 use crate::data::rng::EpisodeRng;
+use crate::data::IGNORE_LABEL;
 use crate::data::{DataError, EpisodeBatch, EpisodeLoader, FewShotDataset, Split};
 use crate::metrics::IoUAccumulator;
-use crate::model::IGNORE_LABEL;
 use crate::model::{ModelError, PfeNet};
 use crate::predict::{self, PredictError};
 use crate::report;
-use crate::train;
 
 /// Why an evaluation could not run or its results could not be stored.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +115,7 @@ pub fn evaluate(
         ..config.clone()
     };
     let dataset = Arc::new(FewShotDataset::open(&config, Split::Val)?);
+    amp::prepare(&config, device);
     evaluate_on(model, &dataset, &config, device, options)
 }
 
@@ -131,7 +131,6 @@ pub fn evaluate_on(
     if options.seeds.is_empty() {
         return Err(EvalError::NoSeeds);
     }
-    amp::enable_cudnn_benchmark(device);
     let bar = crate::logging::progress_bar(options.episodes * options.seeds.len() as u64, "eval");
     let start = Instant::now();
     let mut seeds = Vec::with_capacity(options.seeds.len());
@@ -276,8 +275,8 @@ pub fn resolve_weights(path: &Path) -> Result<PathBuf, EvalError> {
     if !path.is_dir() {
         return Ok(path.to_path_buf());
     }
-    let best = CheckpointFiles::new(path, train::BEST).weights;
-    let last = CheckpointFiles::new(path, train::LAST).weights;
+    let best = CheckpointFiles::new(path, checkpoint::BEST).weights;
+    let last = CheckpointFiles::new(path, checkpoint::LAST).weights;
     if best.is_file() {
         Ok(best)
     } else if last.is_file() {
@@ -334,7 +333,7 @@ pub fn original_resolution(logits: &Tensor, original_label: &Tensor) -> (Tensor,
     let (h, w) = original_label.size2().expect("the original label is [h,w]");
     let side = h.max(w);
     let device = logits.device();
-    let target = Tensor::full([side, side], IGNORE_LABEL, (Kind::Int64, device));
+    let target = Tensor::full([side, side], i64::from(IGNORE_LABEL), (Kind::Int64, device));
     target
         .narrow(0, 0, h)
         .narrow(1, 0, w)

@@ -8,7 +8,7 @@
 
 use tch::{Kind, Tensor};
 
-use crate::model::IGNORE_LABEL;
+use crate::data::IGNORE_LABEL;
 
 /// The reference's guard against an empty union: such a ratio is 0, not NaN.
 const EPSILON: f64 = 1e-10;
@@ -158,7 +158,7 @@ fn episode_counts(pred: &Tensor, label: &Tensor) -> Tensor {
         3 => (pred.shallow_clone(), label.shallow_clone()),
         d => panic!("prediction must be [H,W] or [N,H,W], got {d} dimensions"),
     };
-    let valid = label.ne(IGNORE_LABEL);
+    let valid = label.ne(i64::from(IGNORE_LABEL));
     let count = |t: &Tensor| t.sum_dim_intlist([-2i64, -1].as_slice(), false, Kind::Int64);
     let pair = |value: i64| {
         let predicted = pred.eq(value).logical_and(&valid);

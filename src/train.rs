@@ -32,16 +32,12 @@ pub use sgd::{Sgd, SgdStateError};
 
 use crate::amp;
 use crate::backbone::{self, BackboneError, Init};
-use crate::checkpoint::{self, CheckpointError, CheckpointFiles};
+use crate::checkpoint::{self, CheckpointError, CheckpointFiles, BEST, LAST};
 use crate::config::{Config, ConfigError};
 use crate::data::{DataError, EpisodeLoader, FewShotDataset, Split};
 use crate::eval::{self, EvalError, EvalOptions};
 use crate::model::{self, ModelError, PfeNet};
 
-/// The checkpoint written every `save_freq` iterations, at every epoch end and on Ctrl-C.
-pub const LAST: &str = "last";
-/// The checkpoint with the best validation mIoU so far.
-pub const BEST: &str = "best";
 /// The resolved configuration inside a run directory.
 pub const CONFIG_FILE: &str = "config.yaml";
 /// Stream tag of the per-iteration libtorch seeds (the data's streams are 0, 1, ... and u64::MAX).
@@ -225,7 +221,7 @@ pub fn train_with(
     resume: Option<&Path>,
     mut hooks: TrainHooks,
 ) -> Result<TrainSummary, TrainError> {
-    amp::enable_cudnn_benchmark(device);
+    amp::prepare(config, device);
     let dir = resume.map_or_else(|| config.save_path.clone(), Path::to_path_buf);
     std::fs::create_dir_all(&dir).map_err(run_dir_error(&dir))?;
     if resume.is_none() && checkpoint::exists(&dir, LAST)? {

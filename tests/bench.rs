@@ -1,40 +1,18 @@
 //! `svf-bench` end to end on a test-sized model: every section runs and the JSON line parses.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use svf::config::Config;
-use svf::data::synth::{write_dataset, SynthOptions};
+mod common;
 
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("svf-bench-test-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use svf::config::Config;
 
 #[test]
 fn every_section_runs_on_a_tiny_config_and_the_json_line_parses() {
-    let dir = scratch("all");
-    let data = dir.join("data");
-    let options = SynthOptions {
-        train_images: 60,
-        val_images: 60,
-        size: 112,
-        seed: 5,
-    };
-    write_dataset(&data, &options).unwrap();
+    let dir = common::scratch("all");
     let config = Config {
-        data_root: data.clone(),
-        train_list: data.join("lists/train.txt"),
-        val_list: data.join("lists/val.txt"),
-        layers: 18,
-        backbone_width: 0.25,
-        reduce_dim: 16,
-        ppm_scales: vec![8, 4],
         svf: true,
         batch_size: 2,
-        ..Config::default()
+        ..common::tiny_config(dir.join("run"))
     };
     let config_path = dir.join("tiny.yaml");
     std::fs::write(&config_path, config.to_yaml()).unwrap();
@@ -105,7 +83,7 @@ fn every_section_runs_on_a_tiny_config_and_the_json_line_parses() {
     assert!(loader.iter().all(|l| l["episodes"] == 4));
     assert!(report["decompose"]["layers"].as_u64().unwrap() > 0);
     assert!(stderr.contains("eval fused"), "{stderr}");
-    assert_eq!(report["shortcuts"]["batched_shots"], true);
+    assert_eq!(report["shortcuts"]["frozen_without_autograd"], true);
 
     // The same steps with the shortcuts off (the "before" of each optimisation).
     let output = Command::new(env!("CARGO_BIN_EXE_svf-bench"))
@@ -114,7 +92,7 @@ fn every_section_runs_on_a_tiny_config_and_the_json_line_parses() {
         .arg(&config_path)
         .args(["--device", "cpu", "--threads", "1", "--size", "65"])
         .args(["--shot", "2", "--what", "train,eval", "--repeats", "1"])
-        .args(["--without", "frozen-without-autograd,batched-shots"])
+        .args(["--without", "frozen-without-autograd"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -123,9 +101,7 @@ fn every_section_runs_on_a_tiny_config_and_the_json_line_parses() {
         "svf-bench --without failed:\n{stderr}"
     );
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(report["shortcuts"]["batched_shots"], false);
     assert_eq!(report["shortcuts"]["frozen_without_autograd"], false);
     assert_eq!(report["train"].as_array().unwrap().len(), 1);
     assert!(report["loader"].as_array().unwrap().is_empty());
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,28 +2,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+mod common;
+
+use common::scratch;
 use svf::config::Config;
 use svf::data::index::MIN_CLASS_PIXELS;
 use svf::data::raster::{read_label, LabelMap};
 use svf::data::synth::{write_dataset, SynthOptions};
 use svf::data::{DataError, EpisodeLoader, EpisodeSampler, FewShotDataset, FoldClasses, Split};
 use tch::{Kind, Tensor};
-
-/// A fresh folder under cargo's per-test-target temporary directory.
-fn scratch(name: &str) -> PathBuf {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "data-{name}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// A small synthetic dataset and a config using it with small episode images.
 fn synthetic(name: &str, train_images: usize, val_images: usize) -> Config {

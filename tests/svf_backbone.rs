@@ -3,9 +3,12 @@
 //! `svf-decompose` command and a cross-check against PyTorch.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+mod common;
+
+use common::scratch;
 use svf::backbone::{self, Backbone, BackboneError};
 use svf::config::Config;
 use svf::svf::{decompose_conv, ConvGeometry, SvdConv2d, SvfOptions};
@@ -13,13 +16,6 @@ use tch::{nn, Device, Kind, Tensor};
 
 const VENV_PYTHON: &str = "/root/.cache/svf/torch-2.11.0/bin/python";
 const CPU_F32: (Kind, Device) = (Kind::Float, Device::Cpu);
-
-/// A fresh directory for one test's files.
-fn temp_dir(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("svf-backbone-{}-{test}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// max |a − b| / max |b|.
 fn rel_max_err(a: &Tensor, b: &Tensor) -> f64 {
@@ -120,7 +116,7 @@ fn decomposed_conv_equals_original_at_rank_multiple_1() {
 
 #[test]
 fn decomposed_small_resnets_equal_full_rank_layer_by_layer() {
-    let dir = temp_dir("layer-by-layer");
+    let dir = scratch("layer-by-layer");
     for layers in [18, 50] {
         tch::manual_seed(2);
         let full_vs = nn::VarStore::new(Device::Cpu);
@@ -281,7 +277,7 @@ fn without_svf_the_whole_backbone_is_frozen() {
 #[test]
 fn recomposed_weights_give_the_decomposed_outputs() {
     // Default rank multiple 4 truncates some convs: recomposing must reproduce the truncated model.
-    let dir = temp_dir("recompose");
+    let dir = scratch("recompose");
     tch::manual_seed(4);
     let config = Config {
         backbone_width: 0.3,
@@ -325,7 +321,7 @@ fn recomposed_weights_give_the_decomposed_outputs() {
 
 #[test]
 fn decomposed_model_saves_and_reloads_bit_exactly() {
-    let dir = temp_dir("reload");
+    let dir = scratch("reload");
     for config in [
         small(34, true, 4),
         Config {
@@ -412,7 +408,7 @@ fn write(entries: &[(String, Tensor)], path: &Path) {
 
 #[test]
 fn loading_maps_pspnet_and_torchvision_names_and_is_strict() {
-    let dir = temp_dir("strict");
+    let dir = scratch("strict");
     tch::manual_seed(7);
     let config = small(18, false, 4);
     let source_vs = nn::VarStore::new(Device::Cpu);
@@ -473,7 +469,7 @@ fn loading_maps_pspnet_and_torchvision_names_and_is_strict() {
 
 #[test]
 fn vgg_loads_torchvision_feature_indices() {
-    let dir = temp_dir("vgg");
+    let dir = scratch("vgg");
     let config = Config {
         vgg: true,
         ..small(50, false, 4)
@@ -510,7 +506,7 @@ fn vgg_loads_torchvision_feature_indices() {
 
 #[test]
 fn svf_decompose_command_writes_loadable_weights_and_a_table() {
-    let dir = temp_dir("command");
+    let dir = scratch("command");
     tch::manual_seed(8);
     let config = small(18, false, 4);
     let vs = nn::VarStore::new(Device::Cpu);
@@ -567,7 +563,7 @@ fn pytorch_cross_check_of_conv_and_reference_svd_conv() {
         );
         return;
     }
-    let dir = temp_dir("pytorch");
+    let dir = scratch("pytorch");
     tch::manual_seed(9);
     // name → (weight, bias, stride, padding, dilation)
     let convs = [
@@ -615,20 +611,12 @@ for name, (stride, padding, dilation) in geometry.items():
     out[name + ".rank"] = torch.tensor(r)
 save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[2])
 "#;
-    let result = Command::new(VENV_PYTHON)
-        .args([
-            "-c",
-            script,
-            input.to_str().unwrap(),
-            output.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    common::run_ok(Command::new(VENV_PYTHON).args([
+        "-c",
+        script,
+        input.to_str().unwrap(),
+        output.to_str().unwrap(),
+    ]));
     let theirs: HashMap<String, Tensor> = Tensor::read_safetensors(&output)
         .unwrap()
         .into_iter()
@@ -780,7 +768,7 @@ fn pytorch_cross_check_of_whole_backbones() {
         );
         return;
     }
-    let dir = temp_dir("pytorch-backbones");
+    let dir = scratch("pytorch-backbones");
     tch::manual_seed(10);
     let cases = [
         ("18", small(18, false, 4)),
@@ -815,16 +803,11 @@ fn pytorch_cross_check_of_whole_backbones() {
         ));
         models.push((vs, backbone, output));
     }
-    let result = Command::new(VENV_PYTHON)
-        .arg("-c")
-        .arg(PYTORCH_BACKBONE)
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
+    common::run_ok(
+        Command::new(VENV_PYTHON)
+            .arg("-c")
+            .arg(PYTORCH_BACKBONE)
+            .args(&args),
     );
     for ((arch, _), (_vs, backbone, output)) in cases.iter().zip(&models) {
         let theirs: HashMap<String, Tensor> = Tensor::read_safetensors(output)

@@ -1,12 +1,16 @@
 //! Whole-pipeline training behaviour: which tensors an optimiser step moves, exact resume in a fresh
-//! process, NaN and Ctrl-C stops, failing early on configs that cannot fit, and the demo's gain.
+//! process, NaN and Ctrl-C stops, failing early on configs that cannot fit, and what the demo run
+//! learns (validation, svf-eval on its best checkpoint, svf-predict on new images).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::scratch;
 use svf::checkpoint;
 use svf::config::Config;
 use svf::data::synth::{write_dataset, SynthOptions};
@@ -35,55 +39,18 @@ fn svf_train() -> Command {
     command
 }
 
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("svf-train-test-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A small synthetic dataset, written once per test binary.
-fn synthetic_data() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = scratch("synth");
-        let options = SynthOptions {
-            train_images: 60,
-            val_images: 40,
-            size: 112,
-            seed: 7,
-        };
-        write_dataset(&dir, &options).unwrap();
-        dir
-    })
-}
-
-/// The test-sized model and run: ResNet-18 at width 0.25, 65×65 crops, reduce_dim 16.
+/// The test-sized run: [`common::tiny_config`] with SVF, 8 episodes of batch 2 per epoch, 3 epochs.
 fn tiny_config(tag: &str) -> Config {
-    let data = synthetic_data();
     Config {
-        data_root: data.to_path_buf(),
-        train_list: data.join("lists/train.txt"),
-        val_list: data.join("lists/val.txt"),
-        train_h: 65,
-        train_w: 65,
-        val_size: 65,
-        workers: 2,
         train_episodes: Some(8),
         val_episodes: 10,
-        layers: 18,
-        backbone_width: 0.25,
-        reduce_dim: 16,
-        ppm_scales: vec![8, 4],
         svf: true,
         batch_size: 2,
         base_lr: 0.005,
         epochs: 3,
         print_freq: 1,
         save_freq: 2,
-        val_freq: 0,
-        save_path: scratch(tag),
-        ..Config::default()
+        ..common::tiny_config(scratch(tag))
     }
 }
 
@@ -239,16 +206,7 @@ fn resume_in_a_fresh_process_matches_the_straight_run() {
     let first = train::train_with(&split, Device::Cpu, None, hooks).unwrap();
     assert!(first.interrupted);
     assert_eq!(first.state.iteration, 6);
-    let output = svf_train()
-        .arg("--resume")
-        .arg(&split.save_path)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    common::run_ok(svf_train().arg("--resume").arg(&split.save_path));
 
     let (a, b) = (
         weights(&straight.save_path.join("last.safetensors")),
@@ -372,6 +330,84 @@ fn ctrl_c_saves_the_last_checkpoint_and_exits_cleanly() {
     assert!(saved.optimizer.is_some());
 }
 
+/// Foreground (intersection, union) of a predicted mask PNG against the label's `class` pixels.
+fn mask_iou(mask: &Path, label: &Path, class: u8) -> (u64, u64) {
+    let mask = image::open(mask).unwrap().to_luma8();
+    let label = image::open(label).unwrap().to_luma8();
+    assert_eq!(mask.dimensions(), label.dimensions());
+    let (mut inter, mut union) = (0, 0);
+    for (m, l) in mask.pixels().zip(label.pixels()) {
+        if l[0] == 255 {
+            continue;
+        }
+        let (p, t) = (m[0] != 0, l[0] == class);
+        inter += u64::from(p && t);
+        union += u64::from(p || t);
+    }
+    (inter, union)
+}
+
+/// IoU over fold 0's five novel classes of `svf-predict`'s masks with `weights`, one support each,
+/// and the IoU an all-foreground mask would get on the same queries. Image n of the synthetic val
+/// list has primary class 1 + n % 20, so images n and n + 20 share it.
+fn predicted_iou(config_file: &Path, weights: &Path, data: &Path, out: &Path) -> (f64, f64) {
+    let list = std::fs::read_to_string(data.join("lists/val.txt")).unwrap();
+    let pairs: Vec<(PathBuf, PathBuf)> = list
+        .lines()
+        .map(|l| {
+            let mut parts = l.split_whitespace();
+            (
+                data.join(parts.next().unwrap()),
+                data.join(parts.next().unwrap()),
+            )
+        })
+        .collect();
+    std::fs::create_dir_all(out).unwrap();
+    let (mut inter, mut union) = (0, 0);
+    let (mut class_pixels, mut labelled) = (0, 0);
+    for class in 1..=5u8 {
+        let n = usize::from(class) - 1;
+        let (support, query) = (&pairs[n], &pairs[n + 20]);
+        let mask = out.join(format!("support{class}.png"));
+        let label = image::open(&support.1).unwrap().to_luma8();
+        image::GrayImage::from_fn(label.width(), label.height(), |x, y| {
+            image::Luma([u8::from(label.get_pixel(x, y)[0] == class) * 255])
+        })
+        .save(&mask)
+        .unwrap();
+        common::run_ok(
+            Command::new(env!("CARGO_BIN_EXE_svf-predict"))
+                .env("OMP_NUM_THREADS", "1")
+                .arg("--config")
+                .arg(config_file)
+                .arg("--weights")
+                .arg(weights)
+                .arg("--support")
+                .arg(&support.0)
+                .arg("--mask")
+                .arg(&mask)
+                .arg("--query")
+                .arg(&query.0)
+                .arg("--out")
+                .arg(out)
+                .args(["--device", "cpu"]),
+        );
+        let stem = query.0.file_stem().unwrap().to_str().unwrap();
+        let overlay = image::open(out.join(format!("{stem}_overlay.png"))).unwrap();
+        assert_eq!(overlay.width(), image::open(&query.0).unwrap().width());
+        let (i, u) = mask_iou(&out.join(format!("{stem}_mask.png")), &query.1, class);
+        inter += i;
+        union += u;
+        let truth = image::open(&query.1).unwrap().to_luma8();
+        class_pixels += truth.pixels().filter(|p| p[0] == class).count();
+        labelled += truth.pixels().filter(|p| p[0] != 255).count();
+    }
+    (
+        inter as f64 / union as f64,
+        class_pixels as f64 / labelled as f64,
+    )
+}
+
 #[test]
 fn demo_training_clearly_beats_the_untrained_model() {
     let _torch = exclusive_torch();
@@ -421,4 +457,14 @@ fn demo_training_clearly_beats_the_untrained_model() {
     let options = svf::eval::EvalOptions::for_validation(&config);
     let evaluated = svf::eval::evaluate(&model, &config, Device::Cpu, &options).unwrap();
     assert_eq!(evaluated.miou.mean, trained);
+    // svf-predict with the trained weights segments new images better than calling everything
+    // foreground (an untrained model predicts nothing or everything).
+    let config_file = run_dir.join("config.yaml");
+    let (predicted, everything) =
+        predicted_iou(&config_file, &best, &data, &run_dir.join("predict"));
+    eprintln!("svf-predict IoU {predicted:.3}, all-foreground IoU {everything:.3}");
+    assert!(
+        predicted > everything + 0.1,
+        "svf-predict IoU {predicted:.3} vs {everything:.3} for an all-foreground mask"
+    );
 }

@@ -15,7 +15,8 @@ use crate::config::Config;
 pub const IMAGENET_MEAN: [f32; 3] = [0.485 * 255.0, 0.456 * 255.0, 0.406 * 255.0];
 pub const IMAGENET_STD: [f32; 3] = [0.229 * 255.0, 0.224 * 255.0, 0.225 * 255.0];
 
-/// Label value of pixels to ignore: padding, rotation borders and VOC's object outlines.
+/// Label value of pixels that losses and metrics skip: padding, rotation borders and VOC's
+/// object outlines.
 pub const IGNORE_LABEL: u8 = 255;
 
 /// A crop keeping fewer than this share of the padded label's foreground is re-drawn.

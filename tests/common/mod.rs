@@ -1,0 +1,71 @@
+//! Scaffolding shared by the integration tests: scratch folders, the synthetic dataset and the
+//! test-sized model config.
+// Every test binary compiles this module and uses a part of it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use svf::config::Config;
+use svf::data::synth::{write_dataset, SynthOptions};
+
+/// An empty folder `name` of this test binary, under cargo's temporary directory for tests.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(env!("CARGO_CRATE_NAME"))
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The synthetic dataset of this test binary (60 train and 60 val images of 112 pixels, 20
+/// classes), written on first use.
+pub fn synthetic_dataset() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = scratch("synth");
+        let options = SynthOptions {
+            train_images: 60,
+            val_images: 60,
+            size: 112,
+            seed: 7,
+        };
+        write_dataset(&dir, &options).unwrap();
+        dir
+    })
+}
+
+/// The test-sized model on [`synthetic_dataset`]: ResNet-18 at width 1/4, 65×65 inputs (9×9
+/// feature maps), reduce_dim 16, bins 8 and 4, no validation; runs go to `save_path`.
+pub fn tiny_config(save_path: PathBuf) -> Config {
+    let data = synthetic_dataset();
+    Config {
+        data_root: data.to_path_buf(),
+        train_list: data.join("lists/train.txt"),
+        val_list: data.join("lists/val.txt"),
+        train_h: 65,
+        train_w: 65,
+        val_size: 65,
+        workers: 2,
+        layers: 18,
+        backbone_width: 0.25,
+        reduce_dim: 16,
+        ppm_scales: vec![8, 4],
+        val_freq: 0,
+        save_path,
+        ..Config::default()
+    }
+}
+
+/// Runs `command` to completion and returns its output, failing the test with the command's
+/// stderr when it exits unsuccessfully.
+pub fn run_ok(command: &mut std::process::Command) -> std::process::Output {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{command:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
