@@ -5,7 +5,9 @@ The Rust side reads only safetensors; names are kept as they are (the loader map
 torchvision VGG and PFENet names itself), except DataParallel's `module.` prefix, which is
 stripped. Run it with the set-up venv's python:
 
-    /root/.cache/svf/torch-2.11.0/bin/python scripts/convert_weights.py IN.pth OUT.safetensors
+    ~/.cache/svf/torch-2.11.0/bin/python scripts/convert_weights.py IN.pth OUT.safetensors
+
+(`$SVF_CACHE_DIR/torch-2.11.0/bin/python` when the cache folder was moved).
 """
 
 import argparse

@@ -3,7 +3,7 @@
 //! `svf-decompose` command and a cross-check against PyTorch.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
@@ -14,8 +14,19 @@ use svf::config::Config;
 use svf::svf::{decompose_conv, ConvGeometry, SvdConv2d, SvfOptions};
 use tch::{nn, Device, Kind, Tensor};
 
-const VENV_PYTHON: &str = "/root/.cache/svf/torch-2.11.0/bin/python";
 const CPU_F32: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+/// The python of the venv whose torch `.libtorch` links to (scripts/setup-libtorch.sh installs it
+/// as `<venv>/lib/python3.X/site-packages/torch`, wherever `SVF_CACHE_DIR` or `HOME` put it); `None`
+/// when `.libtorch` is a libtorch of the user's own (`SVF_LIBTORCH`).
+fn venv_python() -> Option<PathBuf> {
+    let torch = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".libtorch")
+        .canonicalize()
+        .ok()?;
+    let python = torch.ancestors().nth(4)?.join("bin/python");
+    python.exists().then_some(python)
+}
 
 /// max |a − b| / max |b|.
 fn rel_max_err(a: &Tensor, b: &Tensor) -> f64 {
@@ -557,12 +568,10 @@ fn svf_decompose_command_writes_loadable_weights_and_a_table() {
 /// The conv and the reference's SVD conv computed by PyTorch, compared with ours.
 #[test]
 fn pytorch_cross_check_of_conv_and_reference_svd_conv() {
-    if !Path::new(VENV_PYTHON).exists() {
-        eprintln!(
-            "skipped: {VENV_PYTHON} not found (run scripts/setup-libtorch.sh to create the venv)"
-        );
+    let Some(python) = venv_python() else {
+        eprintln!("skipped: .libtorch is not the torch of a venv (see scripts/setup-libtorch.sh)");
         return;
-    }
+    };
     let dir = scratch("pytorch");
     tch::manual_seed(9);
     // name → (weight, bias, stride, padding, dilation)
@@ -611,7 +620,7 @@ for name, (stride, padding, dilation) in geometry.items():
     out[name + ".rank"] = torch.tensor(r)
 save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[2])
 "#;
-    common::run_ok(Command::new(VENV_PYTHON).args([
+    common::run_ok(Command::new(&python).args([
         "-c",
         script,
         input.to_str().unwrap(),
@@ -762,12 +771,10 @@ for case in sys.argv[1:]:
 
 #[test]
 fn pytorch_cross_check_of_whole_backbones() {
-    if !Path::new(VENV_PYTHON).exists() {
-        eprintln!(
-            "skipped: {VENV_PYTHON} not found (run scripts/setup-libtorch.sh to create the venv)"
-        );
+    let Some(python) = venv_python() else {
+        eprintln!("skipped: .libtorch is not the torch of a venv (see scripts/setup-libtorch.sh)");
         return;
-    }
+    };
     let dir = scratch("pytorch-backbones");
     tch::manual_seed(10);
     let cases = [
@@ -804,7 +811,7 @@ fn pytorch_cross_check_of_whole_backbones() {
         models.push((vs, backbone, output));
     }
     common::run_ok(
-        Command::new(VENV_PYTHON)
+        Command::new(&python)
             .arg("-c")
             .arg(PYTORCH_BACKBONE)
             .args(&args),
