@@ -18,7 +18,7 @@ use crate::backbone::{self, Backbone, BackboneError};
 use crate::config::Config;
 use crate::data::{DataError, EpisodeLoader, FewShotDataset, Split};
 use crate::eval::{self, EvalError};
-use crate::model::{ModelError, PfeNet, Shortcuts};
+use crate::model::{ModelError, PfeNet};
 use crate::svf::{self, SvfOptions};
 use crate::train;
 
@@ -48,25 +48,9 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Measured runs; the median is reported.
     pub repeats: usize,
-    /// The model's work-saving shortcuts; turning one off measures what it saves.
-    pub shortcuts: Shortcuts,
-}
-
-/// A shortcut `svf-bench --without` can turn off, to time the work it saves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Shortcut {
-    /// Autograd through every backbone weight (all trainable, gradients computed and unused),
-    /// instead of frozen weights and gradient-free layer0..1.
-    FrozenWithoutAutograd,
-}
-
-impl Shortcut {
-    /// `shortcuts` with this one off.
-    pub fn disable(self, shortcuts: &mut Shortcuts) {
-        match self {
-            Shortcut::FrozenWithoutAutograd => shortcuts.frozen_without_autograd = false,
-        }
-    }
+    /// Train step only: autograd through every weight, as a model that freezes nothing pays
+    /// (the "before" of freezing).
+    pub track_frozen: bool,
 }
 
 /// Seconds of one run: the median and spread of the wall-clock time, and the median CPU time.
@@ -169,6 +153,9 @@ pub struct StepThroughput {
     /// Peak resident memory while timing this shape, MiB: the section's models (for eval both the
     /// unfused and the fused one) plus what the step allocates.
     pub peak_rss_mib: Option<f64>,
+    /// Train only: the parameters autograd tracks in the step (the trainable set, or every weight
+    /// with `--track-frozen`).
+    pub tracked_parameters: Option<i64>,
 }
 
 impl StepThroughput {
@@ -189,6 +176,7 @@ impl StepThroughput {
             seconds_per_episode,
             episodes_per_second: 1.0 / seconds_per_episode,
             peak_rss_mib: peak_rss_mib(),
+            tracked_parameters: None,
         }
     }
 }
@@ -231,11 +219,9 @@ pub fn train_step_throughput(
     let setup = Instant::now();
     tch::manual_seed(config.manual_seed as i64);
     let vs = nn::VarStore::new(options.device);
-    let mut net = PfeNet::new(&vs.root(), config)?;
-    net.shortcuts = options.shortcuts;
+    let net = PfeNet::new(&vs.root(), config)?;
     let mut sgd = train::optimiser(&vs, config);
-    if !options.shortcuts.frozen_without_autograd {
-        // What a model that freezes nothing pays: autograd through every weight.
+    if options.track_frozen {
         for (name, variable) in vs.variables() {
             let statistic = name.contains(".running_") || name.ends_with("num_batches_tracked");
             if !statistic {
@@ -244,6 +230,12 @@ pub fn train_step_throughput(
         }
     }
     let setup_s = setup.elapsed().as_secs_f64();
+    let tracked: i64 = vs
+        .variables()
+        .values()
+        .filter(|v| v.requires_grad())
+        .map(|v| v.numel() as i64)
+        .sum();
     let batch = config.batch_size;
     let mut results = Vec::with_capacity(shapes.len());
     for &EpisodeShape { size, shot } in shapes {
@@ -260,7 +252,10 @@ pub fn train_step_throughput(
             sgd.step(config.base_lr);
             loss.double_value(&[]);
         });
-        results.push(StepThroughput::new(size, shot, batch, setup_s, timing));
+        results.push(StepThroughput {
+            tracked_parameters: Some(tracked),
+            ..StepThroughput::new(size, shot, batch, setup_s, timing)
+        });
     }
     Ok(results)
 }
@@ -292,8 +287,7 @@ impl EvalModel {
         fuse: bool,
     ) -> Result<Self, BenchError> {
         let setup = Instant::now();
-        let (vs, mut net) = eval::load_model(config, weights, options.device, fuse)?;
-        net.shortcuts = options.shortcuts;
+        let (vs, net) = eval::load_model(config, weights, options.device, fuse)?;
         Ok(EvalModel {
             _vs: vs,
             net,
@@ -311,15 +305,7 @@ impl EvalModel {
         shape: EpisodeShape,
     ) -> (StepThroughput, Tensor) {
         let [query, _, supports, support_labels] = episodes;
-        let logits = || {
-            tch::no_grad(|| {
-                amp::autocast(config, options.device, || {
-                    self.net.forward(query, supports, support_labels, false)
-                })
-                .logits
-                .to_kind(Kind::Float)
-            })
-        };
+        let logits = || eval::inference_logits(&self.net, config, query, supports, support_labels);
         reset_peak_rss();
         let timing = Timing::measure(options, || {
             let _ = logits().argmax(1, false);
@@ -531,8 +517,8 @@ pub struct BenchReport {
     pub device: String,
     /// libtorch intra-op threads.
     pub threads: i32,
-    /// The model's shortcuts, as on or off (`--without`) for this run.
-    pub shortcuts: Shortcuts,
+    /// Whether the train step tracked every weight (`--track-frozen`).
+    pub track_frozen: bool,
     pub warmup: usize,
     pub repeats: usize,
     pub train: Vec<StepThroughput>,
@@ -569,7 +555,7 @@ pub fn run(config: &Config, plan: &BenchPlan) -> Result<BenchReport, BenchError>
             other => format!("{other:?}").to_lowercase(),
         },
         threads: tch::get_num_threads(),
-        shortcuts: plan.options.shortcuts,
+        track_frozen: plan.options.track_frozen,
         warmup: plan.options.warmup,
         repeats: plan.options.repeats.max(1),
         train: Vec::new(),
@@ -623,10 +609,10 @@ impl std::fmt::Display for BenchReport {
             self.threads,
             self.repeats,
             self.warmup,
-            if self.shortcuts == Shortcuts::default() {
-                String::new()
+            if self.track_frozen {
+                ", autograd through every weight"
             } else {
-                format!(", shortcuts {:?}", self.shortcuts)
+                ""
             }
         )?;
         writeln!(

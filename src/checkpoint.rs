@@ -368,16 +368,20 @@ pub fn copy_into(
             preview(&unexpected)
         )));
     }
+    // Every shape is checked before the first copy, so a mismatch leaves the model untouched.
+    for (name, tensor) in weights {
+        let variable = &variables[name];
+        if variable.size() != tensor.size() {
+            return Err(mismatch(format!(
+                "`{name}` has shape {:?} in the file and {:?} in the model",
+                tensor.size(),
+                variable.size()
+            )));
+        }
+    }
     tch::no_grad(|| {
         for (name, tensor) in weights {
             let variable = variables.get_mut(name).expect("names were checked");
-            if variable.size() != tensor.size() {
-                return Err(mismatch(format!(
-                    "`{name}` has shape {:?} in the file and {:?} in the model",
-                    tensor.size(),
-                    variable.size()
-                )));
-            }
             variable
                 .f_copy_(tensor)
                 .map_err(|e| mismatch(format!("`{name}`: {e}")))?;

@@ -43,6 +43,21 @@ impl clap::builder::ValueParserFactory for DeviceArg {
     }
 }
 
+/// `--weights`, which the commands that run a trained model take.
+#[derive(Debug, Clone, Args)]
+pub struct WeightsArgs {
+    /// Weights: a .safetensors checkpoint, or a run directory (its best, else last, checkpoint).
+    #[arg(long)]
+    pub weights: PathBuf,
+}
+
+impl WeightsArgs {
+    /// The weights file (see [`crate::eval::resolve_weights`]).
+    pub fn resolve(&self) -> anyhow::Result<PathBuf> {
+        Ok(crate::eval::resolve_weights(&self.weights)?)
+    }
+}
+
 /// `--config FILE` and repeated `--set key=value`.
 #[derive(Debug, Clone, Args)]
 pub struct ConfigArgs {

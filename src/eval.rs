@@ -145,18 +145,13 @@ pub fn evaluate_on(
         );
         for batch in loader {
             let batch = batch?;
-            let logits = tch::no_grad(|| {
-                amp::autocast(config, device, || {
-                    model.forward(
-                        &batch.query_image.to_device(device),
-                        &batch.support_images.to_device(device),
-                        &batch.support_labels.to_device(device),
-                        false,
-                    )
-                })
-                .logits
-                .to_kind(Kind::Float)
-            });
+            let logits = inference_logits(
+                model,
+                config,
+                &batch.query_image.to_device(device),
+                &batch.support_images.to_device(device),
+                &batch.support_labels.to_device(device),
+            );
             if options.ori_resize {
                 for (e, original) in batch.original_labels.iter().enumerate() {
                     let (pred, target) = original_resolution(&logits.get(e as i64), original);
@@ -192,6 +187,24 @@ pub fn evaluate_on(
         seeds,
         evaluated as f64 / start.elapsed().as_secs_f64().max(1e-9),
     )
+}
+
+/// The logits `[B, 2, H, W]` of `model` for inference (svf-eval, validation, svf-predict): eval
+/// mode, no autograd, under the config's `amp`, returned in float32 for the metrics.
+pub fn inference_logits(
+    model: &PfeNet,
+    config: &Config,
+    query: &Tensor,
+    supports: &Tensor,
+    support_labels: &Tensor,
+) -> Tensor {
+    tch::no_grad(|| {
+        amp::autocast(config, query.device(), || {
+            model.forward(query, supports, support_labels, false)
+        })
+        .logits
+        .to_kind(Kind::Float)
+    })
 }
 
 /// Panels of the batch's episodes whose index is below `count`: the first support with its mask,

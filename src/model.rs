@@ -30,34 +30,14 @@ pub struct PfeNetOutput {
     pub aux_logits: Vec<Tensor>,
 }
 
-/// Work the forward pass saves without changing its result; all on by default. `svf-bench
-/// --without` turns one off to measure what it saves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Shortcuts {
-    /// The backbone layers that never train (layer0..1; all of them without SVF) run without
-    /// autograd, keeping no activations for a backward pass.
-    pub frozen_without_autograd: bool,
-}
-
-impl Default for Shortcuts {
-    fn default() -> Shortcuts {
-        Shortcuts {
-            frozen_without_autograd: true,
-        }
-    }
-}
-
 /// PFENet (+ SVF when `config.svf`): backbone variables at the root (`layer0.*`..`layer4.*`), head
 /// variables at the root with PFENet's names.
 pub struct PfeNet {
     pub backbone: Backbone,
     head: PfeHead,
-    /// Whether layer2..layer4 run with autograd (SVF trains their singular values).
-    svf: bool,
     /// Whether backbone BatchNorm is in training mode while training (not with `fix_bn`).
     bn_train_when_training: bool,
     aux_weight: f64,
-    pub shortcuts: Shortcuts,
 }
 
 impl PfeNet {
@@ -84,10 +64,8 @@ impl PfeNet {
         Ok(PfeNet {
             backbone,
             head,
-            svf: config.svf,
             bn_train_when_training: backbone::batch_norm_training(config, true),
             aux_weight: config.aux_weight,
-            shortcuts: Shortcuts::default(),
         })
     }
 
@@ -107,7 +85,7 @@ impl PfeNet {
             (height - 1) % 8 == 0 && (width - 1) % 8 == 0,
             "PFENet input {height}×{width} must satisfy (H - 1) % 8 == 0 and (W - 1) % 8 == 0"
         );
-        let (query_mid, query_high) = self.features(query, None, train);
+        let (query_mid, query_high, _) = self.features(query, None, train);
         let support_features = self.support_features(supports, support_labels, train);
         let query_features = QueryFeatures {
             mid: query_mid,
@@ -136,34 +114,40 @@ impl PfeNet {
                     .eq(1)
                     .to_kind(Kind::Float)
                     .unsqueeze(1);
-                let (mid, high) = self.features(&supports.select(1, k), Some(&mask), train);
+                let (mid, high, mask) = self.features(&supports.select(1, k), Some(&mask), train);
+                let mask = mask.expect("a support's mask comes back resized");
                 SupportFeatures { mid, high, mask }
             })
             .collect()
     }
 
     /// `cat(layer3, layer2)` and layer4 of `images`; with `mask` (a support), layer4 sees the
-    /// layer3 features multiplied by the resized mask.
-    fn features(&self, images: &Tensor, mask: Option<&Tensor>, train: bool) -> (Tensor, Tensor) {
+    /// layer3 features multiplied by the mask resized to layer3's size, which is returned too
+    /// (the head's masked pooling and prior work at that size, so it is resized once).
+    fn features(
+        &self,
+        images: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> (Tensor, Tensor, Option<Tensor>) {
         let bn_train = train && self.bn_train_when_training;
         let layer = |index: usize, x: &Tensor| self.backbone.forward_layer(index, x, bn_train);
-        // layer0..1 never train. layer2..4 need autograd only for SVF's singular values; without
-        // SVF the whole backbone is frozen and runs gradient-free, as in PFENet.
-        let skip_autograd = self.shortcuts.frozen_without_autograd;
-        let frozen = |f: &dyn Fn() -> Tensor| if skip_autograd { tch::no_grad(f) } else { f() };
-        let feat1 = frozen(&|| layer(1, &layer(0, images)));
-        let tracked = |f: &dyn Fn() -> Tensor| if self.svf { f() } else { frozen(f) };
-        let feat2 = tracked(&|| layer(2, &feat1));
-        let feat3 = tracked(&|| layer(3, &feat2));
+        // Frozen weights do not require gradients (see `freeze_all_but_trainable`), so autograd
+        // records nothing before the first trainable `vector_S` (layer2 with SVF; never without
+        // it, as PFENet's no_grad backbone) and keeps no activations for layer0..1.
+        let feat1 = layer(1, &layer(0, images));
+        let feat2 = layer(2, &feat1);
+        let feat3 = layer(3, &feat2);
         let layer3_size = [feat3.size()[2], feat3.size()[3]];
-        let layer4_input = match mask {
-            Some(mask) => &feat3 * head::resize(mask, layer3_size),
+        let mask = mask.map(|mask| head::resize(mask, layer3_size));
+        let layer4_input = match &mask {
+            Some(mask) => &feat3 * mask,
             None => feat3.shallow_clone(),
         };
-        let feat4 = tracked(&|| layer(4, &layer4_input));
+        let feat4 = layer(4, &layer4_input);
         // VGG's layer2 is at twice layer3's resolution; ResNet's already matches.
         let mid = Tensor::cat(&[feat3, head::resize(&feat2, layer3_size)], 1);
-        (mid, feat4)
+        (mid, feat4, mask)
     }
 
     /// Cross-entropy of the main logits (ignore 255) and the mean of the bins' cross-entropies,

@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use tch::{Device, Kind, Tensor};
 
+use crate::amp;
 use crate::config::Config;
 use crate::data::raster::{self, LabelMap};
 use crate::data::transform::{normalise_into, val_resize, IMAGENET_MEAN, IMAGENET_STD};
 use crate::data::DataError;
-use crate::eval::original_resolution;
+use crate::eval::{inference_logits, original_resolution};
 use crate::model::PfeNet;
 
 /// Why a prediction could not be made or written.
@@ -70,6 +71,7 @@ pub fn predict(
     if supports.is_empty() {
         return Err(PredictError::NoSupport);
     }
+    amp::prepare(config, device);
     let mut names = HashSet::new();
     for (i, query) in queries.iter().enumerate() {
         if !names.insert(query.file_stem()) {
@@ -124,16 +126,13 @@ pub fn predict(
         let (h, w) = (image.height as i64, image.width as i64);
         let blank = LabelMap::filled(image.height, image.width, 0);
         let (canvas, _) = val_resize(&image, &blank, size);
-        let logits = tch::no_grad(|| {
-            model
-                .forward(
-                    &network_input(&canvas).unsqueeze(0).to_device(device),
-                    &support_images,
-                    &support_labels,
-                    false,
-                )
-                .logits
-        });
+        let logits = inference_logits(
+            model,
+            config,
+            &network_input(&canvas).unsqueeze(0).to_device(device),
+            &support_images,
+            &support_labels,
+        );
         let (pred, _) = original_resolution(
             &logits.get(0),
             &Tensor::zeros([h, w], (Kind::Int64, Device::Cpu)),

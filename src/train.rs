@@ -451,7 +451,9 @@ impl Run<'_> {
                 );
                 return Ok(EpochEnd::Stopped);
             }
-            if self.state.iteration.is_multiple_of(config.save_freq as u64) {
+            // The epoch's last iteration is saved after its validation, once.
+            let epoch_end = self.state.iteration == (epoch as u64 + 1) * per_epoch;
+            if self.state.iteration.is_multiple_of(config.save_freq as u64) && !epoch_end {
                 self.save_last()?;
             }
         }

@@ -83,25 +83,33 @@ fn every_section_runs_on_a_tiny_config_and_the_json_line_parses() {
     assert!(loader.iter().all(|l| l["episodes"] == 4));
     assert!(report["decompose"]["layers"].as_u64().unwrap() > 0);
     assert!(stderr.contains("eval fused"), "{stderr}");
-    assert_eq!(report["shortcuts"]["frozen_without_autograd"], true);
+    assert_eq!(report["track_frozen"], false);
+    let trainable = report["train"][0]["tracked_parameters"].as_i64().unwrap();
+    assert!(trainable > 0);
 
-    // The same steps with the shortcuts off (the "before" of each optimisation).
+    // The train step with autograd through every weight (the "before" of freezing).
     let output = Command::new(env!("CARGO_BIN_EXE_svf-bench"))
         .env("OMP_NUM_THREADS", "1")
         .arg("--config")
         .arg(&config_path)
         .args(["--device", "cpu", "--threads", "1", "--size", "65"])
         .args(["--shot", "2", "--what", "train,eval", "--repeats", "1"])
-        .args(["--without", "frozen-without-autograd"])
+        .arg("--track-frozen")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "svf-bench --without failed:\n{stderr}"
+        "svf-bench --track-frozen failed:\n{stderr}"
     );
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(report["shortcuts"]["frozen_without_autograd"], false);
+    assert_eq!(report["track_frozen"], true);
+    let tracked = report["train"][0]["tracked_parameters"].as_i64().unwrap();
+    assert!(
+        tracked > 10 * trainable,
+        "{tracked} tracked vs {trainable} trainable"
+    );
+    assert!(report["eval"][0]["unfused"]["tracked_parameters"].is_null());
     assert_eq!(report["train"].as_array().unwrap().len(), 1);
     assert!(report["loader"].as_array().unwrap().is_empty());
 }

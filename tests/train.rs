@@ -15,7 +15,7 @@ use svf::checkpoint;
 use svf::config::Config;
 use svf::data::synth::{write_dataset, SynthOptions};
 use svf::model::{freeze_all_but_trainable, is_head_parameter, PfeNet};
-use svf::train::{self, read_metrics, MetricsRecord, Sgd, TrainError, TrainHooks};
+use svf::train::{self, read_metrics, MetricsRecord, TrainError, TrainHooks};
 use tch::{nn, Device, Kind, Tensor};
 
 const OPTS: (Kind, Device) = (Kind::Float, Device::Cpu);
@@ -95,16 +95,12 @@ fn optimiser_steps_move_exactly_the_trainable_set() {
         tch::manual_seed(3);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = PfeNet::new(&vs.root(), &config).unwrap();
-        let trainable = freeze_all_but_trainable(&vs, svf);
-        let names: Vec<String> = trainable.iter().map(|(n, _)| n.clone()).collect();
-        let parameters = trainable
+        let names: Vec<String> = freeze_all_but_trainable(&vs, svf)
             .into_iter()
-            .map(|(n, t)| {
-                let scale = if is_head_parameter(&n) { 10.0 } else { 1.0 };
-                (n, t, scale)
-            })
+            .map(|(n, _)| n)
             .collect();
-        let mut sgd = Sgd::new(parameters, 0.9, 1e-4);
+        // The trainer's own optimiser (head at head_lr_scale, momentum, weight decay).
+        let mut sgd = train::optimiser(&vs, &config);
         let batch = fixed_batch();
         let before = snapshot(&vs);
         let loss_before = eval_loss(&model, &batch);

@@ -1,9 +1,8 @@
 //! `svf-bench`: throughput of the pipeline's parts, printed as a small table (stderr) and one
 //! JSON line (stdout).
 use clap::{Parser, ValueEnum};
-use svf::bench::{self, BenchOptions, BenchPlan, Section, Shortcut};
+use svf::bench::{self, BenchOptions, BenchPlan, Section};
 use svf::cli::{ConfigArgs, RuntimeArgs};
-use svf::model::Shortcuts;
 
 /// Time the train step, evaluation, loader and SVD decomposition of a config's model: median of
 /// repeated runs after warm-up, on synthetic episodes (the loader reads the config's dataset).
@@ -36,9 +35,10 @@ struct Cli {
     /// Loader worker counts to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     workers: Vec<usize>,
-    /// Shortcuts to turn off, comma-separated, to measure what each saves (train and eval).
-    #[arg(long, value_enum, value_delimiter = ',')]
-    without: Vec<Shortcut>,
+    /// Train step with autograd through every weight, as a model that freezes nothing: the
+    /// "before" of freezing.
+    #[arg(long)]
+    track_frozen: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,10 +46,6 @@ fn main() -> anyhow::Result<()> {
     let config = cli.config.load()?;
     svf::logging::init(cli.runtime.verbose, None)?;
     let device = cli.runtime.start()?;
-    let mut shortcuts = Shortcuts::default();
-    for shortcut in cli.without {
-        shortcut.disable(&mut shortcuts);
-    }
     let plan = BenchPlan {
         sections: if cli.what.is_empty() {
             Section::value_variants().to_vec()
@@ -62,7 +58,7 @@ fn main() -> anyhow::Result<()> {
             device,
             warmup: cli.warmup,
             repeats: cli.repeats,
-            shortcuts,
+            track_frozen: cli.track_frozen,
         },
         loader_workers: cli.workers,
         loader_episodes: cli.episodes,

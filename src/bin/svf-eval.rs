@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use svf::cli::{ConfigArgs, RuntimeArgs};
+use svf::cli::{ConfigArgs, RuntimeArgs, WeightsArgs};
 use svf::eval::{self, EvalOptions};
 
 /// Evaluate a trained few-shot segmentation model on the novel classes of a fold.
@@ -13,9 +13,8 @@ struct Cli {
     config: ConfigArgs,
     #[command(flatten)]
     runtime: RuntimeArgs,
-    /// Weights: a .safetensors checkpoint, or a run directory (its best, else last, checkpoint).
-    #[arg(long)]
-    weights: PathBuf,
+    #[command(flatten)]
+    weights: WeightsArgs,
     /// Episodes per seed [default: 1000 for PASCAL-5i, 4000 for COCO-20i].
     #[arg(long)]
     episodes: Option<u64>,
@@ -71,7 +70,7 @@ fn main() -> anyhow::Result<()> {
         options.panels = Some((out.join("vis"), cli.save_vis));
     }
 
-    let weights = eval::resolve_weights(&cli.weights)?;
+    let weights = cli.weights.resolve()?;
     tracing::info!(weights = %weights.display(), seeds = ?options.seeds, episodes = options.episodes, "evaluating");
     let (_vs, model) = eval::load_model(&config, &weights, device, !cli.no_fuse)?;
     let result = eval::evaluate(&model, &config, device, &options)?;

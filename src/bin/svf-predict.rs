@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use svf::cli::{ConfigArgs, RuntimeArgs};
+use svf::cli::{ConfigArgs, RuntimeArgs, WeightsArgs};
 use svf::predict::SupportExample;
 
 /// Segment query images given support images and their masks (PNG, any non-zero pixel = object).
@@ -14,9 +14,8 @@ struct Cli {
     config: ConfigArgs,
     #[command(flatten)]
     runtime: RuntimeArgs,
-    /// Weights: a .safetensors checkpoint, or a run directory (its best, else last, checkpoint).
-    #[arg(long)]
-    weights: PathBuf,
+    #[command(flatten)]
+    weights: WeightsArgs,
     /// Support image; repeat for K-shot, each followed by its --mask.
     #[arg(long = "support", required = true)]
     supports: Vec<PathBuf>,
@@ -51,7 +50,7 @@ fn main() -> anyhow::Result<()> {
             mask: mask.clone(),
         })
         .collect();
-    let weights = svf::eval::resolve_weights(&cli.weights)?;
+    let weights = cli.weights.resolve()?;
     let (_vs, model) = svf::eval::load_model(&config, &weights, device, true)?;
     for p in svf::predict::predict(&model, &config, device, &supports, &cli.queries, &cli.out)? {
         tracing::info!(

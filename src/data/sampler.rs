@@ -22,7 +22,6 @@ const PERMUTATION_STREAM: u64 = u64::MAX;
 #[derive(Debug, Clone)]
 pub struct EpisodeDraw {
     pub index: u64,
-    pub attempt: u64,
     /// Query item (position in the dataset's query list).
     pub query: usize,
     pub class_id: usize,
@@ -84,7 +83,6 @@ impl<'a> EpisodeSampler<'a> {
         }
         EpisodeDraw {
             index,
-            attempt,
             query,
             class_id,
             supports,

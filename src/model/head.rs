@@ -48,7 +48,8 @@ pub struct SupportFeatures {
     pub mid: Tensor,
     /// layer4 of the support's layer3 features multiplied by the mask.
     pub high: Tensor,
-    /// Foreground mask at image resolution, `[B, 1, H, W]`, 1.0 on the class and 0.0 elsewhere.
+    /// Foreground mask `[B, 1, h, w]`, 1.0 on the class and 0.0 elsewhere, bilinearly resized to
+    /// layer 3's resolution (any resolution works: the head resizes it where it differs).
     pub mask: Tensor,
 }
 

@@ -13,8 +13,10 @@ extern "C" fn on_sigint(_signal: libc::c_int) {
     }
 }
 
-/// Installs the SIGINT handler (idempotent) and returns the flag it raises.
+/// Installs the SIGINT handler (idempotent) and returns the flag it raises, lowered: a run started
+/// after an earlier one stopped on Ctrl-C in the same process does not stop at once.
 pub fn install_ctrl_c_handler() -> &'static AtomicBool {
+    REQUESTED.store(false, Ordering::SeqCst);
     let handler: extern "C" fn(libc::c_int) = on_sigint;
     // SAFETY: the handler only touches an atomic and calls `_exit`, both async-signal-safe.
     unsafe {

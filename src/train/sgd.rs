@@ -51,15 +51,6 @@ impl Sgd {
         }
     }
 
-    /// Number of parameter tensors.
-    pub fn len(&self) -> usize {
-        self.parameters.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.parameters.is_empty()
-    }
-
     /// Zeroes the accumulated gradients.
     pub fn zero_grad(&mut self) {
         for parameter in &mut self.parameters {
