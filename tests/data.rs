@@ -145,6 +145,34 @@ fn episodes_do_not_depend_on_the_number_of_workers() {
     }
 }
 
+/// Loaders dropped at every point of their range (before the first batch, mid-range, after the
+/// window filled) must stop their workers: a worker that misses the stop wake-up blocks `drop`'s
+/// `join()` for ever. Many rounds on a watchdog thread, failing on a timeout instead of hanging.
+#[test]
+fn loaders_dropped_early_never_hang() {
+    let config = synthetic("drop-stress", 40, 20);
+    let dataset = Arc::new(FewShotDataset::open(&config, Split::Train).unwrap());
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for round in 0..300u64 {
+            let workers = 1 + (round % 6) as usize;
+            let mut loader = EpisodeLoader::new(dataset.clone(), round, 0..1_000, 1, workers);
+            for _ in 0..(round % 4) {
+                assert!(loader.next().unwrap().is_ok());
+            }
+            if round % 5 == 0 {
+                // Let the workers fill the window and wait on it.
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            drop(loader);
+        }
+        done.send(()).unwrap();
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(240))
+        .expect("a dropped loader did not stop its workers within 240 s (lost wake-up)");
+}
+
 #[test]
 fn sampled_episodes_follow_the_reference_rules() {
     let config = Config {

@@ -12,7 +12,6 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -156,16 +155,20 @@ fn build_episode(
     })
 }
 
-/// Which batches workers may claim: `next_claim < consumed + window`.
+/// Which batches workers may claim: `next_claim < consumed + window`, until `stopped`.
+///
+/// The stop flag lives under the same lock as the claim state, so a worker that checks it and then
+/// waits cannot miss the wake-up of a stop raised in between: a lost wake-up would leave `join()`
+/// blocked for ever when a loader is dropped early.
 struct Window {
     next_claim: u64,
     consumed: u64,
+    stopped: bool,
 }
 
 struct Shared {
     window: Mutex<Window>,
     changed: Condvar,
-    stop: AtomicBool,
 }
 
 /// Iterator over batched episodes `episodes` of a dataset, built by worker threads; see the module
@@ -200,9 +203,9 @@ impl EpisodeLoader {
             window: Mutex::new(Window {
                 next_claim: 0,
                 consumed: 0,
+                stopped: false,
             }),
             changed: Condvar::new(),
-            stop: AtomicBool::new(false),
         });
         let (sender, receiver) = channel();
         let window = PREFETCH_PER_WORKER * workers as u64;
@@ -255,7 +258,14 @@ impl EpisodeLoader {
 
     fn stop(&mut self) {
         self.finished = true;
-        self.shared.stop.store(true, Ordering::SeqCst);
+        // A poisoned lock means a worker panicked while holding it; the flag must still be raised.
+        let mut window = self
+            .shared
+            .window
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        window.stopped = true;
+        drop(window);
         self.shared.changed.notify_all();
     }
 }
@@ -272,7 +282,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 fn claim(shared: &Shared, window: u64, batches: u64) -> Option<u64> {
     let mut state = shared.window.lock().expect("loader window lock");
     loop {
-        if shared.stop.load(Ordering::SeqCst) || state.next_claim >= batches {
+        if state.stopped || state.next_claim >= batches {
             return None;
         }
         if state.next_claim < state.consumed + window {
