@@ -33,6 +33,9 @@ pub enum BenchError {
     Eval(#[from] EvalError),
     #[error("loader benchmark: cannot load the config's dataset (data_root, train_list, val_list); only `--what loader` needs it")]
     Data(#[from] DataError),
+    /// A `--size` or `--shot` that the config's rules reject.
+    #[error("--size / --shot: {0}")]
+    Shape(crate::config::ConfigError),
     #[error("cannot write the benchmark's temporary weights {path}: {source}; set TMPDIR to a writable folder")]
     Weights {
         path: PathBuf,
@@ -206,6 +209,22 @@ pub struct EpisodeShape {
     pub size: i64,
     /// Supports per episode (K).
     pub shot: usize,
+}
+
+impl EpisodeShape {
+    /// `config` with its episodes of this shape, validated as a config file's values are (a
+    /// `--size` of 64 or a `--shot` of 0 is reported like `train_h: 64` or `shot: 0`).
+    pub fn apply(&self, config: &Config) -> Result<Config, BenchError> {
+        let shaped = Config {
+            shot: self.shot,
+            train_h: self.size,
+            train_w: self.size,
+            val_size: self.size,
+            ..config.clone()
+        };
+        shaped.validate("svf-bench").map_err(BenchError::Shape)?;
+        Ok(shaped)
+    }
 }
 
 /// One training iteration as the trainer runs it (forward in train mode, loss, backward, a step of
@@ -546,6 +565,12 @@ pub fn run(config: &Config, plan: &BenchPlan) -> Result<BenchReport, BenchError>
             .flat_map(|&size| shots.iter().map(move |&shot| EpisodeShape { size, shot }))
             .collect()
     };
+    for shape in shapes(config.train_h)
+        .iter()
+        .chain(&shapes(config.val_size))
+    {
+        shape.apply(config)?;
+    }
     let setting = eval::EvalSetting::new(config, config.shot, 0, false);
     let mut report = BenchReport {
         method: setting.method,
@@ -573,14 +598,8 @@ pub fn run(config: &Config, plan: &BenchPlan) -> Result<BenchReport, BenchError>
                 report.eval = eval_throughput(config, &plan.options, &shapes(config.val_size))?
             }
             Section::Loader => {
-                for EpisodeShape { size, shot } in shapes(config.train_h) {
-                    let config = Config {
-                        shot,
-                        train_h: size,
-                        train_w: size,
-                        val_size: size,
-                        ..config.clone()
-                    };
+                for shape in shapes(config.train_h) {
+                    let config = shape.apply(config)?;
                     for split in [Split::Train, Split::Val] {
                         report.loader.extend(loader_throughput(
                             &config,

@@ -72,6 +72,23 @@ pub struct ConfigArgs {
 impl ConfigArgs {
     /// Reads and validates the configuration.
     pub fn load(&self) -> anyhow::Result<Config> {
-        Ok(Config::load(&self.config, &self.overrides)?)
+        self.load_with(&[])
+    }
+
+    /// Like [`ConfigArgs::load`], with a command's own flags that set config keys (`("shot",
+    /// Some(5))` for `--shot 5`) applied after every `--set`, so that they pass the same
+    /// validation as the file and are reported the same way.
+    pub fn load_with(&self, flags: &[(&str, Option<String>)]) -> anyhow::Result<Config> {
+        let overrides: Vec<String> = self
+            .overrides
+            .iter()
+            .cloned()
+            .chain(
+                flags
+                    .iter()
+                    .filter_map(|(key, value)| value.as_ref().map(|v| format!("{key}={v}"))),
+            )
+            .collect();
+        Ok(Config::load(&self.config, &overrides)?)
     }
 }

@@ -242,7 +242,7 @@ impl Config {
         }
         let config: Config = serde_yaml::from_value(serde_yaml::Value::Mapping(map))
             .expect("every override was checked above");
-        config.validate(&format!("{} with --set", origin.display()))?;
+        config.validate(&format!("{} with command-line overrides", origin.display()))?;
         Ok(config)
     }
 

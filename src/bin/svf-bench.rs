@@ -27,14 +27,14 @@ struct Cli {
     #[arg(long, default_value_t = 1)]
     warmup: usize,
     /// Timed runs; the median is reported.
-    #[arg(long, default_value_t = 3)]
-    repeats: usize,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    repeats: u64,
     /// Episodes per loader measurement.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
     episodes: u64,
     /// Loader worker counts to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,2")]
-    workers: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "1,2", value_parser = clap::value_parser!(u64).range(1..))]
+    workers: Vec<u64>,
     /// Train step with autograd through every weight, as a model that freezes nothing: the
     /// "before" of freezing.
     #[arg(long)]
@@ -57,10 +57,10 @@ fn main() -> anyhow::Result<()> {
         options: BenchOptions {
             device,
             warmup: cli.warmup,
-            repeats: cli.repeats,
+            repeats: cli.repeats as usize,
             track_frozen: cli.track_frozen,
         },
-        loader_workers: cli.workers,
+        loader_workers: cli.workers.iter().map(|&w| w as usize).collect(),
         loader_episodes: cli.episodes,
     };
     let report = bench::run(&config, &plan)?;

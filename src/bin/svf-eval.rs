@@ -16,7 +16,7 @@ struct Cli {
     #[command(flatten)]
     weights: WeightsArgs,
     /// Episodes per seed [default: 1000 for PASCAL-5i, 4000 for COCO-20i].
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     episodes: Option<u64>,
     /// Seeds, comma-separated; one evaluation each [default: the config's manual_seed].
     #[arg(long, value_delimiter = ',', conflicts_with = "master_seed")]
@@ -25,8 +25,8 @@ struct Cli {
     #[arg(long, requires = "seed_count")]
     master_seed: Option<u64>,
     /// Number of seeds drawn from --master-seed.
-    #[arg(long, requires = "master_seed")]
-    seed_count: Option<usize>,
+    #[arg(long, requires = "master_seed", value_parser = clap::value_parser!(u64).range(1..))]
+    seed_count: Option<u64>,
     /// Support images per episode [default: the config's shot].
     #[arg(long)]
     shot: Option<usize>,
@@ -46,7 +46,11 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config = cli.config.load()?;
+    // --shot and --workers are config keys: validated as the file's values are.
+    let config = cli.config.load_with(&[
+        ("shot", cli.shot.map(|s| s.to_string())),
+        ("workers", cli.workers.map(|w| w.to_string())),
+    ])?;
     let out = cli.out.clone().unwrap_or_else(|| config.save_path.clone());
     svf::logging::init(cli.runtime.verbose, Some(&out))?;
     let device = cli.runtime.start()?;
@@ -56,15 +60,9 @@ fn main() -> anyhow::Result<()> {
         options.episodes = episodes;
     }
     if let (Some(master), Some(count)) = (cli.master_seed, cli.seed_count) {
-        options.seeds = eval::draw_seeds(master, count);
+        options.seeds = eval::draw_seeds(master, count as usize);
     } else if !cli.seeds.is_empty() {
         options.seeds = cli.seeds.clone();
-    }
-    if let Some(shot) = cli.shot {
-        options.shot = shot;
-    }
-    if let Some(workers) = cli.workers {
-        options.workers = workers;
     }
     if cli.save_vis > 0 {
         options.panels = Some((out.join("vis"), cli.save_vis));

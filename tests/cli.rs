@@ -1,0 +1,61 @@
+//! Bad command-line values a user can type: each is one clear message naming the flag or key,
+//! never a panic, and nothing runs.
+
+use std::process::Command;
+
+mod common;
+
+/// Runs `binary` with the tiny config and `args`; returns its stderr after checking that it
+/// failed without panicking.
+fn fails_cleanly(binary: &str, args: &[&str]) -> String {
+    let dir = common::scratch(&format!("{}-{}", binary, args.join("_")));
+    let config_path = dir.join("tiny.yaml");
+    std::fs::write(&config_path, common::tiny_config(dir.join("run")).to_yaml()).unwrap();
+    let output = Command::new(binary)
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--device", "cpu"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(!output.status.success(), "{binary} {args:?} succeeded");
+    assert!(
+        !stderr.contains("panicked"),
+        "{binary} {args:?} panicked:\n{stderr}"
+    );
+    // 101 is Rust's exit code for a panic in main.
+    assert!(matches!(output.status.code(), Some(1 | 2)), "{stderr}");
+    stderr
+}
+
+const EVAL: &str = env!("CARGO_BIN_EXE_svf-eval");
+const BENCH: &str = env!("CARGO_BIN_EXE_svf-bench");
+
+#[test]
+fn eval_flags_are_validated_like_config_keys() {
+    let weights = ["--weights", "does-not-matter.safetensors"];
+    let stderr = fails_cleanly(EVAL, &[&weights[..], &["--shot", "0"]].concat());
+    assert!(
+        stderr.contains("`shot`") && stderr.contains("at least 1"),
+        "{stderr}"
+    );
+    let stderr = fails_cleanly(EVAL, &[&weights[..], &["--workers", "0"]].concat());
+    assert!(stderr.contains("`workers`"), "{stderr}");
+    // Zero episodes would report an mIoU of 0 for a run that measured nothing.
+    let stderr = fails_cleanly(EVAL, &[&weights[..], &["--episodes", "0"]].concat());
+    assert!(stderr.contains("--episodes"), "{stderr}");
+}
+
+#[test]
+fn bench_sizes_and_shots_are_validated_like_config_keys() {
+    let stderr = fails_cleanly(BENCH, &["--what", "eval", "--size", "64"]);
+    assert!(
+        stderr.contains("`train_h`") && stderr.contains("64") && stderr.contains("--size"),
+        "{stderr}"
+    );
+    let stderr = fails_cleanly(BENCH, &["--what", "train", "--shot", "0"]);
+    assert!(stderr.contains("`shot`"), "{stderr}");
+    let stderr = fails_cleanly(BENCH, &["--repeats", "0"]);
+    assert!(stderr.contains("--repeats"), "{stderr}");
+}
