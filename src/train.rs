@@ -71,6 +71,14 @@ pub enum TrainError {
     CannotResume { dir: PathBuf, reason: String },
     #[error("the training split has {episodes} episodes per epoch, fewer than batch_size {batch_size}: lower batch_size or raise train_episodes")]
     EpochTooShort { episodes: usize, batch_size: usize },
+    #[error("iteration {iteration} (epoch {epoch}) failed inside libtorch: {message}. The weights of the last completed iteration are saved in {saved}; continue with `svf-train --resume {dir}`. If it ran out of memory, lower `batch_size`, set `amp: bf16` (CUDA), or lower `train_h`/`train_w`")]
+    StepFailed {
+        iteration: u64,
+        epoch: usize,
+        message: String,
+        saved: String,
+        dir: PathBuf,
+    },
     #[error("loss is {loss} at iteration {iteration} (epoch {epoch}); stopped before updating the weights. Last good checkpoint: {last_good}. Training is deterministic, so resuming would diverge at the same point: lower base_lr or set warmup_steps and start a new run")]
     NonFiniteLoss {
         loss: f64,
@@ -423,7 +431,7 @@ impl Run<'_> {
         let started = Instant::now();
         let (mut loss_sum, mut steps) = (0.0, 0u64);
         for episode_batch in loader {
-            let losses = self.step(&episode_batch?, epoch, hooks)?;
+            let losses = self.guarded_step(&episode_batch?, epoch, hooks)?;
             loss_sum += losses.total;
             steps += 1;
             bar.inc(batch);
@@ -487,6 +495,48 @@ impl Run<'_> {
             episodes_per_second: throughput.episodes as f64 / throughput.seconds.max(1e-9),
             interrupted,
         }
+    }
+
+    /// [`Run::step`], turning a libtorch error inside it (out of memory, a device fault), which
+    /// tch raises as a panic, into [`TrainError::StepFailed`] after saving `last`: the work since
+    /// the last checkpoint is kept. While the step runs, the panic hook is silenced so that the
+    /// user sees the one error message instead of a panic report.
+    fn guarded_step(
+        &mut self,
+        batch: &crate::data::EpisodeBatch,
+        epoch: usize,
+        hooks: &mut TrainHooks,
+    ) -> Result<Losses, TrainError> {
+        let previous_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.step(batch, epoch, hooks)
+        }));
+        std::panic::set_hook(previous_hook);
+        let panic = match outcome {
+            Ok(result) => return result,
+            Err(panic) => panic,
+        };
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown error".into());
+        let iteration = self.state.iteration + 1;
+        // A failure inside the optimiser's update could leave it half applied; every other part
+        // of the step changes no weight, so `last` holds the previous iteration's weights.
+        self.save_last()?;
+        Err(TrainError::StepFailed {
+            iteration,
+            epoch: epoch + 1,
+            message,
+            saved: format!(
+                "{} (iteration {})",
+                CheckpointFiles::new(&self.dir, LAST).weights.display(),
+                self.state.iteration
+            ),
+            dir: self.dir.clone(),
+        })
     }
 
     /// One optimiser step on a batch; the loss is checked before the weights change.

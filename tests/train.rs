@@ -266,6 +266,52 @@ fn nan_loss_stops_with_the_iteration_and_last_good_checkpoint() {
     assert_eq!(saved.state.iteration, 4);
 }
 
+/// A libtorch error inside a step (as CUDA's out of memory would be) is a clean error after saving
+/// `last` with the work done so far, and the run resumes from there.
+#[test]
+fn libtorch_error_in_a_step_saves_last_and_stops_with_advice() {
+    let _rng = exclusive_torch();
+    let config = tiny_config("step-error");
+    let hooks = TrainHooks {
+        // Iteration 4 of 12 (save_freq 2 last saved iteration 2): an invalid reshape fails inside
+        // libtorch, which tch reports by panicking.
+        map_loss: Some(Box::new(|iteration, loss| {
+            if iteration == 4 {
+                loss.reshape([2])
+            } else {
+                loss
+            }
+        })),
+        ..TrainHooks::default()
+    };
+    let err = train::train_with(&config, Device::Cpu, None, hooks).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(err, TrainError::StepFailed { iteration: 4, .. }),
+        "{message}"
+    );
+    for needle in [
+        "batch_size",
+        "amp",
+        "train_h",
+        "--resume",
+        "shape '[2]' is invalid",
+    ] {
+        assert!(message.contains(needle), "no {needle:?} in: {message}");
+    }
+    let saved: checkpoint::Checkpoint<train::TrainState> =
+        checkpoint::load(&config.save_path, "last").unwrap();
+    assert_eq!(saved.state.iteration, 3);
+    let resumed = train::train_with(
+        &config,
+        Device::Cpu,
+        Some(&config.save_path),
+        TrainHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(resumed.state.iteration, 12);
+}
+
 #[test]
 fn config_that_cannot_fit_fails_before_training() {
     // 60 images over 20 classes: no class has 30 eligible images for a 30-shot episode.
