@@ -12,7 +12,6 @@
 //! re-seeded from (seed, iteration). So the iteration count, the weights and the momentum buffers
 //! are the whole state: a resumed run repeats the same episodes, dropout masks and LRs.
 
-mod interrupt;
 mod metrics_log;
 mod schedule;
 mod sgd;
@@ -25,7 +24,6 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Tensor};
 
-pub use interrupt::install_ctrl_c_handler;
 pub use metrics_log::{read_metrics, MetricsLog, MetricsRecord};
 pub use schedule::PolySchedule;
 pub use sgd::{Sgd, SgdStateError};
@@ -138,20 +136,6 @@ pub struct TrainHooks<'a> {
 /// `(iteration, loss) -> loss`, see [`TrainHooks::map_loss`].
 pub type LossMap<'a> = Box<dyn FnMut(u64, Tensor) -> Tensor + 'a>;
 
-/// Trains `config` on `device`, stopping cleanly on Ctrl-C; `resume`: continue the run in that
-/// directory (its config must be `config`, see [`resume_config`]).
-pub fn train(
-    config: &Config,
-    device: Device,
-    resume: Option<&Path>,
-) -> Result<TrainSummary, TrainError> {
-    let hooks = TrainHooks {
-        interrupt: Some(install_ctrl_c_handler()),
-        ..TrainHooks::default()
-    };
-    train_with(config, device, resume, hooks)
-}
-
 /// The configuration of the run in `run_dir` (its `config.yaml`), with `save_path` pointing at
 /// `run_dir` wherever the directory now lives.
 pub fn resume_config(run_dir: &Path) -> Result<Config, TrainError> {
@@ -222,8 +206,9 @@ struct Run<'a> {
     untrained_miou: Option<f64>,
 }
 
-/// [`train`] with explicit hooks and no signal handler.
-pub fn train_with(
+/// Trains `config` on `device`; `resume`: continue the run in that directory (its config must be
+/// `config`, see [`resume_config`]). `hooks.interrupt` is how a binary passes Ctrl-C in.
+pub fn train(
     config: &Config,
     device: Device,
     resume: Option<&Path>,

@@ -190,7 +190,7 @@ fn resume_in_a_fresh_process_matches_the_straight_run() {
     // 3 epochs of 4 iterations; the split run stops after 6, in the middle of epoch 2.
     let _rng = exclusive_torch();
     let straight = tiny_config("straight");
-    let summary = train::train_with(&straight, Device::Cpu, None, TrainHooks::default()).unwrap();
+    let summary = train::train(&straight, Device::Cpu, None, TrainHooks::default()).unwrap();
     assert_eq!(summary.state.iteration, 12);
     assert!(!summary.interrupted);
 
@@ -199,7 +199,7 @@ fn resume_in_a_fresh_process_matches_the_straight_run() {
         stop_after: Some(6),
         ..TrainHooks::default()
     };
-    let first = train::train_with(&split, Device::Cpu, None, hooks).unwrap();
+    let first = train::train(&split, Device::Cpu, None, hooks).unwrap();
     assert!(first.interrupted);
     assert_eq!(first.state.iteration, 6);
     common::run_ok(svf_train().arg("--resume").arg(&split.save_path));
@@ -230,7 +230,7 @@ fn resume_in_a_fresh_process_matches_the_straight_run() {
         assert!((la - lb).abs() <= 1e-5, "iteration {i}: {la} vs {lb}");
     }
     // A second fresh start into the same directory is refused instead of overwriting it.
-    let err = train::train_with(&split, Device::Cpu, None, TrainHooks::default()).unwrap_err();
+    let err = train::train(&split, Device::Cpu, None, TrainHooks::default()).unwrap_err();
     assert!(matches!(err, TrainError::RunExists { .. }), "{err}");
 }
 
@@ -248,7 +248,7 @@ fn nan_loss_stops_with_the_iteration_and_last_good_checkpoint() {
         })),
         ..TrainHooks::default()
     };
-    let err = train::train_with(&config, Device::Cpu, None, hooks).unwrap_err();
+    let err = train::train(&config, Device::Cpu, None, hooks).unwrap_err();
     let message = err.to_string();
     assert!(
         matches!(err, TrainError::NonFiniteLoss { iteration: 5, .. }),
@@ -284,7 +284,7 @@ fn libtorch_error_in_a_step_saves_last_and_stops_with_advice() {
         })),
         ..TrainHooks::default()
     };
-    let err = train::train_with(&config, Device::Cpu, None, hooks).unwrap_err();
+    let err = train::train(&config, Device::Cpu, None, hooks).unwrap_err();
     let message = err.to_string();
     assert!(
         matches!(err, TrainError::StepFailed { iteration: 4, .. }),
@@ -302,7 +302,7 @@ fn libtorch_error_in_a_step_saves_last_and_stops_with_advice() {
     let saved: checkpoint::Checkpoint<train::TrainState> =
         checkpoint::load(&config.save_path, "last").unwrap();
     assert_eq!(saved.state.iteration, 3);
-    let resumed = train::train_with(
+    let resumed = train::train(
         &config,
         Device::Cpu,
         Some(&config.save_path),
@@ -319,7 +319,7 @@ fn config_that_cannot_fit_fails_before_training() {
         shot: 30,
         ..tiny_config("too-few")
     };
-    let err = train::train_with(&config, Device::Cpu, None, TrainHooks::default()).unwrap_err();
+    let err = train::train(&config, Device::Cpu, None, TrainHooks::default()).unwrap_err();
     assert!(matches!(err, TrainError::Data(_)), "{err}");
     assert!(err.to_string().contains("shot"), "{err}");
     assert!(!config.save_path.join("last.json").exists());
@@ -327,16 +327,19 @@ fn config_that_cannot_fit_fails_before_training() {
         batch_size: 9,
         ..tiny_config("short-epoch")
     };
-    let err = train::train_with(&config, Device::Cpu, None, TrainHooks::default()).unwrap_err();
+    let err = train::train(&config, Device::Cpu, None, TrainHooks::default()).unwrap_err();
     assert!(err.to_string().contains("batch_size 9"), "{err}");
 }
 
-#[test]
-fn ctrl_c_saves_the_last_checkpoint_and_exits_cleanly() {
+/// A long `svf-train` run of `size`×`size` crops in a child process, once it has logged two
+/// iterations.
+fn training_child(tag: &str, size: i64) -> (Config, std::process::Child) {
     let config = Config {
         epochs: 50,
         save_freq: 1000,
-        ..tiny_config("ctrl-c")
+        train_h: size,
+        train_w: size,
+        ..tiny_config(tag)
     };
     let config_path = config.save_path.join("input.yaml");
     std::fs::write(&config_path, config.to_yaml()).unwrap();
@@ -353,11 +356,38 @@ fn ctrl_c_saves_the_last_checkpoint_and_exits_cleanly() {
         assert!(Instant::now() < deadline, "no progress within 2 minutes");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // SAFETY: sends SIGINT to the child this test spawned.
+    (config, child)
+}
+
+fn sigint(child: &std::process::Child) {
+    // SAFETY: sends SIGINT to a child this test spawned.
     assert_eq!(
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
         0
     );
+}
+
+#[test]
+fn second_ctrl_c_exits_at_once() {
+    // Iterations of a few hundred milliseconds: the second signal arrives while the first is still
+    // waiting for the iteration to end (signals sent back to back would merge into one).
+    let (_, child) = training_child("ctrl-c-twice", 193);
+    sigint(&child);
+    std::thread::sleep(Duration::from_millis(30));
+    sigint(&child);
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn ctrl_c_saves_the_last_checkpoint_and_exits_cleanly() {
+    let (config, child) = training_child("ctrl-c", 65);
+    sigint(&child);
     let output = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -473,7 +503,7 @@ fn demo_training_clearly_beats_the_untrained_model() {
     ];
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.yaml");
     let config = Config::load(&demo, &overrides).unwrap();
-    let summary = train::train_with(&config, Device::Cpu, None, TrainHooks::default()).unwrap();
+    let summary = train::train(&config, Device::Cpu, None, TrainHooks::default()).unwrap();
     let validations: Vec<(usize, f64)> = read_metrics(&run_dir.join("metrics.jsonl"))
         .unwrap()
         .into_iter()

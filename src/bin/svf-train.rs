@@ -1,5 +1,7 @@
 //! `svf-train`: episodic training of PFENet (+ SVF) from a YAML config.
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use clap::Parser;
 use svf::cli::{ConfigArgs, RuntimeArgs};
@@ -31,7 +33,20 @@ fn main() -> anyhow::Result<()> {
     };
     svf::logging::init(cli.runtime.verbose, Some(&config.save_path))?;
     let device = cli.runtime.start()?;
-    let summary = svf::train::train(&config, device, cli.resume.as_deref())?;
+    // First Ctrl-C: the trainer saves `last` after the current iteration and returns. Second one:
+    // exit at once (the conditional shutdown fires only when the flag is already raised).
+    let interrupt = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register_conditional_shutdown(
+        signal_hook::consts::SIGINT,
+        130,
+        interrupt.clone(),
+    )?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupt.clone())?;
+    let hooks = svf::train::TrainHooks {
+        interrupt: Some(&interrupt),
+        ..Default::default()
+    };
+    let summary = svf::train::train(&config, device, cli.resume.as_deref(), hooks)?;
     let state = &summary.state;
     let percent = |m: Option<f64>| m.map_or("-".to_string(), |m| format!("{:.2}", 100.0 * m));
     if summary.interrupted {
