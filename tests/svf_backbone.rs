@@ -3,7 +3,7 @@
 //! `svf-decompose` command and a cross-check against PyTorch.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 mod common;
@@ -15,18 +15,6 @@ use svf::svf::{decompose_conv, ConvGeometry, SvdConv2d, SvfOptions};
 use tch::{nn, Device, Kind, Tensor};
 
 const CPU_F32: (Kind, Device) = (Kind::Float, Device::Cpu);
-
-/// The python of the venv whose torch `.libtorch` links to (scripts/setup-libtorch.sh installs it
-/// as `<venv>/lib/python3.X/site-packages/torch`, wherever `SVF_CACHE_DIR` or `HOME` put it); `None`
-/// when `.libtorch` is a libtorch of the user's own (`SVF_LIBTORCH`).
-fn venv_python() -> Option<PathBuf> {
-    let torch = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(".libtorch")
-        .canonicalize()
-        .ok()?;
-    let python = torch.ancestors().nth(4)?.join("bin/python");
-    python.exists().then_some(python)
-}
 
 /// max |a − b| / max |b|.
 fn rel_max_err(a: &Tensor, b: &Tensor) -> f64 {
@@ -568,10 +556,7 @@ fn svf_decompose_command_writes_loadable_weights_and_a_table() {
 /// The conv and the reference's SVD conv computed by PyTorch, compared with ours.
 #[test]
 fn pytorch_cross_check_of_conv_and_reference_svd_conv() {
-    let Some(python) = venv_python() else {
-        eprintln!("skipped: .libtorch is not the torch of a venv (see scripts/setup-libtorch.sh)");
-        return;
-    };
+    let python = common::venv_python();
     let dir = scratch("pytorch");
     tch::manual_seed(9);
     // name → (weight, bias, stride, padding, dilation)
@@ -771,10 +756,7 @@ for case in sys.argv[1:]:
 
 #[test]
 fn pytorch_cross_check_of_whole_backbones() {
-    let Some(python) = venv_python() else {
-        eprintln!("skipped: .libtorch is not the torch of a venv (see scripts/setup-libtorch.sh)");
-        return;
-    };
+    let python = common::venv_python();
     let dir = scratch("pytorch-backbones");
     tch::manual_seed(10);
     let cases = [

@@ -58,6 +58,37 @@ pub fn tiny_config(save_path: PathBuf) -> Config {
     }
 }
 
+/// The python of the venv whose torch `.libtorch` links to (scripts/setup-libtorch.sh installs it
+/// as `<venv>/lib/python3.X/site-packages/torch`, wherever `SVF_CACHE_DIR` or `HOME` put it), or
+/// `SVF_TEST_PYTHON`. The PyTorch and OpenCV cross-checks need it: without it they fail, since a
+/// cross-check that skips checks nothing.
+pub fn venv_python() -> PathBuf {
+    if let Some(python) = std::env::var_os("SVF_TEST_PYTHON") {
+        return PathBuf::from(python);
+    }
+    let torch = Path::new(env!("CARGO_MANIFEST_DIR")).join(".libtorch");
+    torch
+        .canonicalize()
+        .ok()
+        .and_then(|t| Some(t.ancestors().nth(4)?.join("bin/python")))
+        .filter(|python| python.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "the cross-checks need the python of the venv that scripts/setup-libtorch.sh \
+                 installs ({} is not its torch): run scripts/test.sh, or set SVF_TEST_PYTHON to a \
+                 python with torch, safetensors and opencv-python-headless",
+                torch.display()
+            )
+        })
+}
+
+/// Runs `script` with [`venv_python`] and `args`, failing the test with its stderr on an error.
+pub fn run_python(script: &str, args: &[&Path]) -> std::process::Output {
+    let mut command = std::process::Command::new(venv_python());
+    command.arg("-c").arg(script).args(args);
+    run_ok(&mut command)
+}
+
 /// Runs `command` to completion and returns its output, failing the test with the command's
 /// stderr when it exits unsuccessfully.
 pub fn run_ok(command: &mut std::process::Command) -> std::process::Output {
