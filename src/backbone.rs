@@ -44,6 +44,8 @@ pub enum BackboneError {
         backbone: String,
         mismatch: WeightMismatch,
     },
+    #[error("{0}")]
+    UnknownSvfPrefix(crate::svf::UnknownPrefix),
     #[error(
         "{path} is already decomposed (it has `vector_S` entries); give the full-rank weights"
     )]
@@ -76,7 +78,8 @@ impl Backbone {
         init: Init,
     ) -> Result<Backbone, BackboneError> {
         let options = config.svf.then(|| SvfOptions::from_config(config));
-        let scope = Scope::root(root, options.as_ref(), init);
+        let conv_names = std::cell::RefCell::new(Vec::new());
+        let scope = Scope::root(root, options.as_ref(), init, &conv_names);
         let (stages, out_channels) = if config.vgg {
             vgg::build(&scope, config.backbone_width)
         } else {
@@ -84,6 +87,11 @@ impl Backbone {
                 .ok_or(BackboneError::UnsupportedDepth(config.layers))?;
             resnet::build(&scope, layout, config.backbone_width)
         };
+        if let Some(options) = &options {
+            options
+                .check_prefixes(&conv_names.borrow())
+                .map_err(BackboneError::UnknownSvfPrefix)?;
+        }
         Ok(Backbone {
             stages,
             out_channels,
@@ -131,6 +139,42 @@ mod tests {
                 })
                 .collect()
         })
+    }
+
+    #[test]
+    fn svf_prefixes_must_name_a_convolution_and_layer_ratios_set_ranks() {
+        let build = |config: Config| {
+            let vs = nn::VarStore::new(Device::Cpu);
+            Backbone::with_init(&vs.root(), &config, Init::Zeros).map(|_| vs)
+        };
+        for (exclude, ratios) in [
+            (vec!["layer9".to_string()], vec![]),
+            (vec!["layer1.0.conv".to_string()], vec![]),
+            (vec![], vec![("layer4.9".to_string(), 0.5)]),
+        ] {
+            let config = Config {
+                svf_exclude: exclude.clone(),
+                svf_layer_ratios: ratios.into_iter().collect(),
+                ..small(18, true)
+            };
+            let err = build(config).unwrap_err();
+            assert!(
+                matches!(err, BackboneError::UnknownSvfPrefix(_)),
+                "{exclude:?}: {err}"
+            );
+        }
+        let config = Config {
+            svf_exclude: vec!["layer0.0".into(), "layer1.0.conv1".into()],
+            svf_layer_ratios: [("layer4".to_string(), 0.5)].into_iter().collect(),
+            ..small(18, true)
+        };
+        let variables = build(config).unwrap().variables();
+        assert!(variables.contains_key("layer0.0.weight"));
+        assert!(variables.contains_key("layer1.0.conv1.weight"));
+        assert!(variables.contains_key("layer1.0.conv2.vector_S"));
+        // ResNet-18 at width 1/4: layer4's 3×3 convs are 128 → 128, full rank 128, halved to 64.
+        assert_eq!(variables["layer4.0.conv2.vector_S"].size(), [1, 64, 1, 1]);
+        assert_eq!(variables["layer3.0.conv2.vector_S"].size(), [1, 64, 1, 1]);
     }
 
     #[test]

@@ -101,6 +101,9 @@ pub struct Config {
     pub svf_skip_3x3: bool,
     /// Parameter-name prefixes of convolutions left full-rank (e.g. `layer0.0`).
     pub svf_exclude: Vec<String>,
+    /// Rank ratio per parameter-name prefix (`{layer4: 0.5}`), overriding `svf_rank_ratio`; the
+    /// longest matching prefix wins.
+    pub svf_layer_ratios: std::collections::BTreeMap<String, f64>,
     /// Keep backbone BatchNorm in eval mode (BAM); `false` reproduces PFENet's drifting statistics.
     pub fix_bn: bool,
 
@@ -168,6 +171,7 @@ impl Default for Config {
             svf_skip_1x1: false,
             svf_skip_3x3: false,
             svf_exclude: Vec::new(),
+            svf_layer_ratios: Default::default(),
             fix_bn: true,
             batch_size: 4,
             batch_size_val: 1,
@@ -322,6 +326,16 @@ impl Config {
             return fail(
                 "ppm_scales",
                 "must be a non-empty list of positive bin sizes, e.g. [60, 30, 15, 8]".into(),
+            );
+        }
+        if let Some((prefix, ratio)) = self
+            .svf_layer_ratios
+            .iter()
+            .find(|(_, r)| !(**r > 0.0 && **r <= 1.0))
+        {
+            return fail(
+                "svf_layer_ratios",
+                format!("the ratio {ratio} of `{prefix}` must be in (0, 1]"),
             );
         }
         if !(self.svf_rank_ratio > 0.0 && self.svf_rank_ratio <= 1.0) {
@@ -504,6 +518,7 @@ mod tests {
         assert_invalid("reduce_dim: 0", "reduce_dim");
         assert_invalid("ppm_scales: []", "ppm_scales");
         assert_invalid("svf_rank_ratio: 1.5", "svf_rank_ratio");
+        assert_invalid("svf_layer_ratios: {layer4: 1.5}", "svf_layer_ratios");
         assert_invalid("svf_rank_multiple: 0", "svf_rank_multiple");
         assert_invalid("batch_size: 0", "batch_size");
         assert_invalid("batch_size_val: 0", "batch_size_val");

@@ -93,8 +93,33 @@ impl SvfOptions {
             skip_1x1: config.svf_skip_1x1,
             skip_3x3: config.svf_skip_3x3,
             exclude: config.svf_exclude.clone(),
-            layer_ratios: Vec::new(),
+            layer_ratios: config
+                .svf_layer_ratios
+                .iter()
+                .map(|(prefix, ratio)| (prefix.clone(), *ratio))
+                .collect(),
         }
+    }
+
+    /// Checks that every `svf_exclude` and `svf_layer_ratios` prefix names at least one of
+    /// `conv_names` (the backbone's convolutions): a misspelt prefix would otherwise change
+    /// nothing, silently.
+    pub fn check_prefixes(&self, conv_names: &[String]) -> Result<(), UnknownPrefix> {
+        let prefixes = self.exclude.iter().map(|p| ("svf_exclude", p)).chain(
+            self.layer_ratios
+                .iter()
+                .map(|(p, _)| ("svf_layer_ratios", p)),
+        );
+        for (key, prefix) in prefixes {
+            if !conv_names.iter().any(|name| has_prefix(name, prefix)) {
+                return Err(UnknownPrefix {
+                    key,
+                    prefix: prefix.clone(),
+                    examples: conv_names.iter().take(3).cloned().collect(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The rank layer `name` with weight shape `shape` (`[out, in, kh, kw]` or linear `[out, in]`)
@@ -128,6 +153,18 @@ impl SvfOptions {
             .map_or(self.rank_ratio, |(_, ratio)| *ratio);
         Some(rank_rule(full_rank, ratio, self.rank_multiple))
     }
+}
+
+/// A layer-name prefix of `svf_exclude` or `svf_layer_ratios` that names no convolution.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "config key `{key}`: `{prefix}` names no convolution of the backbone; prefixes are \
+     PyTorch parameter names without `.weight`, such as {examples:?}, or a stage such as `layer4`"
+)]
+pub struct UnknownPrefix {
+    pub key: &'static str,
+    pub prefix: String,
+    pub examples: Vec<String>,
 }
 
 /// A weight `W ≈ U · diag(S) · V` truncated to rank r, in the shapes the SVD layers store.

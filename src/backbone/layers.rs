@@ -15,6 +15,9 @@ pub(crate) struct Scope<'a> {
     name: String,
     svf: Option<&'a SvfOptions>,
     init: Init,
+    /// Every convolution built under the root, by name: what `svf_exclude` and
+    /// `svf_layer_ratios` prefixes are checked against.
+    conv_names: &'a std::cell::RefCell<Vec<String>>,
 }
 
 /// How convolution weights start.
@@ -28,12 +31,18 @@ pub enum Init {
 
 impl<'a> Scope<'a> {
     /// The backbone root; `svf` is `Some` when convolutions are decomposed.
-    pub(crate) fn root(path: &nn::Path<'a>, svf: Option<&'a SvfOptions>, init: Init) -> Scope<'a> {
+    pub(crate) fn root(
+        path: &nn::Path<'a>,
+        svf: Option<&'a SvfOptions>,
+        init: Init,
+        conv_names: &'a std::cell::RefCell<Vec<String>>,
+    ) -> Scope<'a> {
         Scope {
             path: path.clone(),
             name: String::new(),
             svf,
             init,
+            conv_names,
         }
     }
 
@@ -44,6 +53,7 @@ impl<'a> Scope<'a> {
             name: self.qualified(&component),
             svf: self.svf,
             init: self.init,
+            conv_names: self.conv_names,
         }
     }
 
@@ -144,6 +154,7 @@ impl Conv2d {
             let std = (2.0 / (spec.out_channels * spec.kernel * spec.kernel) as f64).sqrt();
             Tensor::randn(shape, float) * std
         };
+        scope.conv_names.borrow_mut().push(scope.name.clone());
         let rank = scope.svf.and_then(|o| o.rank_for(&scope.name, &shape));
         match rank {
             None => Conv2d::Full {
