@@ -24,7 +24,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Tensor};
 
-pub use metrics_log::{read_metrics, MetricsLog, MetricsRecord};
+pub use metrics_log::{read_metrics, write_curves, MetricsLog, MetricsRecord, CURVES_FILE};
 pub use schedule::PolySchedule;
 pub use sgd::{Sgd, SgdStateError};
 
@@ -659,7 +659,20 @@ impl Run<'_> {
             fb_iou,
             best,
         })?;
+        self.redraw_curves();
         Ok(true)
+    }
+
+    /// Redraws `curves.png` from `metrics.jsonl`. A picture that cannot be drawn is worth a warning,
+    /// not the run.
+    fn redraw_curves(&self) {
+        let path = self.dir.join(CURVES_FILE);
+        let drawn = read_metrics(self.metrics.path())
+            .map_err(|e| e.to_string())
+            .and_then(|records| write_curves(&records, &path).map_err(|e| e.to_string()));
+        if let Err(message) = drawn {
+            tracing::warn!("training curves not drawn: {message}");
+        }
     }
 
     fn save_last(&mut self) -> Result<(), TrainError> {

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::plot::{write_panels, Panel, PlotError, Series};
+
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -76,6 +78,75 @@ impl MetricsLog {
         let line = serde_json::to_string(record).expect("a metrics record serialises");
         writeln!(self.file, "{line}")
     }
+}
+
+/// The training curves beside `metrics.jsonl` in a run directory.
+pub const CURVES_FILE: &str = "curves.png";
+
+/// Draws `records` as four panels: loss and learning rate against iterations, validation mIoU and
+/// FB-IoU (%) against epochs.
+pub fn write_curves(records: &[MetricsRecord], path: &Path) -> Result<(), PlotError> {
+    let (mut loss, mut main_loss, mut lr) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut miou, mut fb_iou) = (Vec::new(), Vec::new());
+    for record in records {
+        match *record {
+            MetricsRecord::Train {
+                iteration,
+                loss: total,
+                main_loss: main,
+                lr: rate,
+                ..
+            } => {
+                let x = iteration as f64;
+                loss.push((x, total));
+                main_loss.push((x, main));
+                lr.push((x, rate));
+            }
+            MetricsRecord::Val {
+                epoch,
+                miou: m,
+                fb_iou: f,
+                ..
+            } => {
+                miou.push((epoch as f64, 100.0 * m));
+                fb_iou.push((epoch as f64, 100.0 * f));
+            }
+        }
+    }
+    let panel = |title, x_label, series, log_y| Panel {
+        title,
+        x_label,
+        series,
+        log_y,
+    };
+    let series = |name, points| Series { name, points };
+    let panels = [
+        panel(
+            "training loss",
+            "iteration",
+            vec![series("total", loss), series("main", main_loss)],
+            false,
+        ),
+        panel(
+            "learning rate (base)",
+            "iteration",
+            vec![series("base lr", lr)],
+            true,
+        ),
+        panel(
+            "validation mIoU (%)",
+            "epoch",
+            vec![series("mIoU", miou)],
+            false,
+        ),
+        panel(
+            "validation FB-IoU (%)",
+            "epoch",
+            vec![series("FB-IoU", fb_iou)],
+            false,
+        ),
+    ];
+    write_panels(path, &panels, 2)
 }
 
 /// Reads every record of a `metrics.jsonl`, skipping lines that are not records.
