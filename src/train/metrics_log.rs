@@ -18,11 +18,12 @@ pub enum MetricsRecord {
         loss: f64,
         main_loss: f64,
         aux_loss: f64,
-        /// The base learning rate (the head's is `head_lr_scale` times this).
+        /// The base learning rate (each group's is its `*_lr_scale` times this).
         lr: f64,
         episodes_per_second: f64,
     },
-    /// A validation on the novel classes after `epoch` epochs (0 = before training).
+    /// A validation on the novel classes after `epoch` epochs (0 = before training), or with
+    /// `mid_epoch` in the middle of epoch `epoch` (1-based; `val_half_epoch`).
     Val {
         epoch: usize,
         iteration: u64,
@@ -30,6 +31,8 @@ pub enum MetricsRecord {
         fb_iou: f64,
         /// Whether this became the best checkpoint.
         best: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        mid_epoch: bool,
     },
 }
 
