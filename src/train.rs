@@ -33,7 +33,7 @@ pub use sgd::{Sgd, SgdStateError};
 use crate::amp;
 use crate::backbone::{self, BackboneError, Init};
 use crate::checkpoint::{self, CheckpointError, CheckpointFiles, BEST, LAST};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, LrScheduleKind};
 use crate::data::{DataError, EpisodeLoader, FewShotDataset, Split};
 use crate::eval::{self, EvalError, EvalOptions};
 use crate::model::{self, ModelError, PfeNet};
@@ -284,7 +284,7 @@ pub fn train_with(
     let metrics =
         MetricsLog::open(&dir, keep).map_err(run_dir_error(&dir.join(MetricsLog::FILE_NAME)))?;
     let schedule = LrSchedule::from_config(config, iterations_per_epoch);
-    log_learning_rates(&sgd, &schedule, state.iteration + 1);
+    log_learning_rates(&sgd, &schedule, config.weight_decay, state.iteration + 1);
     let mut run = Run {
         config,
         device,
@@ -328,7 +328,7 @@ fn lr_group(name: &str) -> &'static str {
 
 /// States in the run log the rate each group starts at, so that a run's recipe can be checked
 /// from its log alone.
-fn log_learning_rates(sgd: &Sgd, schedule: &LrSchedule, iteration: u64) {
+fn log_learning_rates(sgd: &Sgd, schedule: &LrSchedule, weight_decay: f64, iteration: u64) {
     let mut groups: Vec<(&str, f64, usize)> = Vec::new();
     for (name, scale) in sgd.lr_scales() {
         let group = lr_group(name);
@@ -343,9 +343,12 @@ fn log_learning_rates(sgd: &Sgd, schedule: &LrSchedule, iteration: u64) {
     let base = schedule.lr(iteration);
     for (group, scale, count) in groups {
         tracing::info!(
-            "learning rate of the {group} ({count} tensors) at iteration {iteration}: {:.4e} = {base:.4e} x {scale} ({:?} schedule, weight decay on every group)",
+            "learning rate of the {group} ({count} tensors) at iteration {iteration}: {:.4e} = {base:.4e} x {scale}, {} schedule, weight decay {weight_decay}",
             base * scale,
-            schedule.kind
+            match schedule.kind {
+                LrScheduleKind::Poly => "poly",
+                LrScheduleKind::Constant => "constant",
+            }
         );
     }
 }

@@ -51,14 +51,14 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if cli.protocol == Protocol::Paper && (!cli.seeds.is_empty() || cli.master_seed.is_some()) {
+        anyhow::bail!("--protocol paper fixes the seeds (510, 365, 382, 322, 988); drop --seeds / --master-seed, or use --protocol pfenet with them");
+    }
     let config = cli.config.load()?;
     let out = cli.out.clone().unwrap_or_else(|| config.save_path.clone());
     svf::logging::init(cli.runtime.verbose, Some(&out))?;
     let device = cli.runtime.start()?;
 
-    if cli.protocol == Protocol::Paper && (!cli.seeds.is_empty() || cli.master_seed.is_some()) {
-        anyhow::bail!("--protocol paper fixes the seeds (510, 365, 382, 322, 988); drop --seeds / --master-seed, or use --protocol pfenet with them");
-    }
     let mut options = EvalOptions::for_protocol(&config, cli.protocol);
     if let Some(episodes) = cli.episodes {
         options.episodes = episodes;
