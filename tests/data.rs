@@ -552,6 +552,22 @@ fn bam_filter_drops_exactly_the_images_showing_a_novel_class() {
             filtered.support_count(class)
         );
     }
+    // Another fold's dict is refused, naming the class and its line.
+    let message = FewShotDataset::open(
+        &Config {
+            train_list: sub_class_list.clone(),
+            split: 1,
+            ..config.clone()
+        },
+        Split::Train,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        message.contains(&format!("{}, line 1", sub_class_list.display()))
+            && message.contains("class 6 is not a training class of fold 1"),
+        "{message}"
+    );
     let text = std::fs::read_to_string(&sub_class_list).unwrap();
     assert!(text.starts_with("{6: [('JPEGImages/"), "{}", &text[..60]);
 

@@ -148,6 +148,28 @@ impl FewShotDataset {
             Split::Train => fold.train,
             Split::Val => fold.novel,
         };
+        // A sub_class_file_list names its fold's classes: another fold's would mix novel objects
+        // into training (or base classes into validation) without any other sign.
+        if let Some(&(class, line)) = index
+            .listed_classes
+            .iter()
+            .find(|(c, _)| !classes.contains(c))
+        {
+            let kind = match split {
+                Split::Train => "training",
+                Split::Val => "novel",
+            };
+            return Err(DataError::ListLine {
+                path: list.to_path_buf(),
+                line,
+                message: format!(
+                    "class {class} is not a {kind} class of fold {} ({classes:?}); this sub_class_file_list belongs to another fold or split: use `{}/sub_class_file_list_{}.txt` of BAM's lists or change `split`",
+                    config.split,
+                    split.name(),
+                    config.split
+                ),
+            });
+        }
         let transform = match split {
             Split::Train => EpisodeTransform::Train(TrainTransform::from_config(config)),
             Split::Val => EpisodeTransform::Val {

@@ -141,6 +141,8 @@ fn cache_name(list: &Path) -> String {
 pub struct ClassIndex {
     /// One record per list entry, in list order.
     pub items: Vec<IndexedItem>,
+    /// A `sub_class_file_list`'s classes with their lines (empty for the line format).
+    pub listed_classes: Vec<(usize, usize)>,
 }
 
 impl ClassIndex {
@@ -183,6 +185,7 @@ impl ClassIndex {
         if stale.is_empty() {
             let index = ClassIndex {
                 items: items.into_iter().flatten().collect(),
+                listed_classes: file.classes,
             };
             index.check_claims(&file.claims, list)?;
             return Ok(index);
@@ -201,6 +204,7 @@ impl ClassIndex {
         }
         let index = ClassIndex {
             items: items.into_iter().flatten().collect(),
+            listed_classes: file.classes,
         };
         index.write_cache(&list_id, &name, cache_dirs);
         index.check_claims(&file.claims, list)?;

@@ -40,11 +40,13 @@ pub struct ClassClaim {
     pub line: usize,
 }
 
-/// A parsed list file: its distinct entries in order of first appearance, and the per-class
-/// claims of a `sub_class_file_list` (none for the line format).
+/// A parsed list file: its distinct entries in order of first appearance, and for a
+/// `sub_class_file_list` its classes (the dict's keys, with their lines) and per-class claims
+/// (both empty for the line format).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ListFile {
     pub entries: Vec<ListEntry>,
+    pub classes: Vec<(usize, usize)>,
     pub claims: Vec<ClassClaim>,
 }
 
@@ -60,7 +62,7 @@ pub fn parse_list_file(text: &str, path: &Path) -> Result<ListFile, DataError> {
     }
     parse_lines(text, path).map(|entries| ListFile {
         entries,
-        claims: Vec::new(),
+        ..ListFile::default()
     })
 }
 
@@ -292,6 +294,7 @@ impl<'a> SubClassParser<'a> {
         let mut seen_classes = Vec::new();
         self.expect('{', "`{`")?;
         self.sequence('}', |p| {
+            p.skip_ws();
             let class_start = p.pos;
             let class = p.integer()?;
             if seen_classes.contains(&class) {
@@ -299,6 +302,7 @@ impl<'a> SubClassParser<'a> {
                 return Err(p.error(format!("class {class} appears twice")));
             }
             seen_classes.push(class);
+            file.classes.push((class, p.line(class_start)));
             p.expect(':', "`:` after the class number")?;
             p.expect('[', "`[` opening the class's list")?;
             p.sequence(']', |p| {
