@@ -11,6 +11,12 @@
 //! the reference's `drop_last`). Before every iteration the libtorch generator (dropout) is
 //! re-seeded from (seed, iteration). So the iteration count, the weights and the momentum buffers
 //! are the whole state: a resumed run repeats the same episodes, dropout masks and LRs.
+//!
+//! Validation and stopping. The model is validated before training and after every `val_freq`
+//! epochs (with `val_half_epoch` also at the middle iteration of those epochs); the best mIoU over
+//! all of them is the `best` checkpoint. `stop_interval` ends the run after that many epochs
+//! without a new best; the count is part of [`TrainState`], so a resumed run continues it and a
+//! run that stopped early stays stopped.
 
 mod interrupt;
 mod metrics_log;
@@ -506,14 +512,7 @@ impl Run<'_> {
             let losses = self.step(&episode_batch?, epoch, hooks)?;
             loss_sum += losses.total;
             steps += 1;
-            if self.validate_mid_epoch_if_due(epoch)? {
-                bar.set_position(
-                    self.state
-                        .iteration
-                        .saturating_sub(epoch as u64 * per_epoch)
-                        * batch,
-                );
-            }
+            self.validate_mid_epoch_if_due(epoch)?;
             bar.inc(batch);
             bar.set_message(format!("loss {:.4} lr {:.2e}", losses.total, self.state.lr));
             let rate = (steps * batch) as f64 / started.elapsed().as_secs_f64();
