@@ -495,6 +495,24 @@ fn constant_schedule_gives_each_group_its_rate_from_first_to_last_iteration() {
         }
     }
     assert!(head > 0 && backbone > 0);
+    // The training loop steps with the schedule's rate: base_lr at its first and last iteration.
+    let run = Config {
+        epochs: 2,
+        ..config.clone()
+    };
+    let summary = train::train_with(&run, Device::Cpu, None, TrainHooks::default()).unwrap();
+    assert_eq!(summary.state.iteration, 8);
+    assert_eq!(summary.state.lr, 0.015);
+    let rates: Vec<(u64, f64)> = read_metrics(&run.save_path.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r {
+            MetricsRecord::Train { iteration, lr, .. } => Some((iteration, lr)),
+            MetricsRecord::Val { .. } => None,
+        })
+        .collect();
+    assert_eq!(rates.first(), Some(&(1, 0.015)));
+    assert_eq!(rates.last(), Some(&(8, 0.015)));
     // PFENet's recipe (the default) decays to zero by the last iteration instead.
     let poly = train::LrSchedule::from_config(&tiny_config("poly-lr"), 4);
     assert_eq!(poly.lr(poly.max_iter), 0.0);
