@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Reproduces the paper's tables: for PASCAL-5i and COCO-20i, folds 0-3, 1-shot and 5-shot, without
-# and with SVF (32 runs), trains (svf-train) and evaluates (svf-eval) each run from
-# configs/{pascal,coco}_split{F}.yaml, then aggregates every eval.json into Markdown tables beside the
-# published numbers (svf-report -> OUT/tables.md).
+# Reproduces the paper's tables. Two grids:
 #
-# Evaluation follows BAM's protocol, which the paper's tables use (REFERENCE §6): 1000 episodes per
-# fold, five seeds drawn from master seed 123, the mean of the five reported.
+#   --recipe paper (default): the SVF paper's rows (REFERENCE §7) under the authors' recipe (§8),
+#     one config per (dataset, fold, backbone, method) in configs/paper/: PASCAL-5i and COCO-20i,
+#     folds 0-3, 1- and 5-shot, PFENet† with and without SVF, ResNet-50 and VGG-16 (64 runs).
+#     Evaluation: `svf-eval --protocol paper` (1000 episodes for each of the seeds 510, 365, 382,
+#     322, 988; the mean is reported).
+#   --recipe pfenet: PFENet's own recipe from configs/{pascal,coco}_split{F}.yaml, ResNet-50, with
+#     and without SVF (32 runs), evaluated with five seeds drawn from master seed 123.
+#
+# Each run trains (svf-train) then evaluates (svf-eval) into OUT/<run name>; finally svf-report
+# writes OUT/tables.md, every cell beside the published one.
 # A run whose eval.json exists is skipped; one whose training finished is only evaluated; one whose
 # training was interrupted (a `last` checkpoint, no `train_done` mark) resumes with
 # `svf-train --resume`. Re-running the script therefore continues the grid where it stopped.
@@ -16,30 +21,38 @@ trap 'echo "reproduce_tables.sh: interrupted; run it again to continue" >&2; exi
 usage() {
     cat <<'USAGE'
 Usage: scripts/reproduce_tables.sh [options]
-  --dry-run            list the runs (and commands) without running anything
-  --out DIR            output folder, one run directory per run (default: $SVF_TABLES_OUT or runs/tables)
-  --config-dir DIR     folder holding {pascal,coco}_split{0..3}.yaml (default: configs)
-  --bin-dir DIR        folder holding svf-train, svf-eval, svf-report (default: cargo build --release)
-  --datasets "LIST"    subset of "pascal coco"
-  --folds "LIST"       subset of "0 1 2 3"
-  --shots "LIST"       subset of "1 5"
-  --svf "LIST"         subset of "false true"
-  --episodes N         evaluation episodes per seed (default 1000)
-  --seed-count N       evaluation seeds drawn from master seed 123 (default 5)
-  --device DEV         auto, cpu, cuda, cuda:N (default auto)
-  --set KEY=VALUE      config override passed to training and evaluation (repeatable)
+  --recipe paper|pfenet  which grid (default paper; see the header of this script)
+  --dry-run              list the runs (and commands) without running anything
+  --only PATTERN         only the runs whose name contains PATTERN (a shell glob inside it is
+                         allowed), e.g. --only pascal/split0/resnet50/1shot/svf, --only 'coco/*/5shot'
+  --out DIR              output folder, one run directory per run (default: $SVF_TABLES_OUT or
+                         runs/tables, runs/tables-pfenet for --recipe pfenet)
+  --config-dir DIR       configs folder (default: configs/paper; configs for --recipe pfenet)
+  --bin-dir DIR          folder holding svf-train, svf-eval, svf-report (default: cargo build --release)
+  --datasets "LIST"      subset of "pascal coco"
+  --folds "LIST"         subset of "0 1 2 3"
+  --shots "LIST"         subset of "1 5"
+  --svf "LIST"           subset of "false true"
+  --backbones "LIST"     paper recipe: subset of "resnet50 vgg16" (names in the config file names)
+  --episodes N           evaluation episodes per seed (default: the protocol's 1000)
+  --seed-count N         pfenet recipe: seeds drawn from master seed 123 (default 5)
+  --device DEV           auto, cpu, cuda, cuda:N (default auto)
+  --set KEY=VALUE        config override passed to training and evaluation (repeatable)
 USAGE
 }
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-out="${SVF_TABLES_OUT:-runs/tables}"
-config_dir="$root/configs"
+recipe=paper
+out=""
+config_dir=""
 bin_dir=""
 datasets="pascal coco"
 folds="0 1 2 3"
 shots="1 5"
 svf_modes="false true"
-episodes=1000
+backbones="resnet50 vgg16"
+only=""
+episodes=""
 seed_count=5
 master_seed=123
 device=auto
@@ -48,7 +61,9 @@ sets=()
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
+        --recipe) recipe="$2"; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
+        --only) only="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --config-dir) config_dir="$2"; shift 2 ;;
         --bin-dir) bin_dir="$2"; shift 2 ;;
@@ -56,6 +71,7 @@ while [[ $# -gt 0 ]]; do
         --folds) folds="$2"; shift 2 ;;
         --shots) shots="$2"; shift 2 ;;
         --svf) svf_modes="$2"; shift 2 ;;
+        --backbones) backbones="$2"; shift 2 ;;
         --episodes) episodes="$2"; shift 2 ;;
         --seed-count) seed_count="$2"; shift 2 ;;
         --device) device="$2"; shift 2 ;;
@@ -64,6 +80,17 @@ while [[ $# -gt 0 ]]; do
         *) echo "reproduce_tables.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
 done
+
+case "$recipe" in
+    paper)
+        config_dir="${config_dir:-$root/configs/paper}"
+        out="${out:-${SVF_TABLES_OUT:-runs/tables}}" ;;
+    pfenet)
+        config_dir="${config_dir:-$root/configs}"
+        out="${out:-${SVF_TABLES_OUT:-runs/tables-pfenet}}"
+        backbones="resnet50" ;;
+    *) echo "reproduce_tables.sh: --recipe must be paper or pfenet, not $recipe" >&2; exit 2 ;;
+esac
 
 if [[ -z "$bin_dir" ]]; then
     bin_dir="$root/target/release"
@@ -81,51 +108,73 @@ show() {
 runs=0
 for dataset in $datasets; do
     for fold in $folds; do
-        config="$config_dir/${dataset}_split${fold}.yaml"
-        if [[ $dry_run -eq 0 && ! -f "$config" ]]; then
-            echo "reproduce_tables.sh: missing config $config; pass --config-dir" >&2
-            exit 1
-        fi
-        for shot in $shots; do
-            for svf in $svf_modes; do
-                if [[ "$svf" == true ]]; then variant=svf; else variant=baseline; fi
-                name="$dataset/split$fold/${shot}shot/$variant"
-                dir="$out/$name"
-                runs=$((runs + 1))
-                common=(--config "$config" --set "svf=$svf" --set "shot=$shot"
-                        --set "save_path=$dir" ${sets[@]+"${sets[@]}"} --device "$device")
-                train=("$bin_dir/svf-train" "${common[@]}")
-                evaluate=("$bin_dir/svf-eval" "${common[@]}" --weights "$dir"
-                          --episodes "$episodes" --master-seed "$master_seed"
-                          --seed-count "$seed_count" --out "$dir")
-                if [[ $dry_run -eq 1 ]]; then
-                    echo "run $runs: $name"
-                    echo "  $(show "${train[@]}")"
-                    echo "  $(show "${evaluate[@]}")"
-                    continue
-                fi
-                if [[ -f "$dir/eval.json" ]]; then
-                    echo "== $name: eval.json exists, skipped"
-                    continue
-                fi
-                if [[ -f "$dir/train_done" ]]; then
-                    echo "== $name: already trained"
-                elif [[ -f "$dir/last.safetensors" ]]; then
-                    echo "== $name: resuming training"
-                    "$bin_dir/svf-train" --resume "$dir" --device "$device"
-                    touch "$dir/train_done"
-                else
-                    echo "== $name: training"
-                    "${train[@]}"
-                    touch "$dir/train_done"
-                fi
-                echo "== $name: evaluating"
-                "${evaluate[@]}"
+        for backbone in $backbones; do
+            for shot in $shots; do
+                for svf in $svf_modes; do
+                    if [[ "$recipe" == paper ]]; then
+                        if [[ "$svf" == true ]]; then variant=svf; else variant=pfenet; fi
+                        name="$dataset/split$fold/$backbone/${shot}shot/$variant"
+                        config="$config_dir/${dataset}_split${fold}_${backbone}_${variant}.yaml"
+                        variant_sets=()
+                        eval_protocol=(--protocol paper)
+                        if [[ -n "$episodes" ]]; then eval_protocol+=(--episodes "$episodes"); fi
+                    else
+                        if [[ "$svf" == true ]]; then variant=svf; else variant=baseline; fi
+                        name="$dataset/split$fold/${shot}shot/$variant"
+                        config="$config_dir/${dataset}_split${fold}.yaml"
+                        variant_sets=(--set "svf=$svf")
+                        eval_protocol=(--episodes "${episodes:-1000}" --master-seed "$master_seed"
+                                       --seed-count "$seed_count")
+                    fi
+                    # shellcheck disable=SC2053 # PATTERN may hold a glob on purpose.
+                    if [[ -n "$only" && "$name" != *$only* ]]; then
+                        continue
+                    fi
+                    if [[ $dry_run -eq 0 && ! -f "$config" ]]; then
+                        echo "reproduce_tables.sh: missing config $config; pass --config-dir" >&2
+                        exit 1
+                    fi
+                    dir="$out/$name"
+                    runs=$((runs + 1))
+                    common=(--config "$config" ${variant_sets[@]+"${variant_sets[@]}"}
+                            --set "shot=$shot" --set "save_path=$dir"
+                            ${sets[@]+"${sets[@]}"} --device "$device")
+                    train=("$bin_dir/svf-train" "${common[@]}")
+                    evaluate=("$bin_dir/svf-eval" "${common[@]}" --weights "$dir"
+                              "${eval_protocol[@]}" --out "$dir")
+                    if [[ $dry_run -eq 1 ]]; then
+                        echo "run $runs: $name"
+                        echo "  $(show "${train[@]}")"
+                        echo "  $(show "${evaluate[@]}")"
+                        continue
+                    fi
+                    if [[ -f "$dir/eval.json" ]]; then
+                        echo "== $name: eval.json exists, skipped"
+                        continue
+                    fi
+                    if [[ -f "$dir/train_done" ]]; then
+                        echo "== $name: already trained"
+                    elif [[ -f "$dir/last.safetensors" ]]; then
+                        echo "== $name: resuming training"
+                        "$bin_dir/svf-train" --resume "$dir" --device "$device"
+                        touch "$dir/train_done"
+                    else
+                        echo "== $name: training"
+                        "${train[@]}"
+                        touch "$dir/train_done"
+                    fi
+                    echo "== $name: evaluating"
+                    "${evaluate[@]}"
+                done
             done
         done
     done
 done
 
+if [[ $runs -eq 0 ]]; then
+    echo "reproduce_tables.sh: no run matches --only '$only' and the subsets given" >&2
+    exit 1
+fi
 report=("$bin_dir/svf-report" "$out" --out "$out/tables.md")
 if [[ $dry_run -eq 1 ]]; then
     echo "$runs runs; then: $(show "${report[@]}")"

@@ -85,7 +85,7 @@ impl Backbone {
         } else {
             let layout = ResNetLayout::of_depth(config.layers)
                 .ok_or(BackboneError::UnsupportedDepth(config.layers))?;
-            resnet::build(&scope, layout, config.backbone_width)
+            resnet::build(&scope, layout, config.backbone_width, config.dilation)
         };
         if let Some(options) = &options {
             options
@@ -101,6 +101,22 @@ impl Backbone {
     /// Output channels of layer0..layer4.
     pub fn out_channels(&self) -> [i64; 5] {
         self.out_channels
+    }
+
+    /// Per residual block of stage `index` (0..=4): its main-path convolutions' geometry and its
+    /// shortcut's. Empty for VGG and the stem.
+    #[cfg(test)]
+    pub(crate) fn block_geometries(
+        &self,
+        index: usize,
+    ) -> Vec<(
+        Vec<crate::svf::ConvGeometry>,
+        Option<crate::svf::ConvGeometry>,
+    )> {
+        self.stages[index]
+            .blocks()
+            .map(|b| (b.conv_geometries(), b.downsample_geometry()))
+            .collect()
     }
 
     /// Runs stage `index` (0..=4). `bn_train`: BatchNorm in training mode (false with fix_bn).
@@ -260,6 +276,64 @@ mod tests {
                 run(&random).allclose(&run(&zero), 0.0, 0.0, false),
                 "svf {svf}"
             );
+        }
+    }
+
+    #[test]
+    fn torchvision_dilation_changes_only_the_first_blocks_of_layer3_and_layer4() {
+        use crate::config::DilationPattern;
+        for (layers, svf) in [(50, false), (50, true), (18, true)] {
+            let mut backbones = Vec::new();
+            for pattern in [DilationPattern::Pfenet, DilationPattern::Torchvision] {
+                let config = Config {
+                    dilation: pattern,
+                    ..small(layers, svf)
+                };
+                let vs = nn::VarStore::new(Device::Cpu);
+                let backbone = Backbone::with_init(&vs.root(), &config, Init::Zeros).unwrap();
+                // Same variables either way: checkpoints move between the two patterns.
+                let mut names: Vec<String> = vs.variables().into_keys().collect();
+                names.sort();
+                // Output stride 8 either way.
+                assert_eq!(shapes(&backbone, 65)[4][2..], [9, 9], "{pattern:?}");
+                backbones.push((pattern, backbone, names));
+            }
+            assert_eq!(backbones[0].2, backbones[1].2);
+            for (pattern, backbone, _) in &backbones {
+                for (index, stage) in [(3, 2), (4, 4)] {
+                    for (block, (convs, downsample)) in
+                        backbone.block_geometries(index).iter().enumerate()
+                    {
+                        let expected = match (pattern, block) {
+                            (DilationPattern::Torchvision, 0) => stage / 2,
+                            _ => stage,
+                        };
+                        // The 3x3 convs carry the dilation (conv2 of a bottleneck, both of a
+                        // basic block), with "same" padding and stride 1; 1x1 convs stay plain.
+                        for g in convs {
+                            assert_eq!(g.stride, 1, "{pattern:?} layer{index}.{block}");
+                            let is_3x3 = g.padding > 0;
+                            let want = if is_3x3 { expected } else { 1 };
+                            assert_eq!(g.dilation, want, "{pattern:?} layer{index}.{block}");
+                            assert_eq!(g.padding, if is_3x3 { want } else { 0 });
+                        }
+                        assert_eq!(
+                            convs.iter().filter(|g| g.padding > 0).count(),
+                            if layers == 50 { 1 } else { 2 }
+                        );
+                        if let Some(d) = downsample {
+                            assert_eq!((d.stride, d.dilation), (1, 1));
+                        }
+                    }
+                }
+                // layer1/layer2 never dilate.
+                for index in [1, 2] {
+                    assert!(backbone
+                        .block_geometries(index)
+                        .iter()
+                        .all(|(c, _)| c.iter().all(|g| g.dilation == 1)));
+                }
+            }
         }
     }
 

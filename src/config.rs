@@ -36,6 +36,44 @@ pub enum Amp {
     Bf16,
 }
 
+/// Which training images a fold keeps (validation always keeps PFENet's rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainFilter {
+    /// PFENet: an image with at least one training class of at least 2048 pixels; novel classes
+    /// may appear in it (as background).
+    #[default]
+    Pfenet,
+    /// BAM's "filter intersection" (the SVF paper's rows, REFERENCE §8): additionally, every
+    /// class of the label (any size) must be a training class, so novel objects never appear.
+    Bam,
+}
+
+/// How the base learning rate moves over a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScheduleKind {
+    /// PFENet's `base_lr · (1 − iter/max_iter)^power`.
+    #[default]
+    Poly,
+    /// `base_lr` throughout: what the SVF authors' per-iteration cosine scheduler amounts to
+    /// (it stays within 3e-5 of its start over a whole run, REFERENCE §8).
+    Constant,
+}
+
+/// Where layer3 and layer4 of a ResNet dilate instead of downsampling (output stride 8 either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DilationPattern {
+    /// PFENet's loop: every block of layer3 dilation 2, of layer4 dilation 4.
+    #[default]
+    Pfenet,
+    /// torchvision's `replace_stride_with_dilation`, which the SVF authors' backbone uses: the
+    /// first block of a stage keeps the previous stage's dilation (layer3: 1, layer4: 2), the
+    /// others get the stage's (2, 4).
+    Torchvision,
+}
+
 /// Every key of a run. Field names are PFENet's where PFENet has the key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -43,10 +81,13 @@ pub struct Config {
     // --- data ---
     /// Dataset root; list entries are relative to it.
     pub data_root: PathBuf,
-    /// Training list (`JPEGImages/x.jpg SegmentationClassAug/x.png` per line).
+    /// Training list: `JPEGImages/x.jpg SegmentationClassAug/x.png` per line (PFENet's lists and
+    /// BAM's `data_list_{fold}.txt`), or BAM's `sub_class_file_list_{fold}.txt`.
     pub train_list: PathBuf,
-    /// Validation list.
+    /// Validation list, same formats.
     pub val_list: PathBuf,
+    /// Which training images are kept: `pfenet` or `bam` (the paper's rows).
+    pub train_filter: TrainFilter,
     /// COCO-20i instead of PASCAL-5i.
     pub use_coco: bool,
     /// COCO fold scheme i+1, i+5, ..., i+77 (true) or 20i+1..20i+20 (false).
@@ -82,6 +123,9 @@ pub struct Config {
     pub vgg: bool,
     /// Channel width multiplier of the backbone (1.0 = the standard widths; smaller for tests).
     pub backbone_width: f64,
+    /// ResNet layer3/layer4 dilation: `pfenet` or `torchvision` (the SVF authors'). No effect on VGG,
+    /// which has no dilated stages.
+    pub dilation: DilationPattern,
     /// Pretrained full-rank backbone weights (safetensors, PSPNet or PFENet names); `null` = random.
     pub backbone_weights: Option<PathBuf>,
     /// Whole-model weights to start from (safetensors), e.g. a previous run's checkpoint.
@@ -111,8 +155,12 @@ pub struct Config {
     pub batch_size: usize,
     pub batch_size_val: usize,
     pub base_lr: f64,
-    /// LR multiplier of the head's parameters (the reference's 10x).
+    /// LR multiplier of the head's parameters (PFENet's 10x; the SVF paper's 1).
     pub head_lr_scale: f64,
+    /// LR multiplier of the trained backbone parameters (`vector_S`; the SVF paper's 1/10).
+    pub backbone_lr_scale: f64,
+    /// `poly` (PFENet) or `constant` (the SVF paper).
+    pub lr_schedule: LrScheduleKind,
     pub epochs: usize,
     /// Poly schedule exponent.
     pub power: f64,
@@ -134,6 +182,10 @@ pub struct Config {
     pub save_freq: usize,
     /// Validate every this many epochs (0 = never).
     pub val_freq: usize,
+    /// Also validate in the middle of every epoch (the reference does when epochs <= 100: COCO).
+    pub val_half_epoch: bool,
+    /// Stop after this many epochs without a new best validation mIoU (0 = never; the paper: 75).
+    pub stop_interval: usize,
 }
 
 impl Default for Config {
@@ -143,6 +195,7 @@ impl Default for Config {
             data_root: PathBuf::from("data/VOCdevkit2012/VOC2012"),
             train_list: PathBuf::from("data/lists/pascal/voc_sbd_merge_noduplicate.txt"),
             val_list: PathBuf::from("data/lists/pascal/val.txt"),
+            train_filter: TrainFilter::Pfenet,
             use_coco: false,
             use_split_coco: false,
             split: 0,
@@ -161,6 +214,7 @@ impl Default for Config {
             layers: 50,
             vgg: false,
             backbone_width: 1.0,
+            dilation: DilationPattern::Pfenet,
             backbone_weights: None,
             weight: None,
             reduce_dim: 256,
@@ -177,6 +231,8 @@ impl Default for Config {
             batch_size_val: 1,
             base_lr: 0.0025,
             head_lr_scale: 10.0,
+            backbone_lr_scale: 1.0,
+            lr_schedule: LrScheduleKind::Poly,
             epochs: 200,
             power: 0.9,
             momentum: 0.9,
@@ -189,12 +245,15 @@ impl Default for Config {
             print_freq: 5,
             save_freq: 200,
             val_freq: 1,
+            val_half_epoch: false,
+            stop_interval: 0,
         }
     }
 }
 
 impl Config {
-    /// Reads `path`, applies `overrides` (`key=value`, value in YAML syntax) and validates.
+    /// Reads `path` (and the files its `base` key names), applies `overrides` (`key=value`, value
+    /// in YAML syntax) and validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -203,32 +262,19 @@ impl Config {
         Self::from_yaml_str(&text, path, overrides)
     }
 
-    /// Like [`Config::load`] on text already read; `origin` names the text in messages.
+    /// Like [`Config::load`] on text already read; `origin` names the text in messages, and a
+    /// `base` key in it is resolved relative to `origin`'s folder.
     pub fn from_yaml_str(
         text: &str,
         origin: &Path,
         overrides: &[String],
     ) -> Result<Config, ConfigError> {
-        let parse_err = |message: String| ConfigError::Parse {
-            path: origin.to_path_buf(),
-            message,
-        };
-        let mut map = match serde_yaml::from_str::<serde_yaml::Value>(text)
-            .map_err(|e| parse_err(e.to_string()))?
-        {
-            serde_yaml::Value::Mapping(m) => m,
-            serde_yaml::Value::Null => serde_yaml::Mapping::new(),
-            _ => return Err(parse_err("expected a mapping of `key: value` lines".into())),
-        };
-        // Unknown keys and wrong types in the file are reported against the file itself.
+        let mut map = merged_mapping(text, origin, &mut Vec::new())?;
+        // Unknown keys and wrong types were reported per file; what remains is the merged whole.
         let from_file: Config = serde_yaml::from_value(serde_yaml::Value::Mapping(map.clone()))
-            .map_err(|e| {
-                parse_err(format!(
-                    "{}{e}; see configs/pascal_split0.yaml for every key",
-                    culprit_key(&map)
-                        .map(|k| format!("key `{k}`: "))
-                        .unwrap_or_default()
-                ))
+            .map_err(|e| ConfigError::Parse {
+                path: origin.to_path_buf(),
+                message: e.to_string(),
             })?;
         if overrides.is_empty() {
             from_file.validate(&origin.display().to_string())?;
@@ -365,6 +411,21 @@ impl Config {
                 format!("{} must be positive", self.head_lr_scale),
             );
         }
+        if !(self.backbone_lr_scale > 0.0 && self.backbone_lr_scale.is_finite()) {
+            return fail(
+                "backbone_lr_scale",
+                format!("{} must be positive", self.backbone_lr_scale),
+            );
+        }
+        if self.lr_schedule == LrScheduleKind::Constant && self.warmup_steps > 0 {
+            return fail(
+                "lr_schedule",
+                format!(
+                    "`constant` conflicts with warmup_steps {}: a warm-up ramps the rate, so set warmup_steps: 0 or lr_schedule: poly",
+                    self.warmup_steps
+                ),
+            );
+        }
         if self.epochs < 1 {
             return fail("epochs", "must be at least 1".into());
         }
@@ -389,6 +450,21 @@ impl Config {
         if self.save_freq < 1 {
             return fail("save_freq", "must be at least 1".into());
         }
+        if self.stop_interval > 0 && self.val_freq == 0 {
+            return fail(
+                "stop_interval",
+                format!(
+                    "{} needs validation to measure improvement, but val_freq is 0; set val_freq (e.g. 1) or stop_interval: 0",
+                    self.stop_interval
+                ),
+            );
+        }
+        if self.val_half_epoch && self.val_freq == 0 {
+            return fail(
+                "val_half_epoch",
+                "true needs validation, but val_freq is 0; set val_freq (e.g. 1) or val_half_epoch: false".into(),
+            );
+        }
         Ok(())
     }
 
@@ -405,6 +481,80 @@ impl Config {
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).expect("a Config always serialises")
     }
+}
+
+/// The key naming the file a config file builds on, relative to its own folder.
+pub const BASE_KEY: &str = "base";
+
+/// The `key: value` mapping of `text` (from `origin`) over the mappings of its `base` chain: the
+/// file's own keys replace its base's. `chain` holds the files being read, to reject cycles. Each
+/// file's own keys are checked against [`Config`] here, so an error names the file that has it.
+fn merged_mapping(
+    text: &str,
+    origin: &Path,
+    chain: &mut Vec<PathBuf>,
+) -> Result<serde_yaml::Mapping, ConfigError> {
+    let parse_err = |message: String| ConfigError::Parse {
+        path: origin.to_path_buf(),
+        message,
+    };
+    let mut map = match serde_yaml::from_str::<serde_yaml::Value>(text)
+        .map_err(|e| parse_err(e.to_string()))?
+    {
+        serde_yaml::Value::Mapping(m) => m,
+        serde_yaml::Value::Null => serde_yaml::Mapping::new(),
+        _ => return Err(parse_err("expected a mapping of `key: value` lines".into())),
+    };
+    let base = match map.remove(BASE_KEY) {
+        None => None,
+        Some(serde_yaml::Value::String(base)) => Some(base),
+        Some(_) => {
+            return Err(parse_err(format!(
+                "key `{BASE_KEY}`: expected the path of another config file, relative to this one (e.g. `base: ../pascal_base.yaml`)"
+            )))
+        }
+    };
+    serde_yaml::from_value::<Config>(serde_yaml::Value::Mapping(map.clone())).map_err(|e| {
+        parse_err(format!(
+            "{}{e}; see configs/pascal_split0.yaml for every key",
+            culprit_key(&map)
+                .map(|k| format!("key `{k}`: "))
+                .unwrap_or_default()
+        ))
+    })?;
+    let Some(base) = base else {
+        return Ok(map);
+    };
+    let base_path = origin.parent().unwrap_or(Path::new("")).join(&base);
+    let identity = |path: &Path| std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if chain.is_empty() {
+        chain.push(identity(origin));
+    }
+    let base_id = identity(&base_path);
+    if chain.contains(&base_id) {
+        return Err(parse_err(format!(
+            "key `{BASE_KEY}`: {} is already being read ({}); remove the cycle",
+            base_path.display(),
+            chain
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        )));
+    }
+    let base_text = std::fs::read_to_string(&base_path).map_err(|e| {
+        parse_err(format!(
+            "key `{BASE_KEY}`: cannot read {}: {e}; the path is relative to this file's folder",
+            base_path.display()
+        ))
+    })?;
+    chain.push(base_id);
+    let mut merged = merged_mapping(&base_text, &base_path, chain)?;
+    chain.pop();
+    for (key, value) in map {
+        merged.insert(key, value);
+    }
+    Ok(merged)
 }
 
 /// The first key whose value alone fails to deserialise: serde_yaml's type errors do not name it.
@@ -476,16 +626,18 @@ mod tests {
 
     #[test]
     fn shipped_configs_parse_and_validate() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
         let mut seen = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "yaml") {
-                Config::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
-                seen += 1;
+        for dir in [root.clone(), root.join("paper")] {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "yaml") {
+                    Config::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+                    seen += 1;
+                }
             }
         }
-        assert!(seen >= 1);
+        assert!(seen >= 9 + 32, "{seen} configs");
     }
 
     #[test]
@@ -531,6 +683,121 @@ mod tests {
         assert_invalid("aux_weight: -1", "aux_weight");
         assert_invalid("print_freq: 0", "print_freq");
         assert_invalid("save_freq: 0", "save_freq");
+        assert_invalid("backbone_lr_scale: 0", "backbone_lr_scale");
+    }
+
+    #[test]
+    fn conflicting_keys_name_both() {
+        for (text, key, other) in [
+            (
+                "lr_schedule: constant\nwarmup_steps: 10",
+                "lr_schedule",
+                "warmup_steps",
+            ),
+            (
+                "stop_interval: 75\nval_freq: 0",
+                "stop_interval",
+                "val_freq",
+            ),
+            (
+                "val_half_epoch: true\nval_freq: 0",
+                "val_half_epoch",
+                "val_freq",
+            ),
+        ] {
+            assert_invalid(text, key);
+            let message = load(text, &[]).unwrap_err().to_string();
+            assert!(message.contains(other), "{message}");
+        }
+        // Each alone is fine.
+        load(
+            "lr_schedule: constant\nstop_interval: 75\nval_half_epoch: true",
+            &[],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn recipe_keys_parse_with_their_words() {
+        let config = load(
+            "train_filter: bam\ndilation: torchvision\nlr_schedule: constant\nbackbone_lr_scale: 0.1",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.train_filter, TrainFilter::Bam);
+        assert_eq!(config.dilation, DilationPattern::Torchvision);
+        assert_eq!(config.lr_schedule, LrScheduleKind::Constant);
+        assert_eq!(config.backbone_lr_scale, 0.1);
+        let message = load("train_filter: hsnet", &[]).unwrap_err().to_string();
+        assert!(message.contains("train_filter"), "{message}");
+    }
+
+    /// A scratch folder of this test module.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("svf-config-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn base_files_merge_key_wise_relative_to_the_file() {
+        let dir = scratch("base");
+        std::fs::create_dir_all(dir.join("paper")).unwrap();
+        std::fs::write(
+            dir.join("root.yaml"),
+            "shot: 5\nbase_lr: 0.015\nepochs: 50\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("paper/mid.yaml"),
+            "base: ../root.yaml\nepochs: 200\nsplit: 1\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("paper/leaf.yaml"), "base: mid.yaml\nsplit: 3\n").unwrap();
+        let config = Config::load(&dir.join("paper/leaf.yaml"), &["shot=2".into()]).unwrap();
+        assert_eq!(
+            (config.shot, config.base_lr, config.epochs, config.split),
+            (2, 0.015, 200, 3)
+        );
+        // The resolved config stands alone: no `base` key.
+        assert!(!config.to_yaml().contains("base:"));
+        // An unknown key is reported against the file that has it.
+        std::fs::write(dir.join("root.yaml"), "shots: 5\n").unwrap();
+        let message = Config::load(&dir.join("paper/leaf.yaml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("root.yaml") && message.contains("shots"),
+            "{message}"
+        );
+        // A missing base names the key and the path.
+        std::fs::write(dir.join("paper/leaf.yaml"), "base: nowhere.yaml\n").unwrap();
+        let message = Config::load(&dir.join("paper/leaf.yaml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("`base`") && message.contains("nowhere.yaml"),
+            "{message}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn base_cycles_are_rejected() {
+        let dir = scratch("cycle");
+        std::fs::write(dir.join("a.yaml"), "base: b.yaml\n").unwrap();
+        std::fs::write(dir.join("b.yaml"), "base: a.yaml\n").unwrap();
+        let message = Config::load(&dir.join("a.yaml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("cycle"), "{message}");
+        std::fs::write(dir.join("c.yaml"), "base: c.yaml\n").unwrap();
+        let message = Config::load(&dir.join("c.yaml"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("cycle"), "{message}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

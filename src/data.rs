@@ -22,7 +22,9 @@ pub mod transform;
 use std::path::PathBuf;
 
 pub use classes::FoldClasses;
-pub use dataset::{Episode, EpisodeImage, FewShotDataset, Split};
+pub use dataset::{
+    write_bam_fold_lists, Episode, EpisodeImage, ExportedLists, FewShotDataset, Split,
+};
 pub use loader::{EpisodeBatch, EpisodeLoader};
 pub use sampler::{EpisodeDraw, EpisodeSampler};
 pub use transform::IGNORE_LABEL;

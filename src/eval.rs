@@ -78,7 +78,37 @@ pub struct EvalOptions {
     pub panels: Option<(PathBuf, usize)>,
 }
 
+/// The seeds of the SVF paper's test (BAM's `test.py`: `numpy.random.seed(123);
+/// numpy.random.randint(0, 1000, 5)`), used literally: [`draw_seeds`] draws other values.
+pub const PAPER_SEEDS: [u64; 5] = [510, 365, 382, 322, 988];
+/// Episodes per seed of the paper's test, PASCAL-5i and COCO-20i alike.
+pub const PAPER_EPISODES: u64 = 1000;
+
+/// How `svf-eval` evaluates by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Protocol {
+    /// PFENet's: one seed (the config's `manual_seed`), 1000 episodes for PASCAL-5i and 4000
+    /// for COCO-20i.
+    #[default]
+    Pfenet,
+    /// The SVF paper's (BAM's test): 1000 episodes for each of the seeds 510, 365, 382, 322, 988;
+    /// the mean is the reported figure.
+    Paper,
+}
+
 impl EvalOptions {
+    /// The options of `protocol` for `config`'s model.
+    pub fn for_protocol(config: &Config, protocol: Protocol) -> EvalOptions {
+        match protocol {
+            Protocol::Pfenet => EvalOptions::for_test(config),
+            Protocol::Paper => EvalOptions {
+                episodes: PAPER_EPISODES,
+                seeds: PAPER_SEEDS.to_vec(),
+                ..EvalOptions::for_validation(config)
+            },
+        }
+    }
+
     /// `svf-eval`'s defaults: 1000 episodes for PASCAL-5i and 4000 for COCO-20i, one seed (the
     /// config's `manual_seed`), the config's shot, `ori_resize`, `batch_size_val` and `workers`.
     pub fn for_test(config: &Config) -> EvalOptions {
@@ -360,8 +390,8 @@ pub fn original_resolution(logits: &Tensor, original_label: &Tensor) -> (Tensor,
 }
 
 /// Seeds of BAM's protocol: `count` distinct seeds in 0..1000 drawn from `master` (BAM: 5 from
-/// 123). The draw is the episodes' generator's, not numpy's, so the values differ from BAM's; what
-/// matters is that they are fixed.
+/// 123). The draw is the episodes' generator's, not numpy's, so the values differ from BAM's
+/// ([`PAPER_SEEDS`] are BAM's own); what matters is that they are fixed.
 pub fn draw_seeds(master: u64, count: usize) -> Vec<u64> {
     /// Stream tag of the seed draw, apart from the episodes' streams.
     const SEED_STREAM: u64 = 0x5EED;
@@ -383,7 +413,8 @@ pub struct EvalSetting {
     pub dataset: String,
     pub fold: usize,
     pub shot: usize,
-    /// `PFENet` or `PFENet+SVF`.
+    /// `PFENet` or `PFENet+SVF`; `PFENet†`, `PFENet†+SVF` when trained on BAM's lists
+    /// (`train_filter: bam`), as the paper names those rows.
     pub method: String,
     /// `ResNet-50`, `VGG-16`, ... (with the width when reduced).
     pub backbone: String,
@@ -402,7 +433,16 @@ impl EvalSetting {
         } else {
             "PASCAL-5i"
         };
-        let method = if config.svf { "PFENet+SVF" } else { "PFENet" };
+        // † marks training on BAM's filtered lists, as the paper's tables do.
+        let method = format!(
+            "PFENet{}{}",
+            if config.train_filter == crate::config::TrainFilter::Bam {
+                "†"
+            } else {
+                ""
+            },
+            if config.svf { "+SVF" } else { "" }
+        );
         let mut backbone = if config.vgg {
             "VGG-16".to_string()
         } else {
@@ -415,7 +455,7 @@ impl EvalSetting {
             dataset: dataset.to_string(),
             fold: config.split,
             shot,
-            method: method.to_string(),
+            method,
             backbone,
             episodes,
             ori_resize,

@@ -25,13 +25,15 @@ pub enum ReportError {
     NoResults(PathBuf),
 }
 
-/// A published mean mIoU over the four folds (%), from the paper's leaderboard entries.
+/// A published result: mIoU (%) per fold when the paper gives them, and the mean of the folds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Published {
     pub dataset: &'static str,
     pub method: &'static str,
     pub backbone: &'static str,
     pub shot: usize,
+    /// Folds 0..3; the VGG-16 rows publish only the mean.
+    pub folds: Option<[f64; 4]>,
     pub miou: f64,
 }
 
@@ -40,6 +42,7 @@ const fn published(
     method: &'static str,
     backbone: &'static str,
     shot: usize,
+    folds: Option<[f64; 4]>,
     miou: f64,
 ) -> Published {
     Published {
@@ -47,21 +50,179 @@ const fn published(
         method,
         backbone,
         shot,
+        folds,
         miou,
     }
 }
 
-/// REFERENCE §7. Only fold means are published there; FB-IoU is not.
+const PASCAL: &str = "PASCAL-5i";
+const COCO: &str = "COCO-20i";
+const R50: &str = "ResNet-50";
+const VGG: &str = "VGG-16";
+
+/// REFERENCE §7: the SVF paper's Tables 1 and 2 (mIoU). † = trained on BAM's filtered lists
+/// (`train_filter: bam`); BAM rows are there for reference, this project trains PFENet only.
 pub const PUBLISHED: &[Published] = &[
-    published("COCO-20i", "PFENet+SVF", "ResNet-50", 1, 48.02),
-    published("COCO-20i", "PFENet+SVF", "ResNet-50", 5, 54.38),
-    published("COCO-20i", "BAM+SVF", "ResNet-50", 1, 48.47),
-    published("COCO-20i", "BAM+SVF", "ResNet-50", 5, 53.87),
-    published("COCO-20i", "PFENet+SVF", "VGG-16", 1, 42.24),
-    published("COCO-20i", "BAM+SVF", "VGG-16", 1, 43.76),
-    published("COCO-20i", "BAM+SVF", "VGG-16", 5, 49.07),
-    published("PASCAL-5i", "PFENet", "ResNet-50", 1, 60.8),
-    published("PASCAL-5i", "BAM", "ResNet-50", 1, 67.8),
+    published(
+        PASCAL,
+        "PFENet",
+        R50,
+        1,
+        Some([61.7, 69.5, 55.4, 56.3]),
+        60.8,
+    ),
+    published(
+        PASCAL,
+        "PFENet",
+        R50,
+        5,
+        Some([63.1, 70.7, 55.8, 57.9]),
+        61.9,
+    ),
+    published(
+        PASCAL,
+        "PFENet†",
+        R50,
+        1,
+        Some([66.61, 72.55, 65.33, 60.91]),
+        66.35,
+    ),
+    published(
+        PASCAL,
+        "PFENet†",
+        R50,
+        5,
+        Some([70.93, 75.32, 69.60, 68.96]),
+        71.20,
+    ),
+    published(
+        PASCAL,
+        "PFENet†+SVF",
+        R50,
+        1,
+        Some([69.27, 73.55, 67.49, 62.30]),
+        68.15,
+    ),
+    published(
+        PASCAL,
+        "PFENet†+SVF",
+        R50,
+        5,
+        Some([71.82, 74.92, 70.97, 69.58]),
+        71.82,
+    ),
+    published(
+        PASCAL,
+        "BAM†",
+        R50,
+        1,
+        Some([68.97, 73.59, 67.55, 61.13]),
+        67.81,
+    ),
+    published(
+        PASCAL,
+        "BAM†",
+        R50,
+        5,
+        Some([70.59, 75.05, 70.79, 67.20]),
+        70.91,
+    ),
+    published(
+        PASCAL,
+        "BAM†+SVF",
+        R50,
+        1,
+        Some([69.38, 74.51, 68.80, 63.09]),
+        68.95,
+    ),
+    published(
+        PASCAL,
+        "BAM†+SVF",
+        R50,
+        5,
+        Some([72.05, 76.17, 71.97, 68.91]),
+        72.28,
+    ),
+    published(
+        COCO,
+        "PFENet†",
+        R50,
+        1,
+        Some([44.93, 50.32, 44.68, 44.26]),
+        46.05,
+    ),
+    published(
+        COCO,
+        "PFENet†",
+        R50,
+        5,
+        Some([52.29, 59.34, 51.50, 53.53]),
+        54.17,
+    ),
+    published(
+        COCO,
+        "PFENet†+SVF",
+        R50,
+        1,
+        Some([46.88, 50.86, 47.69, 46.64]),
+        48.02,
+    ),
+    published(
+        COCO,
+        "PFENet†+SVF",
+        R50,
+        5,
+        Some([52.72, 58.14, 52.52, 54.15]),
+        54.38,
+    ),
+    published(
+        COCO,
+        "BAM†",
+        R50,
+        1,
+        Some([43.41, 50.59, 47.49, 43.42]),
+        46.23,
+    ),
+    published(
+        COCO,
+        "BAM†",
+        R50,
+        5,
+        Some([49.26, 54.20, 51.63, 49.55]),
+        51.16,
+    ),
+    published(
+        COCO,
+        "BAM†+SVF",
+        R50,
+        1,
+        Some([46.87, 53.80, 48.43, 44.78]),
+        48.47,
+    ),
+    published(
+        COCO,
+        "BAM†+SVF",
+        R50,
+        5,
+        Some([52.25, 57.83, 51.97, 53.41]),
+        53.87,
+    ),
+    published(PASCAL, "PFENet†", VGG, 1, None, 63.35),
+    published(PASCAL, "PFENet†", VGG, 5, None, 69.36),
+    published(PASCAL, "PFENet†+SVF", VGG, 1, None, 64.33),
+    published(PASCAL, "PFENet†+SVF", VGG, 5, None, 69.80),
+    published(PASCAL, "BAM†", VGG, 1, None, 64.41),
+    published(PASCAL, "BAM†", VGG, 5, None, 68.76),
+    published(PASCAL, "BAM†+SVF", VGG, 1, None, 64.87),
+    published(PASCAL, "BAM†+SVF", VGG, 5, None, 69.11),
+    published(COCO, "PFENet†", VGG, 1, None, 41.97),
+    published(COCO, "PFENet†", VGG, 5, None, 48.36),
+    published(COCO, "PFENet†+SVF", VGG, 1, None, 42.24),
+    published(COCO, "PFENet†+SVF", VGG, 5, None, 49.49),
+    published(COCO, "BAM†", VGG, 1, None, 43.50),
+    published(COCO, "BAM†", VGG, 5, None, 49.34),
+    published(COCO, "BAM†+SVF", VGG, 1, None, 43.76),
+    published(COCO, "BAM†+SVF", VGG, 5, None, 49.07),
 ];
 
 /// Every `eval.json` under `dir` (recursively), in path order.
@@ -195,6 +356,7 @@ pub fn paper_tables(results: &[EvalResult]) -> String {
             }
             md.push('\n');
         }
+        md.push_str(&beside_paper(dataset, rows));
     }
     if partial {
         md.push_str("\\* mean over the folds evaluated, not all four.\n\n");
@@ -215,21 +377,66 @@ pub fn paper_tables(results: &[EvalResult]) -> String {
         })
         .unwrap_or_default();
     md.push_str(&format!(
-        "{summary}Paper: published mean over the four folds (REFERENCE §7); Δ = ours − paper.\n"
+        "{summary}Paper: published mean over the four folds (REFERENCE §7); Δ = ours − paper; † = trained on BAM's filtered lists (`train_filter: bam`).\n"
     ));
     md
 }
 
+fn published_row(dataset: &str, row: &RowKey) -> Option<&'static Published> {
+    PUBLISHED.iter().find(|p| {
+        p.dataset == dataset
+            && p.method == row.method
+            && p.backbone == row.backbone
+            && p.shot == row.shot
+    })
+}
+
 fn published_miou(dataset: &str, row: &RowKey) -> Option<f64> {
-    PUBLISHED
-        .iter()
-        .find(|p| {
-            p.dataset == dataset
-                && p.method == row.method
-                && p.backbone == row.backbone
-                && p.shot == row.shot
-        })
-        .map(|p| p.miou)
+    published_row(dataset, row).map(|p| p.miou)
+}
+
+/// `ours / paper (Δ)`, or what is missing.
+fn beside(ours: Option<f64>, paper: Option<f64>) -> String {
+    match (ours, paper) {
+        (Some(ours), Some(paper)) => format!("{ours:.2} / {paper:.2} ({:+.2})", ours - paper),
+        (Some(ours), None) => format!("{ours:.2} / –"),
+        (None, Some(paper)) => format!("– / {paper:.2}"),
+        (None, None) => "–".to_string(),
+    }
+}
+
+/// The mIoU rows that have a published counterpart, every cell beside it: `ours / paper (Δ)` per
+/// fold and for the mean (of the folds evaluated; `*` when not all four). Empty when no row has one.
+fn beside_paper(dataset: &str, rows: &Rows) -> String {
+    let mut lines = String::new();
+    for (row, folds) in rows {
+        let Some(paper) = published_row(dataset, row) else {
+            continue;
+        };
+        let mut line = format!("| {} | {} | {} |", row.method, row.backbone, row.shot);
+        for fold in 0..4 {
+            let ours = folds.get(&fold).map(|r| Metric::MIoU.of(r));
+            line.push_str(&format!(
+                " {} |",
+                beside(ours, paper.folds.map(|f| f[fold]))
+            ));
+        }
+        let mean = folds.values().map(|r| Metric::MIoU.of(r)).sum::<f64>() / folds.len() as f64;
+        let mark = if folds.len() < 4 { "*" } else { "" };
+        line.push_str(&format!(
+            " {}{mark} |\n",
+            beside(Some(mean), Some(paper.miou))
+        ));
+        lines.push_str(&line);
+    }
+    if lines.is_empty() {
+        return lines;
+    }
+    format!(
+        "## {dataset}: mIoU beside the paper (%)\n\nEach cell: ours / published (ours − published).\n\n\
+         | Method | Backbone | Shot | Fold-0 | Fold-1 | Fold-2 | Fold-3 | Mean |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|\n{lines}\n"
+    )
 }
 
 /// Glyphs of a 5×7 bitmap font, one row per byte (bit 4 = leftmost pixel): digits, capitals and a
@@ -363,10 +570,17 @@ mod tests {
     use crate::eval::{EvalSetting, SeedResult};
 
     fn result(dataset_coco: bool, svf: bool, shot: usize, fold: usize, miou: f64) -> EvalResult {
+        // COCO rows are published for BAM's lists only (†).
+        let train_filter = if dataset_coco {
+            crate::config::TrainFilter::Bam
+        } else {
+            crate::config::TrainFilter::Pfenet
+        };
         let config = Config {
             use_coco: dataset_coco,
             svf,
             split: fold,
+            train_filter,
             ..Config::default()
         };
         EvalResult::from_seeds(
@@ -389,14 +603,21 @@ mod tests {
             .collect();
         results.push(result(false, false, 1, 2, 0.5));
         let md = paper_tables(&results);
-        // COCO PFENet+SVF R50 1-shot: folds 40, 42, 44, 46; mean 43.00; paper 48.02.
+        // COCO PFENet†+SVF R50 1-shot: folds 40, 42, 44, 46; mean 43.00; paper 48.02.
         assert!(
-            md.contains("| PFENet+SVF | ResNet-50 | 1 | 40.00 | 42.00 | 44.00 | 46.00 | 43.00 | 48.02 | -5.02 |"),
+            md.contains("| PFENet†+SVF | ResNet-50 | 1 | 40.00 | 42.00 | 44.00 | 46.00 | 43.00 | 48.02 | -5.02 |"),
             "{md}"
         );
         assert!(
-            md.contains("| PFENet+SVF | ResNet-50 | 1 | 50.00 | 52.00 | 54.00 | 56.00 | 53.00 |\n"),
+            md.contains(
+                "| PFENet†+SVF | ResNet-50 | 1 | 50.00 | 52.00 | 54.00 | 56.00 | 53.00 |\n"
+            ),
             "FB-IoU row: {md}"
+        );
+        // Every cell beside the paper's: 46.88 / 50.86 / 47.69 / 46.64.
+        assert!(
+            md.contains("| PFENet†+SVF | ResNet-50 | 1 | 40.00 / 46.88 (-6.88) | 42.00 / 50.86 (-8.86) | 44.00 / 47.69 (-3.69) | 46.00 / 46.64 (-0.64) | 43.00 / 48.02 (-5.02) |"),
+            "{md}"
         );
         // PASCAL PFENet with only fold 2: partial mean, marked.
         assert!(
@@ -405,8 +626,26 @@ mod tests {
             ),
             "{md}"
         );
+        assert!(
+            md.contains("| PFENet | ResNet-50 | 1 | – / 61.70 | – / 69.50 | 50.00 / 55.40 (-5.40) | – / 56.30 | 50.00 / 60.80 (-10.80)* |"),
+            "{md}"
+        );
         assert!(md.contains("\\* mean over the folds evaluated"));
         assert!(md.find("## PASCAL-5i: mIoU").unwrap() < md.find("## COCO-20i: mIoU").unwrap());
+    }
+
+    #[test]
+    fn published_means_agree_with_their_folds() {
+        for p in PUBLISHED {
+            if let Some(folds) = p.folds {
+                let mean = folds.iter().sum::<f64>() / 4.0;
+                // PFENet's own paper rounded from unrounded folds: 60.725 is printed 60.8.
+                assert!((mean - p.miou).abs() < 0.08, "{p:?}: folds give {mean}");
+            }
+        }
+        // Every row of the paper's grid is there: 2 datasets x 4 methods x 2 backbones x 2 shots,
+        // plus PFENet's own PASCAL ResNet-50 rows.
+        assert_eq!(PUBLISHED.len(), 2 * 4 * 2 * 2 + 2);
     }
 
     #[test]

@@ -11,6 +11,12 @@
 //! the reference's `drop_last`). Before every iteration the libtorch generator (dropout) is
 //! re-seeded from (seed, iteration). So the iteration count, the weights and the momentum buffers
 //! are the whole state: a resumed run repeats the same episodes, dropout masks and LRs.
+//!
+//! Validation and stopping. The model is validated before training and after every `val_freq`
+//! epochs (with `val_half_epoch` also at the middle iteration of those epochs); the best mIoU over
+//! all of them is the `best` checkpoint. `stop_interval` ends the run after that many epochs
+//! without a new best; the count is part of [`TrainState`], so a resumed run continues it and a
+//! run that stopped early stays stopped.
 
 mod metrics_log;
 mod schedule;
@@ -25,13 +31,13 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Tensor};
 
 pub use metrics_log::{read_metrics, write_curves, MetricsLog, MetricsRecord, CURVES_FILE};
-pub use schedule::PolySchedule;
+pub use schedule::LrSchedule;
 pub use sgd::{Sgd, SgdStateError};
 
 use crate::amp;
 use crate::backbone::{self, BackboneError, Init};
 use crate::checkpoint::{self, CheckpointError, CheckpointFiles, BEST, LAST};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, LrScheduleKind};
 use crate::data::{DataError, EpisodeLoader, FewShotDataset, Split};
 use crate::eval::{self, EvalError, EvalOptions};
 use crate::model::{self, ModelError, PfeNet};
@@ -92,10 +98,18 @@ pub struct TrainState {
     /// Iterations completed (global; epoch `e` ends at `e · iterations_per_epoch`).
     pub iteration: u64,
     pub iterations_per_epoch: u64,
-    /// The last epoch whose validation is done (0 = the one before training).
+    /// The last epoch whose end-of-epoch validation is done (0 = the one before training).
     pub validated_epoch: Option<usize>,
+    /// The iteration of the last validation done, at the end or in the middle of an epoch.
+    #[serde(default)]
+    pub validated_iteration: Option<u64>,
     pub best_miou: Option<f64>,
+    /// The epoch of the best validation (a mid-epoch validation counts for the epoch it is in).
     pub best_epoch: Option<usize>,
+    /// Epochs trained since `best_epoch`, as of the last end-of-epoch validation; the run stops
+    /// when it reaches `stop_interval`. Saved with the checkpoint, so `--resume` keeps counting.
+    #[serde(default)]
+    pub epochs_without_improvement: usize,
     /// The base LR of the last iteration done.
     pub lr: f64,
 }
@@ -120,6 +134,8 @@ pub struct TrainSummary {
     pub episodes_per_second: f64,
     /// Stopped by Ctrl-C (or [`TrainHooks::stop_after`]) before the last epoch.
     pub interrupted: bool,
+    /// Stopped because `stop_interval` epochs passed without a new best validation mIoU.
+    pub stopped_early: bool,
 }
 
 /// Ways to observe and steer a run from the library (Ctrl-C, tests).
@@ -196,7 +212,7 @@ struct Run<'a> {
     dir: PathBuf,
     model: Model,
     sgd: Sgd,
-    schedule: PolySchedule,
+    schedule: LrSchedule,
     state: TrainState,
     metrics: MetricsLog,
     /// The validation split, opened once (`None` when `val_freq` is 0).
@@ -245,8 +261,10 @@ pub fn train(
                 iteration: 0,
                 iterations_per_epoch,
                 validated_epoch: None,
+                validated_iteration: None,
                 best_miou: None,
                 best_epoch: None,
+                epochs_without_improvement: 0,
                 lr: 0.0,
             }
         }
@@ -254,20 +272,22 @@ pub fn train(
     // On resume, records written after the checkpoint (then lost) are dropped.
     let covered = |record: &MetricsRecord| match record {
         MetricsRecord::Train { iteration, .. } => *iteration <= state.iteration,
+        MetricsRecord::Val {
+            iteration,
+            mid_epoch: true,
+            ..
+        } => state.validated_iteration.is_some_and(|v| *iteration <= v),
         MetricsRecord::Val { epoch, .. } => state.validated_epoch.is_some_and(|v| *epoch <= v),
     };
     let keep = resume.map(|_| &covered as &dyn Fn(&MetricsRecord) -> bool);
     let metrics =
         MetricsLog::open(&dir, keep).map_err(run_dir_error(&dir.join(MetricsLog::FILE_NAME)))?;
+    let schedule = LrSchedule::from_config(config, iterations_per_epoch);
+    log_learning_rates(&sgd, &schedule, config.weight_decay, state.iteration + 1);
     let mut run = Run {
         config,
         device,
-        schedule: PolySchedule {
-            base_lr: config.base_lr,
-            max_iter: iterations_per_epoch * config.epochs as u64,
-            power: config.power,
-            warmup_steps: config.warmup_steps as u64,
-        },
+        schedule,
         last_saved: resume.map(|_| state.iteration),
         state,
         dir,
@@ -285,8 +305,55 @@ fn run_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError {
     move |source| TrainError::RunDir { path, source }
 }
 
+/// The LR multiplier of trainable parameter `name`: `head_lr_scale` for the head, else
+/// `backbone_lr_scale` (the backbone's `vector_S`; the SVF paper trains them at a tenth of the
+/// head's rate, PFENet's recipe at the base rate).
+pub fn lr_scale(config: &Config, name: &str) -> f64 {
+    if model::is_head_parameter(name) {
+        config.head_lr_scale
+    } else {
+        config.backbone_lr_scale
+    }
+}
+
+/// The name of the LR group of parameter `name` in logs.
+fn lr_group(name: &str) -> &'static str {
+    if model::is_head_parameter(name) {
+        "head"
+    } else {
+        "backbone"
+    }
+}
+
+/// States in the run log the rate each group starts at, so that a run's recipe can be checked
+/// from its log alone.
+fn log_learning_rates(sgd: &Sgd, schedule: &LrSchedule, weight_decay: f64, iteration: u64) {
+    let mut groups: Vec<(&str, f64, usize)> = Vec::new();
+    for (name, scale) in sgd.lr_scales() {
+        let group = lr_group(name);
+        match groups
+            .iter_mut()
+            .find(|(g, s, _)| *g == group && *s == scale)
+        {
+            Some((_, _, count)) => *count += 1,
+            None => groups.push((group, scale, 1)),
+        }
+    }
+    let base = schedule.lr(iteration);
+    for (group, scale, count) in groups {
+        tracing::info!(
+            "learning rate of the {group} ({count} tensors) at iteration {iteration}: {:.4e} = {base:.4e} x {scale}, {} schedule, weight decay {weight_decay}",
+            base * scale,
+            match schedule.kind {
+                LrScheduleKind::Poly => "poly",
+                LrScheduleKind::Constant => "constant",
+            }
+        );
+    }
+}
+
 /// The trainer's optimiser: SGD over exactly the trainable set (everything else of `vs` is frozen,
-/// see [`model::freeze_all_but_trainable`]), the head at `head_lr_scale` times the base LR.
+/// see [`model::freeze_all_but_trainable`]), each parameter at [`lr_scale`] times the base LR.
 pub fn optimiser(vs: &nn::VarStore, config: &Config) -> Sgd {
     let trainable = model::freeze_all_but_trainable(vs, config.svf);
     let parameter_count: i64 = trainable.iter().map(|(_, t)| t.numel() as i64).sum();
@@ -299,11 +366,7 @@ pub fn optimiser(vs: &nn::VarStore, config: &Config) -> Sgd {
     let parameters = trainable
         .into_iter()
         .map(|(name, tensor)| {
-            let scale = if model::is_head_parameter(&name) {
-                config.head_lr_scale
-            } else {
-                1.0
-            };
+            let scale = lr_scale(config, &name);
             (name, tensor, scale)
         })
         .collect();
@@ -374,6 +437,10 @@ impl Run<'_> {
         let mut throughput = Throughput::default();
         let mut last_epoch_loss = None;
         for epoch in self.state.epochs_done()..self.config.epochs {
+            // Also on resume: a run that stopped early stays stopped.
+            if self.stop_interval_reached() {
+                return Ok(self.summary(false, last_epoch_loss, &throughput));
+            }
             match self.train_epoch(dataset, epoch, hooks, &mut throughput)? {
                 EpochEnd::Stopped => {
                     return Ok(self.summary(true, last_epoch_loss, &throughput));
@@ -384,6 +451,23 @@ impl Run<'_> {
             self.save_last()?;
         }
         Ok(self.summary(false, last_epoch_loss, &throughput))
+    }
+
+    /// Whether `stop_interval` epochs passed without a new best validation mIoU (logged once,
+    /// when it happens).
+    fn stop_interval_reached(&self) -> bool {
+        let interval = self.config.stop_interval;
+        let reached = interval > 0 && self.state.epochs_without_improvement >= interval;
+        if reached {
+            tracing::info!(
+                "stopping early after epoch {}: {} epochs without a new best validation mIoU (stop_interval {interval}; best {:.2} after epoch {})",
+                self.state.epochs_done(),
+                self.state.epochs_without_improvement,
+                100.0 * self.state.best_miou.unwrap_or(0.0),
+                self.state.best_epoch.unwrap_or(0)
+            );
+        }
+        reached
     }
 
     /// The rest of epoch `epoch` (0-based) from the current iteration.
@@ -413,12 +497,15 @@ impl Run<'_> {
             &format!("epoch {}/{}", epoch + 1, config.epochs),
         );
         bar.set_position(first * batch);
+        // A run resumed exactly at the middle of the epoch may not have validated there yet.
+        self.validate_mid_epoch_if_due(epoch)?;
         let started = Instant::now();
         let (mut loss_sum, mut steps) = (0.0, 0u64);
         for episode_batch in loader {
             let losses = self.guarded_step(&episode_batch?, epoch, hooks)?;
             loss_sum += losses.total;
             steps += 1;
+            self.validate_mid_epoch_if_due(epoch)?;
             bar.inc(batch);
             bar.set_message(format!("loss {:.4} lr {:.2e}", losses.total, self.state.lr));
             let rate = (steps * batch) as f64 / started.elapsed().as_secs_f64();
@@ -479,6 +566,8 @@ impl Run<'_> {
             last_epoch_loss,
             episodes_per_second: throughput.episodes as f64 / throughput.seconds.max(1e-9),
             interrupted,
+            stopped_early: self.config.stop_interval > 0
+                && self.state.epochs_without_improvement >= self.config.stop_interval,
         }
     }
 
@@ -616,15 +705,44 @@ impl Run<'_> {
     /// After `epoch` epochs (0 = before training): validates when due and not yet done, and keeps
     /// the best checkpoint. Returns whether it validated.
     fn validate_if_due(&mut self, epoch: usize) -> Result<bool, TrainError> {
+        let due =
+            self.validates_after(epoch) && self.state.validated_epoch.is_none_or(|v| v < epoch);
+        if due {
+            self.validate(epoch, false)?;
+        }
+        Ok(due)
+    }
+
+    /// Whether the end of epoch `epoch` (1-based; 0 = before training) is a validation point.
+    fn validates_after(&self, epoch: usize) -> bool {
         let config = self.config;
-        let Some(val_data) = &self.val_data else {
-            return Ok(false);
-        };
-        let due = (epoch.is_multiple_of(config.val_freq) || epoch == config.epochs)
-            && self.state.validated_epoch.is_none_or(|v| v < epoch);
-        if !due {
+        self.val_data.is_some() && (epoch.is_multiple_of(config.val_freq) || epoch == config.epochs)
+    }
+
+    /// With `val_half_epoch`, validates at the middle iteration of epoch `epoch` (0-based) of an
+    /// epoch whose end validates, once. Returns whether it validated.
+    fn validate_mid_epoch_if_due(&mut self, epoch: usize) -> Result<bool, TrainError> {
+        let per_epoch = self.state.iterations_per_epoch;
+        // An epoch of one iteration has no middle apart from its end.
+        if !self.config.val_half_epoch || per_epoch < 2 || !self.validates_after(epoch + 1) {
             return Ok(false);
         }
+        let middle = epoch as u64 * per_epoch + per_epoch / 2;
+        let due = self.state.iteration == middle
+            && self.state.validated_iteration.is_none_or(|v| v < middle);
+        if due {
+            self.validate(epoch + 1, true)?;
+        }
+        Ok(due)
+    }
+
+    /// Validates now, as of epoch `epoch` (the epochs done, or for `mid_epoch` the epoch in
+    /// progress, 1-based), keeps the best checkpoint and updates the early-stopping count.
+    fn validate(&mut self, epoch: usize, mid_epoch: bool) -> Result<(), TrainError> {
+        let config = self.config;
+        let Some(val_data) = &self.val_data else {
+            return Ok(());
+        };
         let options = EvalOptions::for_validation(config);
         // Validate as svf-eval evaluates: SVD convolutions folded, a fifth less work per episode.
         let fused = if config.svf {
@@ -640,17 +758,29 @@ impl Run<'_> {
             self.untrained_miou = Some(miou);
         }
         tracing::info!(
-            "validation after epoch {epoch}: mIoU {:.2}, FB-IoU {:.2}{}",
+            "validation {} epoch {epoch}: mIoU {:.2}, FB-IoU {:.2}{}",
+            if mid_epoch {
+                "in the middle of"
+            } else {
+                "after"
+            },
             100.0 * miou,
             100.0 * fb_iou,
             if best { " (best so far)" } else { "" }
         );
-        self.state.validated_epoch = Some(epoch);
+        self.state.validated_iteration = Some(self.state.iteration);
+        if !mid_epoch {
+            self.state.validated_epoch = Some(epoch);
+        }
         if best {
             self.state.best_miou = Some(miou);
             self.state.best_epoch = Some(epoch);
+            self.state.epochs_without_improvement = 0;
             let weights = checkpoint::model_weights(&self.model.vs);
             checkpoint::save(&self.dir, BEST, &weights, None, &self.state)?;
+        } else if !mid_epoch {
+            self.state.epochs_without_improvement =
+                epoch.saturating_sub(self.state.best_epoch.unwrap_or(0));
         }
         self.append(&MetricsRecord::Val {
             epoch,
@@ -658,9 +788,10 @@ impl Run<'_> {
             miou,
             fb_iou,
             best,
+            mid_epoch,
         })?;
         self.redraw_curves();
-        Ok(true)
+        Ok(())
     }
 
     /// Redraws `curves.png` from `metrics.jsonl`. A picture that cannot be drawn is worth a warning,

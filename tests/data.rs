@@ -460,3 +460,181 @@ fn check_reports_each_planted_defect_by_file() {
     assert!(line("train_00003.png").contains("size mismatch"));
     assert!(line("val_00004.png").contains("[42]"));
 }
+
+/// Classes (1..=254) and their pixel counts in a label PNG, read with the `image` crate directly
+/// (not through the project's reader).
+fn png_classes(path: &Path) -> HashMap<usize, usize> {
+    let mut pixels = HashMap::new();
+    for &v in image::open(path).unwrap().to_luma8().as_raw() {
+        if v != 0 && v != 255 {
+            *pixels.entry(v as usize).or_insert(0) += 1;
+        }
+    }
+    pixels
+}
+
+/// Image paths of a dataset's query list.
+fn queries(dataset: &FewShotDataset) -> Vec<PathBuf> {
+    (0..dataset.query_count())
+        .map(|i| dataset.item_paths(i).0.to_path_buf())
+        .collect()
+}
+
+#[test]
+fn bam_filter_drops_exactly_the_images_showing_a_novel_class() {
+    use svf::config::TrainFilter;
+    let config = synthetic("bam-filter", 160, 40);
+    let fold = FoldClasses::of(&config);
+    // The rule, counted from the PNGs: PFENet keeps an image with a training class of >= 2048
+    // pixels; BAM also requires every class present to be a training class.
+    let (mut pfenet, mut bam) = (Vec::new(), Vec::new());
+    for line in std::fs::read_to_string(&config.train_list).unwrap().lines() {
+        let (image, label) = line.split_once(' ').unwrap();
+        let classes = png_classes(&config.data_root.join(label));
+        let eligible = classes
+            .iter()
+            .any(|(c, &n)| fold.train.contains(c) && n >= MIN_CLASS_PIXELS as usize);
+        if eligible {
+            pfenet.push(config.data_root.join(image));
+            if classes.keys().all(|c| fold.train.contains(c)) {
+                bam.push(config.data_root.join(image));
+            }
+        }
+    }
+    // Planted novel objects: some images PFENet keeps show a novel class.
+    assert!(
+        bam.len() + 10 < pfenet.len(),
+        "{} vs {}",
+        bam.len(),
+        pfenet.len()
+    );
+    let open = |filter| {
+        let config = Config {
+            train_filter: filter,
+            ..config.clone()
+        };
+        FewShotDataset::open(&config, Split::Train).unwrap()
+    };
+    // PFENet, BAM, PFENet again on the same index cache: the rule is never cached.
+    assert_eq!(queries(&open(TrainFilter::Pfenet)), pfenet);
+    let filtered = open(TrainFilter::Bam);
+    assert_eq!(queries(&filtered), bam);
+    assert_eq!(queries(&open(TrainFilter::Pfenet)), pfenet);
+    // Validation keeps PFENet's rule under both.
+    let val = |filter| {
+        let config = Config {
+            train_filter: filter,
+            ..config.clone()
+        };
+        queries(&FewShotDataset::open(&config, Split::Val).unwrap())
+    };
+    assert_eq!(val(TrainFilter::Bam), val(TrainFilter::Pfenet));
+
+    // Exported in BAM's formats, the lists read back to the same episodes.
+    let config = Config {
+        train_filter: TrainFilter::Bam,
+        ..config
+    };
+    let out = config.data_root.join("fss_list");
+    let written = svf::data::write_bam_fold_lists(&config, &out).unwrap();
+    assert_eq!(written.len(), 8);
+    assert_eq!(written[0].images, bam.len());
+    let data_list = out.join("train/data_list_0.txt");
+    let sub_class_list = out.join("train/sub_class_file_list_0.txt");
+    assert_eq!(written[0].data_list, data_list);
+    let reread = |list: &Path| {
+        let config = Config {
+            train_list: list.to_path_buf(),
+            // The list itself carries BAM's filter.
+            train_filter: TrainFilter::Pfenet,
+            ..config.clone()
+        };
+        FewShotDataset::open(&config, Split::Train).unwrap()
+    };
+    let from_data_list = reread(&data_list);
+    let draws = |dataset: &FewShotDataset| -> Vec<(PathBuf, usize, Vec<PathBuf>)> {
+        let mut sampler = EpisodeSampler::new(dataset, 5);
+        (0..3 * dataset.query_count() as u64)
+            .map(|i| {
+                let d = sampler.draw(i, 0);
+                let path = |item: usize| dataset.item_paths(item).0.to_path_buf();
+                (
+                    path(d.query),
+                    d.class_id,
+                    d.supports.iter().map(|&s| path(s)).collect(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(draws(&from_data_list), draws(&filtered));
+    // The dict lists the same images and, per class, the same supports (in its own order).
+    let from_sub_class = reread(&sub_class_list);
+    let sorted = |mut v: Vec<PathBuf>| {
+        v.sort();
+        v
+    };
+    assert_eq!(sorted(queries(&from_sub_class)), sorted(bam.clone()));
+    for &class in &fold.train {
+        assert_eq!(
+            from_sub_class.support_count(class),
+            filtered.support_count(class)
+        );
+    }
+    // Another fold's dict is refused, naming the class and its line.
+    let message = FewShotDataset::open(
+        &Config {
+            train_list: sub_class_list.clone(),
+            split: 1,
+            ..config.clone()
+        },
+        Split::Train,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        message.contains(&format!("{}, line 1", sub_class_list.display()))
+            && message.contains("class 6 is not a training class of fold 1"),
+        "{message}"
+    );
+    let text = std::fs::read_to_string(&sub_class_list).unwrap();
+    assert!(text.starts_with("{6: [('JPEGImages/"), "{}", &text[..60]);
+
+    // A claim the labels contradict: one error naming the file and line.
+    let (image, label) = std::fs::read_to_string(&config.train_list)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            l.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .unwrap()
+        })
+        .find(|(_, label)| !png_classes(&config.data_root.join(label)).contains_key(&7))
+        .unwrap();
+    let bad = out.join("bad_sub_class.txt");
+    std::fs::write(&bad, format!("{{7: [\n('{image}', '{label}')]}}")).unwrap();
+    let err = FewShotDataset::open(
+        &Config {
+            train_list: bad.clone(),
+            ..config.clone()
+        },
+        Split::Train,
+    )
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("{}, line 2", bad.display())) && message.contains("class 7"),
+        "{message}"
+    );
+    // A list that does not exist names the path and the key.
+    let missing = Config {
+        train_list: out.join("nowhere.txt"),
+        ..config
+    };
+    let message = FewShotDataset::open(&missing, Split::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("nowhere.txt") && message.contains("train_list"),
+        "{message}"
+    );
+}

@@ -184,8 +184,61 @@ fn run_script(args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn reproduce_tables_dry_run_lists_the_32_paper_runs() {
+fn reproduce_tables_dry_run_lists_the_paper_grid() {
     let output = run_script(&["--dry-run", "--out", "/nonexistent/tables"]);
+    let text = String::from_utf8(output.stdout).unwrap();
+    let runs: Vec<&str> = text.lines().filter(|l| l.starts_with("run ")).collect();
+    // PASCAL and COCO x folds 0-3 x 1/5-shot x with/without SVF x ResNet-50/VGG-16.
+    assert_eq!(runs.len(), 64, "{text}");
+    assert_eq!(text.lines().count(), 3 * 64 + 1, "{text}");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dataset in ["pascal", "coco"] {
+        for fold in 0..4 {
+            for backbone in ["resnet50", "vgg16"] {
+                for variant in ["pfenet", "svf"] {
+                    // Every run's config exists in configs/paper.
+                    let config = root.join(format!(
+                        "configs/paper/{dataset}_split{fold}_{backbone}_{variant}.yaml"
+                    ));
+                    assert!(config.is_file(), "{}", config.display());
+                    for shot in [1, 5] {
+                        let name =
+                            format!(": {dataset}/split{fold}/{backbone}/{shot}shot/{variant}");
+                        assert_eq!(
+                            runs.iter().filter(|l| l.ends_with(&name)).count(),
+                            1,
+                            "{name}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        text.contains("paper/coco_split3_vgg16_svf.yaml --set shot=5"),
+        "{text}"
+    );
+    assert_eq!(text.matches("--protocol paper").count(), 64, "{text}");
+    // --only keeps the matching subset.
+    let output = run_script(&["--dry-run", "--only", "pascal/split2/resnet50"]);
+    let text = String::from_utf8(output.stdout).unwrap();
+    let runs: Vec<&str> = text.lines().filter(|l| l.starts_with("run ")).collect();
+    assert_eq!(runs.len(), 4, "{text}");
+    assert!(
+        runs.iter().all(|l| l.contains(": pascal/split2/resnet50/")),
+        "{text}"
+    );
+}
+
+#[test]
+fn reproduce_tables_dry_run_lists_the_32_pfenet_recipe_runs() {
+    let output = run_script(&[
+        "--recipe",
+        "pfenet",
+        "--dry-run",
+        "--out",
+        "/nonexistent/tables",
+    ]);
     let text = String::from_utf8(output.stdout).unwrap();
     let runs: Vec<&str> = text.lines().filter(|l| l.starts_with("run ")).collect();
     assert_eq!(runs.len(), 32, "{text}");
@@ -223,6 +276,8 @@ fn reproduce_tables_on_synthetic_data_fills_every_cell() {
     .unwrap();
     let out = dir.join("out");
     let args = [
+        "--recipe",
+        "pfenet",
         "--out",
         out.to_str().unwrap(),
         "--config-dir",
@@ -273,6 +328,76 @@ fn reproduce_tables_on_synthetic_data_fills_every_cell() {
     let again = run_script(&args);
     let log = String::from_utf8_lossy(&again.stdout);
     assert_eq!(log.matches("eval.json exists, skipped").count(), 2, "{log}");
+}
+
+#[test]
+fn reproduce_tables_runs_one_paper_cell_into_the_report() {
+    let dir = scratch("paper-cell");
+    let configs = dir.join("configs");
+    std::fs::create_dir_all(&configs).unwrap();
+    // BAM's filter drops the images with novel objects: more images than the shared dataset's
+    // 60 keep two of every training class.
+    let data = dir.join("data");
+    let (train_list, val_list) = svf::data::synth::write_dataset(
+        &data,
+        &svf::data::synth::SynthOptions {
+            train_images: 160,
+            val_images: 60,
+            size: 112,
+            seed: 7,
+        },
+    )
+    .unwrap();
+    // A paper-style config pair: a shared recipe file and a few lines per cell over it.
+    let recipe = Config {
+        data_root: data,
+        train_list,
+        val_list,
+        train_filter: svf::config::TrainFilter::Bam,
+        lr_schedule: svf::config::LrScheduleKind::Constant,
+        head_lr_scale: 1.0,
+        backbone_lr_scale: 0.1,
+        dilation: svf::config::DilationPattern::Torchvision,
+        ..tiny_base(&dir.join("unused"))
+    };
+    std::fs::write(configs.join("recipe.yaml"), recipe.to_yaml()).unwrap();
+    std::fs::write(
+        configs.join("pascal_split0_tiny_svf.yaml"),
+        "base: recipe.yaml\nsplit: 0\nsvf: true\n",
+    )
+    .unwrap();
+    let out = dir.join("out");
+    run_script(&[
+        "--out",
+        out.to_str().unwrap(),
+        "--config-dir",
+        configs.to_str().unwrap(),
+        "--backbones",
+        "tiny",
+        "--only",
+        "pascal/split0/tiny/1shot/svf",
+        "--episodes",
+        "4",
+        "--device",
+        "cpu",
+        "--set",
+        "epochs=1",
+        "--set",
+        "train_episodes=4",
+    ]);
+    let result =
+        eval::EvalResult::read(&out.join("pascal/split0/tiny/1shot/svf/eval.json")).unwrap();
+    // The paper's protocol: its five seeds, each evaluated.
+    assert_eq!(
+        result.seeds.iter().map(|s| s.seed).collect::<Vec<_>>(),
+        eval::PAPER_SEEDS
+    );
+    assert_eq!(result.setting.method, "PFENet†+SVF");
+    let tables = std::fs::read_to_string(out.join("tables.md")).unwrap();
+    assert!(
+        tables.contains("| PFENet†+SVF | ResNet-18 x0.125 | 1 |"),
+        "{tables}"
+    );
 }
 
 #[test]

@@ -543,3 +543,232 @@ fn demo_training_clearly_beats_the_untrained_model() {
         "svf-predict IoU {predicted:.3} vs {everything:.3} for an all-foreground mask"
     );
 }
+
+#[test]
+fn constant_schedule_gives_each_group_its_rate_from_first_to_last_iteration() {
+    use svf::config::LrScheduleKind;
+    let _rng = exclusive_torch();
+    let config = Config {
+        lr_schedule: LrScheduleKind::Constant,
+        base_lr: 0.015,
+        head_lr_scale: 1.0,
+        backbone_lr_scale: 0.1,
+        ..tiny_config("constant-lr")
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _model = PfeNet::new(&vs.root(), &config).unwrap();
+    let sgd = train::optimiser(&vs, &config);
+    let schedule = train::LrSchedule::from_config(&config, 4);
+    let (mut head, mut backbone) = (0, 0);
+    for iteration in [1, schedule.max_iter] {
+        for (name, scale) in sgd.lr_scales() {
+            let lr = schedule.lr(iteration) * scale;
+            if is_head_parameter(name) {
+                head += 1;
+                assert!((lr - 0.015).abs() < 1e-15, "{name} at {iteration}: {lr}");
+            } else {
+                backbone += 1;
+                assert!(name.ends_with("vector_S"), "{name}");
+                assert!((lr - 0.0015).abs() < 1e-15, "{name} at {iteration}: {lr}");
+            }
+        }
+    }
+    assert!(head > 0 && backbone > 0);
+    // The training loop steps with the schedule's rate: base_lr at its first and last iteration.
+    let run = Config {
+        epochs: 2,
+        ..config.clone()
+    };
+    let summary = train::train(&run, Device::Cpu, None, TrainHooks::default()).unwrap();
+    assert_eq!(summary.state.iteration, 8);
+    assert_eq!(summary.state.lr, 0.015);
+    let rates: Vec<(u64, f64)> = read_metrics(&run.save_path.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r {
+            MetricsRecord::Train { iteration, lr, .. } => Some((iteration, lr)),
+            MetricsRecord::Val { .. } => None,
+        })
+        .collect();
+    assert_eq!(rates.first(), Some(&(1, 0.015)));
+    assert_eq!(rates.last(), Some(&(8, 0.015)));
+    // PFENet's recipe (the default) decays to zero by the last iteration instead.
+    let poly = train::LrSchedule::from_config(&tiny_config("poly-lr"), 4);
+    assert_eq!(poly.lr(poly.max_iter), 0.0);
+}
+
+#[test]
+fn paper_configs_encode_the_recipe() {
+    use svf::config::{DilationPattern, LrScheduleKind, TrainFilter};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/paper");
+    let mut cells = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.contains("_split") {
+            continue;
+        }
+        cells += 1;
+        let config = Config::load(&path, &[]).unwrap();
+        // Head at base_lr, vector_S at base_lr / 10: the head's rate is ten times vector_S's.
+        let head = train::lr_scale(&config, "cls.3.weight") * config.base_lr;
+        let vector_s = train::lr_scale(&config, "layer3.2.conv2.vector_S") * config.base_lr;
+        assert!(
+            (head - 10.0 * vector_s).abs() < 1e-12,
+            "{name}: {head} vs {vector_s}"
+        );
+        assert_eq!(head, 0.015, "{name}");
+        assert_eq!(config.lr_schedule, LrScheduleKind::Constant, "{name}");
+        assert_eq!(config.batch_size, 8, "{name}");
+        assert_eq!(config.weight_decay, 1e-4, "{name}");
+        assert_eq!(config.stop_interval, 75, "{name}");
+        assert_eq!(config.dilation, DilationPattern::Torchvision, "{name}");
+        assert_eq!(config.train_filter, TrainFilter::Bam, "{name}");
+        assert_eq!(config.ppm_scales, [60, 30, 15, 8], "{name}");
+        assert_eq!((config.val_freq, config.val_episodes), (1, 1000), "{name}");
+        assert!(config.fix_bn && config.shot == 1, "{name}");
+        let coco = name.starts_with("coco");
+        assert_eq!(config.use_coco, coco, "{name}");
+        assert_eq!(config.epochs, if coco { 50 } else { 200 }, "{name}");
+        assert_eq!(config.val_half_epoch, coco, "{name}");
+        assert_eq!(config.svf, name.ends_with("_svf.yaml"), "{name}");
+        assert_eq!(config.vgg, name.contains("_vgg16_"), "{name}");
+        assert_eq!(
+            name,
+            format!(
+                "{}_split{}_{}_{}.yaml",
+                if coco { "coco" } else { "pascal" },
+                config.split,
+                if config.vgg { "vgg16" } else { "resnet50" },
+                if config.svf { "svf" } else { "pfenet" }
+            )
+        );
+    }
+    assert_eq!(cells, 32);
+}
+
+/// Validation records of a run: (iteration, mid_epoch, mIoU).
+fn validations(run_dir: &Path) -> Vec<(u64, bool, f64)> {
+    read_metrics(&run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r {
+            MetricsRecord::Val {
+                iteration,
+                mid_epoch,
+                miou,
+                ..
+            } => Some((iteration, mid_epoch, miou)),
+            MetricsRecord::Train { .. } => None,
+        })
+        .collect()
+}
+
+#[test]
+fn training_stops_after_stop_interval_epochs_without_improvement_across_resume() {
+    let _rng = exclusive_torch();
+    // A rate far below float32's resolution: the weights never change, so validation never
+    // beats the untrained model's (epoch 0) and every epoch counts.
+    let frozen = |tag: &str| Config {
+        base_lr: 1e-30,
+        val_freq: 1,
+        val_episodes: 4,
+        stop_interval: 2,
+        epochs: 6,
+        ..tiny_config(tag)
+    };
+    let straight = frozen("stop-straight");
+    let summary = train::train(&straight, Device::Cpu, None, TrainHooks::default()).unwrap();
+    assert!(summary.stopped_early && !summary.interrupted);
+    assert_eq!(summary.state.iteration, 2 * 4, "stops after epoch 2 of 6");
+    assert_eq!(summary.state.best_epoch, Some(0));
+    assert_eq!(summary.state.epochs_without_improvement, 2);
+    let epochs: Vec<u64> = validations(&straight.save_path)
+        .iter()
+        .map(|v| v.0)
+        .collect();
+    assert_eq!(epochs, [0, 4, 8]);
+
+    // Interrupted in epoch 2 with one epoch counted: the resumed run keeps counting from 1 and
+    // stops after epoch 2 too, not after epoch 3.
+    let split = frozen("stop-split");
+    let hooks = TrainHooks {
+        stop_after: Some(6),
+        ..TrainHooks::default()
+    };
+    let first = train::train(&split, Device::Cpu, None, hooks).unwrap();
+    assert!(first.interrupted);
+    assert_eq!(first.state.epochs_without_improvement, 1);
+    let saved: checkpoint::Checkpoint<train::TrainState> =
+        checkpoint::load(&split.save_path, "last").unwrap();
+    assert_eq!(saved.state.epochs_without_improvement, 1);
+    let resumed = train::train(
+        &split,
+        Device::Cpu,
+        Some(&split.save_path),
+        TrainHooks::default(),
+    )
+    .unwrap();
+    assert!(resumed.stopped_early);
+    assert_eq!(resumed.state.iteration, 8);
+    // Resuming a run that stopped early trains nothing more.
+    let again = train::train(
+        &split,
+        Device::Cpu,
+        Some(&split.save_path),
+        TrainHooks::default(),
+    )
+    .unwrap();
+    assert!(again.stopped_early);
+    assert_eq!(again.state.iteration, 8);
+    assert_eq!(validations(&split.save_path).len(), 3);
+}
+
+#[test]
+fn half_epoch_validation_keeps_one_best_across_both_points() {
+    let _rng = exclusive_torch();
+    let config = Config {
+        val_freq: 1,
+        val_episodes: 4,
+        val_half_epoch: true,
+        epochs: 2,
+        ..tiny_config("half-epoch")
+    };
+    let summary = train::train(&config, Device::Cpu, None, TrainHooks::default()).unwrap();
+    assert_eq!(summary.state.iteration, 8);
+    let records = validations(&config.save_path);
+    let points: Vec<(u64, bool)> = records.iter().map(|r| (r.0, r.1)).collect();
+    assert_eq!(
+        points,
+        [(0, false), (2, true), (4, false), (6, true), (8, false)]
+    );
+    // `best` is the first maximum over all five, middle ones included.
+    let (best_iteration, _, best_miou) = records
+        .iter()
+        .copied()
+        .reduce(|best, r| if r.2 > best.2 { r } else { best })
+        .unwrap();
+    let best: checkpoint::Checkpoint<train::TrainState> =
+        checkpoint::load(&config.save_path, "best").unwrap();
+    assert_eq!(best.state.iteration, best_iteration);
+    assert_eq!(best.state.best_miou, Some(best_miou));
+
+    // Stopped right after a middle validation and resumed: no validation repeated or skipped.
+    let split = Config {
+        save_path: scratch("half-epoch-split"),
+        ..config
+    };
+    let hooks = TrainHooks {
+        stop_after: Some(2),
+        ..TrainHooks::default()
+    };
+    train::train(&split, Device::Cpu, None, hooks).unwrap();
+    train::train(
+        &split,
+        Device::Cpu,
+        Some(&split.save_path),
+        TrainHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(validations(&split.save_path), records);
+}

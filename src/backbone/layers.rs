@@ -189,6 +189,15 @@ impl Conv2d {
         }
     }
 
+    /// Stride, padding and dilation (of `conv_V` in SVD form; `conv_U` is always plain).
+    #[cfg(test)]
+    pub(crate) fn geometry(&self) -> ConvGeometry {
+        match self {
+            Conv2d::Full { geometry, .. } => *geometry,
+            Conv2d::Svd(svd) => svd.geometry,
+        }
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             Conv2d::Full {
@@ -308,6 +317,15 @@ impl<'a> Sequential<'a> {
 }
 
 impl Stage {
+    /// The residual blocks of the stage, in order (none in a stem or VGG stage).
+    #[cfg(test)]
+    pub(crate) fn blocks(&self) -> impl Iterator<Item = &ResidualBlock> {
+        self.units.iter().filter_map(|unit| match unit {
+            Unit::Block(block) => Some(block),
+            _ => None,
+        })
+    }
+
     pub(crate) fn forward(&self, x: &Tensor, bn_train: bool) -> Tensor {
         let mut h = x.shallow_clone();
         for unit in &self.units {

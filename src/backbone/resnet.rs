@@ -1,7 +1,12 @@
-//! PSPNet's deep-stem "ResNet v2" with PFENet's dilation (output stride 8): bottleneck blocks
-//! for ResNet-50/101, basic blocks for the small ResNet-18/34 used by tests and the CPU demo.
+//! PSPNet's deep-stem "ResNet v2" with PFENet's or torchvision's dilation (output stride 8):
+//! bottleneck blocks for ResNet-50/101, basic blocks for the small ResNet-18/34 used by tests and
+//! the CPU demo.
 
 use tch::Tensor;
+
+use crate::config::DilationPattern;
+#[cfg(test)]
+use crate::svf::ConvGeometry;
 
 use super::layers::{BatchNorm2d, Conv2d, ConvSpec, Scope, Sequential, Stage, Unit};
 
@@ -64,6 +69,18 @@ impl ResidualBlock {
         ResidualBlock { convs, downsample }
     }
 
+    /// The geometry of the block's main-path convolutions (`conv1`, `conv2`, ...) in order.
+    #[cfg(test)]
+    pub(crate) fn conv_geometries(&self) -> Vec<ConvGeometry> {
+        self.convs.iter().map(|(conv, _)| conv.geometry()).collect()
+    }
+
+    /// The shortcut convolution's geometry, when the block has one.
+    #[cfg(test)]
+    pub(crate) fn downsample_geometry(&self) -> Option<ConvGeometry> {
+        self.downsample.as_ref().map(|(conv, _)| conv.geometry())
+    }
+
     pub(crate) fn forward(&self, x: &Tensor, bn_train: bool) -> Tensor {
         let mut h = x.shallow_clone();
         let last = self.convs.len() - 1;
@@ -86,8 +103,27 @@ pub(crate) fn scaled(channels: i64, width: f64) -> i64 {
     ((channels as f64 * width).round() as i64).max(4)
 }
 
+/// The dilation of block `block` of stage `index` (0 = layer1 .. 3 = layer4) under `pattern`.
+/// Only layer3 and layer4 dilate; they keep the resolution instead of downsampling.
+pub(crate) fn block_dilation(pattern: DilationPattern, index: usize, block: usize) -> i64 {
+    let stage = [1, 1, 2, 4][index];
+    match pattern {
+        // PFENet's loop over `layer3.named_modules()` dilates every block, the first included.
+        DilationPattern::Pfenet => stage,
+        // torchvision's `_make_layer(dilate=True)`: the first block runs at the previous stage's
+        // dilation (layer3: 1, layer4: 2), its stride becoming 1.
+        DilationPattern::Torchvision if block == 0 => [1, 1, 1, 2][index],
+        DilationPattern::Torchvision => stage,
+    }
+}
+
 /// layer0..layer4 and their output channels.
-pub(crate) fn build(scope: &Scope, layout: ResNetLayout, width: f64) -> (Vec<Stage>, [i64; 5]) {
+pub(crate) fn build(
+    scope: &Scope,
+    layout: ResNetLayout,
+    width: f64,
+    pattern: DilationPattern,
+) -> (Vec<Stage>, [i64; 5]) {
     let (c64, c128) = (scaled(64, width), scaled(128, width));
     let mut stem = Sequential::new(scope.sub("layer0"));
     stem.conv_bn_relu(ConvSpec::new(3, c64, 3).stride(2));
@@ -105,12 +141,12 @@ pub(crate) fn build(scope: &Scope, layout: ResNetLayout, width: f64) -> (Vec<Sta
     for (index, blocks) in layout.blocks.iter().enumerate() {
         let planes = scaled(64 << index, width);
         let out = planes * layout.expansion();
-        // PFENet's change: layer3/layer4 keep the resolution and dilate their 3×3 convs instead
-        // (every block, the first included); only layer2 still downsamples.
+        // layer3/layer4 keep the resolution and dilate their 3×3 convs instead (see
+        // `block_dilation`); only layer2 still downsamples.
         let stride = if index == 1 { 2 } else { 1 };
-        let dilation = [1, 1, 2, 4][index];
         let mut stage = Sequential::new(scope.sub(format!("layer{}", index + 1)));
         for block in 0..*blocks {
+            let dilation = block_dilation(pattern, index, block);
             let (block_in, block_stride) = if block == 0 {
                 (in_channels, stride)
             } else {

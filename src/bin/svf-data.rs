@@ -1,4 +1,5 @@
-//! `svf-data`: writes a synthetic PASCAL-layout dataset, or checks a dataset before training.
+//! `svf-data`: writes a synthetic PASCAL-layout dataset, checks a dataset before training, or
+//! exports the fold lists in BAM's formats.
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -42,6 +43,16 @@ enum Command {
     Check {
         #[command(flatten)]
         config: ConfigArgs,
+    },
+    /// Write every fold's lists in BAM's formats (OUT/{train,val}/data_list_{fold}.txt and
+    /// sub_class_file_list_{fold}.txt): training images under the config's `train_filter`,
+    /// validation under PFENet's rule. Either file works as train_list / val_list.
+    Lists {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -98,6 +109,19 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
             println!("dataset OK");
+        }
+        Command::Lists { config: args, out } => {
+            let config = args.load()?;
+            for lists in svf::data::write_bam_fold_lists(&config, &out)? {
+                println!(
+                    "{} fold {}: {} images -> {}, {}",
+                    lists.split.name(),
+                    lists.fold,
+                    lists.images,
+                    lists.data_list.display(),
+                    lists.sub_class_list.display()
+                );
+            }
         }
     }
     Ok(())

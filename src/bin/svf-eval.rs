@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use svf::cli::{ConfigArgs, RuntimeArgs, WeightsArgs};
-use svf::eval::{self, EvalOptions};
+use svf::eval::{self, EvalOptions, Protocol};
 
 /// Evaluate a trained few-shot segmentation model on the novel classes of a fold.
 #[derive(Parser, Debug)]
@@ -15,10 +15,15 @@ struct Cli {
     runtime: RuntimeArgs,
     #[command(flatten)]
     weights: WeightsArgs,
-    /// Episodes per seed [default: 1000 for PASCAL-5i, 4000 for COCO-20i].
+    /// pfenet: one seed (the config's manual_seed), 1000 episodes for PASCAL-5i and 4000 for
+    /// COCO-20i. paper: the SVF paper's test, 1000 episodes for each of the seeds 510, 365, 382,
+    /// 322, 988, mean and per-seed results.
+    #[arg(long, value_enum, default_value_t = Protocol::Pfenet)]
+    protocol: Protocol,
+    /// Episodes per seed [default: the protocol's].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     episodes: Option<u64>,
-    /// Seeds, comma-separated; one evaluation each [default: the config's manual_seed].
+    /// Seeds, comma-separated; one evaluation each [default: the protocol's].
     #[arg(long, value_delimiter = ',', conflicts_with = "master_seed")]
     seeds: Vec<u64>,
     /// BAM's protocol: draw --seed-count seeds from this master seed (BAM: 5 from 123).
@@ -46,6 +51,9 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if cli.protocol == Protocol::Paper && (!cli.seeds.is_empty() || cli.master_seed.is_some()) {
+        anyhow::bail!("--protocol paper fixes the seeds (510, 365, 382, 322, 988); drop --seeds / --master-seed, or use --protocol pfenet with them");
+    }
     // --shot and --workers are config keys: validated as the file's values are.
     let config = cli.config.load_with(&[
         ("shot", cli.shot.map(|s| s.to_string())),
@@ -55,7 +63,7 @@ fn main() -> anyhow::Result<()> {
     svf::logging::init(cli.runtime.verbose, Some(&out))?;
     let device = cli.runtime.start()?;
 
-    let mut options = EvalOptions::for_test(&config);
+    let mut options = EvalOptions::for_protocol(&config, cli.protocol);
     if let Some(episodes) = cli.episodes {
         options.episodes = episodes;
     }

@@ -57,6 +57,12 @@ fn main() -> anyhow::Result<()> {
             summary.run_dir.display()
         );
     } else {
+        if summary.stopped_early {
+            println!(
+                "stopped early: {} epochs without a new best validation mIoU (stop_interval {})",
+                state.epochs_without_improvement, config.stop_interval
+            );
+        }
         println!(
             "trained {} epochs ({} iterations, {:.2} episodes/s); mIoU untrained {} -> best {} (epoch {}); checkpoints in {}",
             state.epochs_done(),

@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 
 use super::classes::FoldClasses;
 use super::index::{ClassIndex, MIN_CLASS_PIXELS};
+use super::lists::{format_data_list, format_sub_class_list, ListEntry};
 use super::raster::{read_image, read_label, LabelMap, RgbImage};
 use super::sampler::EpisodeDraw;
 use super::transform::{val_resize, TrainTransform};
 use super::DataError;
-use crate::config::Config;
+use crate::config::{Config, TrainFilter};
 
 /// Training episodes (the fold's training classes, augmented) or validation episodes (its novel
 /// classes, resized only).
@@ -26,6 +27,43 @@ impl Split {
             Split::Val => "val",
         }
     }
+}
+
+/// One split of one fold written by [`write_bam_fold_lists`].
+#[derive(Debug, Clone)]
+pub struct ExportedLists {
+    pub split: Split,
+    pub fold: usize,
+    /// Query images (lines of the data list).
+    pub images: usize,
+    pub data_list: PathBuf,
+    pub sub_class_list: PathBuf,
+}
+
+/// Writes BAM's lists of every fold (0..=3) of `config`'s dataset, as BAM's `fss_list` folder
+/// holds them: `dir/train/` under `train_filter`, `dir/val/` under PFENet's rule (what validation
+/// uses). Each list is indexed once; the folds are derived from the index.
+pub fn write_bam_fold_lists(config: &Config, dir: &Path) -> Result<Vec<ExportedLists>, DataError> {
+    let mut written = Vec::new();
+    for split in [Split::Train, Split::Val] {
+        for fold in 0..4 {
+            let config = Config {
+                split: fold,
+                ..config.clone()
+            };
+            let dataset = FewShotDataset::open_lists(&config, split)?;
+            let (data_list, sub_class_list) =
+                dataset.write_bam_lists(&config.data_root, &dir.join(split.name()), fold)?;
+            written.push(ExportedLists {
+                split,
+                fold,
+                images: dataset.query_count(),
+                data_list,
+                sub_class_list,
+            });
+        }
+    }
+    Ok(written)
 }
 
 /// A query candidate: an image with at least one eligible class of the split.
@@ -83,6 +121,21 @@ impl FewShotDataset {
     /// lists of the fold. Fails early, naming the class, when a class of the split has fewer than
     /// `shot + 1` eligible images (the reference would loop forever drawing supports).
     pub fn open(config: &Config, split: Split) -> Result<FewShotDataset, DataError> {
+        let dataset = FewShotDataset::open_lists(config, split)?;
+        dataset.check_support_counts()?;
+        tracing::info!(
+            split = split.name(),
+            list = %dataset.list.display(),
+            queries = dataset.items.len(),
+            classes = ?dataset.classes,
+            "few-shot dataset ready"
+        );
+        Ok(dataset)
+    }
+
+    /// [`FewShotDataset::open`] without the support-count check: the fold's lists as they are,
+    /// e.g. to export them.
+    pub fn open_lists(config: &Config, split: Split) -> Result<FewShotDataset, DataError> {
         let (list, key) = match split {
             Split::Train => (&config.train_list, "train_list"),
             Split::Val => (&config.val_list, "val_list"),
@@ -95,11 +148,38 @@ impl FewShotDataset {
             Split::Train => fold.train,
             Split::Val => fold.novel,
         };
+        // A sub_class_file_list names its fold's classes: another fold's would mix novel objects
+        // into training (or base classes into validation) without any other sign.
+        if let Some(&(class, line)) = index
+            .listed_classes
+            .iter()
+            .find(|(c, _)| !classes.contains(c))
+        {
+            let kind = match split {
+                Split::Train => "training",
+                Split::Val => "novel",
+            };
+            return Err(DataError::ListLine {
+                path: list.to_path_buf(),
+                line,
+                message: format!(
+                    "class {class} is not a {kind} class of fold {} ({classes:?}); this sub_class_file_list belongs to another fold or split: use `{}/sub_class_file_list_{}.txt` of BAM's lists or change `split`",
+                    config.split,
+                    split.name(),
+                    config.split
+                ),
+            });
+        }
         let transform = match split {
             Split::Train => EpisodeTransform::Train(TrainTransform::from_config(config)),
             Split::Val => EpisodeTransform::Val {
                 size: config.val_size as usize,
             },
+        };
+        // Validation keeps PFENet's rule under both filters, as BAM does.
+        let filter = match split {
+            Split::Train => config.train_filter,
+            Split::Val => TrainFilter::Pfenet,
         };
         let mut dataset = FewShotDataset::from_index(
             &index,
@@ -107,35 +187,42 @@ impl FewShotDataset {
             list,
             split,
             classes,
+            filter,
             config.shot,
             transform,
-        )?;
+        );
         if let (Split::Train, Some(episodes)) = (split, config.train_episodes) {
             dataset.episodes_per_epoch = episodes;
         }
-        tracing::info!(
-            split = split.name(),
-            list = %list.display(),
-            queries = dataset.items.len(),
-            classes = ?dataset.classes,
-            "few-shot dataset ready"
-        );
         Ok(dataset)
     }
 
+    /// The query and support lists of `classes` under `filter` (REFERENCE §4 and §8).
+    #[allow(clippy::too_many_arguments)]
     fn from_index(
         index: &ClassIndex,
         data_root: &Path,
         list: &Path,
         split: Split,
         classes: Vec<usize>,
+        filter: TrainFilter,
         shot: usize,
         transform: EpisodeTransform,
-    ) -> Result<FewShotDataset, DataError> {
+    ) -> FewShotDataset {
         let mut items = Vec::new();
         let mut class_items: BTreeMap<usize, Vec<usize>> =
             classes.iter().map(|&c| (c, Vec::new())).collect();
         for record in &index.items {
+            // BAM's filter intersection: any other class in the label, whatever its size, drops
+            // the image, so novel objects never appear (as background) in training.
+            if filter == TrainFilter::Bam
+                && record
+                    .class_pixels
+                    .iter()
+                    .any(|&(c, _)| !classes.contains(&(c as usize)))
+            {
+                continue;
+            }
             let eligible: Vec<usize> = classes
                 .iter()
                 .copied()
@@ -160,18 +247,7 @@ impl FewShotDataset {
                     .collect(),
             });
         }
-        if let Some((&class, found)) = class_items.iter().find(|(_, v)| v.len() < shot + 1) {
-            return Err(DataError::TooFewImages {
-                class,
-                found: found.len(),
-                needed: shot + 1,
-                min_pixels: MIN_CLASS_PIXELS,
-                list: list.to_path_buf(),
-                split: split.name(),
-                shot,
-            });
-        }
-        Ok(FewShotDataset {
+        FewShotDataset {
             split,
             list: list.to_path_buf(),
             classes,
@@ -180,7 +256,74 @@ impl FewShotDataset {
             class_items,
             shot,
             transform,
-        })
+        }
+    }
+
+    /// Fails, naming the class, when a class has fewer than `shot + 1` eligible images.
+    fn check_support_counts(&self) -> Result<(), DataError> {
+        let shot = self.shot;
+        match self.class_items.iter().find(|(_, v)| v.len() < shot + 1) {
+            Some((&class, found)) => Err(DataError::TooFewImages {
+                class,
+                found: found.len(),
+                needed: shot + 1,
+                min_pixels: MIN_CLASS_PIXELS,
+                list: self.list.clone(),
+                split: self.split.name(),
+                shot,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The query list as list entries relative to `data_root` (as the list file wrote them).
+    fn entry(&self, item: usize, data_root: &Path) -> ListEntry {
+        let relative = |path: &Path| {
+            path.strip_prefix(data_root)
+                .unwrap_or(path)
+                .to_string_lossy()
+                .into_owned()
+        };
+        ListEntry {
+            image: relative(&self.items[item].image),
+            label: relative(&self.items[item].label),
+        }
+    }
+
+    /// Writes the split's lists in BAM's formats into `dir`: `data_list_{fold}.txt` (the query
+    /// images) and `sub_class_file_list_{fold}.txt` (each class's support images), with paths
+    /// relative to `data_root`. Returns the two files.
+    pub fn write_bam_lists(
+        &self,
+        data_root: &Path,
+        dir: &Path,
+        fold: usize,
+    ) -> Result<(PathBuf, PathBuf), DataError> {
+        let entries: Vec<ListEntry> = (0..self.items.len())
+            .map(|i| self.entry(i, data_root))
+            .collect();
+        let classes: BTreeMap<usize, Vec<ListEntry>> = self
+            .class_items
+            .iter()
+            .map(|(&class, items)| (class, items.iter().map(|&i| entries[i].clone()).collect()))
+            .collect();
+        let write = |name: String, text: String| {
+            let path = dir.join(name);
+            std::fs::create_dir_all(dir)
+                .and_then(|()| std::fs::write(&path, text))
+                .map_err(|source| DataError::Write {
+                    path: path.clone(),
+                    source,
+                })?;
+            Ok(path)
+        };
+        Ok((
+            write(format!("data_list_{fold}.txt"), format_data_list(&entries))?,
+            write(
+                format!("sub_class_file_list_{fold}.txt"),
+                format_sub_class_list(&classes),
+            )?,
+        ))
     }
 
     pub fn split(&self) -> Split {

@@ -5,6 +5,10 @@
 //! one file per list (`<list name>-<hash of its path>.json`). Each record is keyed by the size and
 //! modification time of its image and label: a changed list simply looks up other records, and a
 //! changed file is read again; only stale records are rebuilt.
+//!
+//! The cache holds only facts about the files (classes and pixel counts per label), never a
+//! derived list: which images a fold keeps (`train_filter`, the 2048-pixel rule) is computed from
+//! the index on every start, so changing a rule or a fold cannot reuse a list built for another.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +17,7 @@ use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 
-use super::lists::{read_list, ListEntry};
+use super::lists::{read_list_file, ClassClaim, ListEntry};
 use super::raster::{read_image_size, read_label};
 use super::DataError;
 
@@ -137,6 +141,8 @@ fn cache_name(list: &Path) -> String {
 pub struct ClassIndex {
     /// One record per list entry, in list order.
     pub items: Vec<IndexedItem>,
+    /// A `sub_class_file_list`'s classes with their lines (empty for the line format).
+    pub listed_classes: Vec<(usize, usize)>,
 }
 
 impl ClassIndex {
@@ -149,7 +155,8 @@ impl ClassIndex {
         cache_dirs: &[PathBuf],
         threads: usize,
     ) -> Result<ClassIndex, DataError> {
-        let entries = read_list(list, list_key)?;
+        let file = read_list_file(list, list_key)?;
+        let entries = file.entries;
         let list_id = std::fs::canonicalize(list).unwrap_or_else(|_| list.to_path_buf());
         let name = cache_name(&list_id);
         let cached: HashMap<(String, String), IndexedItem> = cache_dirs
@@ -176,9 +183,12 @@ impl ClassIndex {
             entries.iter().map(fresh).collect::<Result<_, _>>()?;
         let stale: Vec<usize> = (0..items.len()).filter(|&i| items[i].is_none()).collect();
         if stale.is_empty() {
-            return Ok(ClassIndex {
+            let index = ClassIndex {
                 items: items.into_iter().flatten().collect(),
-            });
+                listed_classes: file.classes,
+            };
+            index.check_claims(&file.claims, list)?;
+            return Ok(index);
         }
         tracing::info!(
             list = %list.display(),
@@ -194,9 +204,35 @@ impl ClassIndex {
         }
         let index = ClassIndex {
             items: items.into_iter().flatten().collect(),
+            listed_classes: file.classes,
         };
         index.write_cache(&list_id, &name, cache_dirs);
+        index.check_claims(&file.claims, list)?;
         Ok(index)
+    }
+
+    /// Checks a `sub_class_file_list`'s claims: BAM lists an image under a class only where the
+    /// class covers at least [`MIN_CLASS_PIXELS`] pixels, so anything else means the list belongs
+    /// to other labels (another dataset version, fold or rule).
+    fn check_claims(&self, claims: &[ClassClaim], list: &Path) -> Result<(), DataError> {
+        for claim in claims {
+            let item = &self.items[claim.entry];
+            if !item.is_eligible(claim.class) {
+                return Err(DataError::ListLine {
+                    path: list.to_path_buf(),
+                    line: claim.line,
+                    message: format!(
+                        "class {} lists ({}, {}), but that label has {} pixels of class {}, fewer than the {MIN_CLASS_PIXELS} a class's list requires; the list does not belong to these labels (regenerate it with `svf-data lists`)",
+                        claim.class,
+                        item.image,
+                        item.label,
+                        item.pixels(claim.class),
+                        claim.class
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn write_cache(&self, list_id: &Path, name: &str, cache_dirs: &[PathBuf]) {

@@ -20,11 +20,12 @@ pub enum MetricsRecord {
         loss: f64,
         main_loss: f64,
         aux_loss: f64,
-        /// The base learning rate (the head's is `head_lr_scale` times this).
+        /// The base learning rate (each group's is its `*_lr_scale` times this).
         lr: f64,
         episodes_per_second: f64,
     },
-    /// A validation on the novel classes after `epoch` epochs (0 = before training).
+    /// A validation on the novel classes after `epoch` epochs (0 = before training), or with
+    /// `mid_epoch` in the middle of epoch `epoch` (1-based; `val_half_epoch`).
     Val {
         epoch: usize,
         iteration: u64,
@@ -32,6 +33,8 @@ pub enum MetricsRecord {
         fb_iou: f64,
         /// Whether this became the best checkpoint.
         best: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        mid_epoch: bool,
     },
 }
 
@@ -106,10 +109,13 @@ pub fn write_curves(records: &[MetricsRecord], path: &Path) -> Result<(), PlotEr
                 epoch,
                 miou: m,
                 fb_iou: f,
+                mid_epoch,
                 ..
             } => {
-                miou.push((epoch as f64, 100.0 * m));
-                fb_iou.push((epoch as f64, 100.0 * f));
+                // A mid-epoch validation's `epoch` is the (1-based) epoch in progress.
+                let x = epoch as f64 - if mid_epoch { 0.5 } else { 0.0 };
+                miou.push((x, 100.0 * m));
+                fb_iou.push((x, 100.0 * f));
             }
         }
     }

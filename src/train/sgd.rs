@@ -51,6 +51,13 @@ impl Sgd {
         }
     }
 
+    /// Each parameter's name and LR multiplier, in the optimiser's order.
+    pub fn lr_scales(&self) -> impl Iterator<Item = (&str, f64)> {
+        self.parameters
+            .iter()
+            .map(|p| (p.name.as_str(), p.lr_scale))
+    }
+
     /// Zeroes the accumulated gradients.
     pub fn zero_grad(&mut self) {
         for parameter in &mut self.parameters {
