@@ -3,30 +3,18 @@
 //! `svf-decompose` command and a cross-check against PyTorch.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 mod common;
 
-use common::scratch;
+use common::{scratch, venv_python};
 use svf::backbone::{self, Backbone, BackboneError};
 use svf::config::Config;
 use svf::svf::{decompose_conv, ConvGeometry, SvdConv2d, SvfOptions};
 use tch::{nn, Device, Kind, Tensor};
 
 const CPU_F32: (Kind, Device) = (Kind::Float, Device::Cpu);
-
-/// The python of the venv whose torch `.libtorch` links to (scripts/setup-libtorch.sh installs it
-/// as `<venv>/lib/python3.X/site-packages/torch`, wherever `SVF_CACHE_DIR` or `HOME` put it); `None`
-/// when `.libtorch` is a libtorch of the user's own (`SVF_LIBTORCH`).
-fn venv_python() -> Option<PathBuf> {
-    let torch = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(".libtorch")
-        .canonicalize()
-        .ok()?;
-    let python = torch.ancestors().nth(4)?.join("bin/python");
-    python.exists().then_some(python)
-}
 
 /// max |a − b| / max |b|.
 fn rel_max_err(a: &Tensor, b: &Tensor) -> f64 {

@@ -58,6 +58,38 @@ pub fn tiny_config(save_path: PathBuf) -> Config {
     }
 }
 
+/// The python of the venv whose torch `.libtorch` links to (scripts/setup-libtorch.sh installs it
+/// as `<venv>/lib/python3.X/site-packages/torch`, wherever `SVF_CACHE_DIR` or `HOME` put it); `None`
+/// when `.libtorch` is a libtorch of the user's own (`SVF_LIBTORCH`).
+pub fn venv_python() -> Option<PathBuf> {
+    let torch = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".libtorch")
+        .canonicalize()
+        .ok()?;
+    let python = torch.ancestors().nth(4)?.join("bin/python");
+    python.exists().then_some(python)
+}
+
+/// The venv's python with `modules` importable, for cross-checks against reference tools. A
+/// missing tool fails the test (a cross-check that skips proves nothing): scripts/test.sh installs
+/// them.
+pub fn python_with(modules: &[&str]) -> PathBuf {
+    let python = venv_python().expect(
+        "no venv python behind .libtorch: run scripts/setup-libtorch.sh (or scripts/test.sh)",
+    );
+    let imports = format!("import {}", modules.join(", "));
+    let status = std::process::Command::new(&python)
+        .args(["-c", &imports])
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "{} cannot `{imports}`: run scripts/test.sh, which installs them into the venv",
+        python.display()
+    );
+    python
+}
+
 /// Runs `command` to completion and returns its output, failing the test with the command's
 /// stderr when it exits unsuccessfully.
 pub fn run_ok(command: &mut std::process::Command) -> std::process::Output {
