@@ -75,6 +75,10 @@ pub struct WrittenList {
     pub images_per_class: Vec<usize>,
 }
 
+/// Skipped files listed one per line in the summary; a wrong input folder would otherwise print
+/// one line per image.
+const SKIPPED_SHOWN: usize = 100;
+
 /// What a `prepare` run did.
 #[derive(Debug, Clone, Default)]
 pub struct PrepareSummary {
@@ -111,8 +115,15 @@ impl fmt::Display for PrepareSummary {
         }
         if !self.skipped.is_empty() {
             writeln!(f, "{} file(s) skipped:", self.skipped.len())?;
-            for s in &self.skipped {
+            for s in self.skipped.iter().take(SKIPPED_SHOWN) {
                 writeln!(f, "  {}: {}", s.path.display(), s.reason)?;
+            }
+            if self.skipped.len() > SKIPPED_SHOWN {
+                writeln!(
+                    f,
+                    "  … and {} more (a wrong folder? check the first ones)",
+                    self.skipped.len() - SKIPPED_SHOWN
+                )?;
             }
         }
         Ok(())

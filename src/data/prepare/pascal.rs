@@ -347,6 +347,43 @@ mod tests {
     }
 
     #[test]
+    fn palette_pngs_are_read_as_indices_at_any_bit_depth() {
+        let dir = std::env::temp_dir().join(format!("svf-voc-label-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let indices: Vec<u8> = vec![0, 1, 2, 3, 15, 4, 9, 0, 7, 7];
+        for (depth, bits) in [(png::BitDepth::Four, 4), (png::BitDepth::Eight, 8)] {
+            let path = dir.join(format!("{bits}.png"));
+            let mut encoder = png::Encoder::new(std::fs::File::create(&path).unwrap(), 5, 2);
+            encoder.set_color(png::ColorType::Indexed);
+            encoder.set_depth(depth);
+            encoder.set_palette(vec![9u8; 3 << bits]);
+            let packed: Vec<u8> = if bits == 4 {
+                // Rows of 5 pixels: 3 bytes each, high nibble first.
+                indices
+                    .chunks(5)
+                    .flat_map(|row| {
+                        let mut row = row.to_vec();
+                        row.push(0);
+                        row.chunks(2).map(|p| p[0] << 4 | p[1]).collect::<Vec<_>>()
+                    })
+                    .collect()
+            } else {
+                indices.clone()
+            };
+            let mut writer = encoder.write_header().unwrap();
+            writer.write_image_data(&packed).unwrap();
+            drop(writer);
+            let label = read_voc_label(&path).unwrap();
+            assert_eq!((label.height, label.width), (2, 5));
+            assert_eq!(label.data, indices, "{bits}-bit");
+        }
+        let rgb = dir.join("rgb.png");
+        image::RgbImage::new(2, 2).save(&rgb).unwrap();
+        assert!(read_voc_label(&rgb).unwrap_err().contains("not a palette"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn training_ids_follow_pfenets_merge_and_exclude_val() {
         let sbd = ids(&["a", "b", "c", "v1"]);
         let train = ids(&["b", "d", "a", "e"]);
