@@ -95,7 +95,8 @@ struct PascalFixture {
 /// in VOC train with a different (VOC) label that must win; VOC train adds voc_0, voc_1; VOC val
 /// is val_0..9 (classes 1..5 twice), and val_0 is also in the SBD list (it must not be trained
 /// on). Bad ids: a MAT-file without GTcls, a truncated MAT-file, an id without label, an id
-/// without image.
+/// without image, a VOC label with a value that is no class, a label of another size than its
+/// image.
 fn pascal_fixture(root: &Path, python: &Path) -> PascalFixture {
     let voc = root.join("VOCdevkit/VOC2012");
     let sbd = root.join("benchmark_RELEASE/dataset");
@@ -180,6 +181,13 @@ fn pascal_fixture(root: &Path, python: &Path) -> PascalFixture {
         sbd_ids.push(id.to_string());
     }
     mat("bad_noimage", &filler, false, "GTcls");
+    let mut out_of_range = drawn_label(9, 0, true, 401);
+    out_of_range.data[100] = 30;
+    write_palette_png(&voc.join("SegmentationClass/bad_values.png"), &out_of_range);
+    write_jpeg(&voc.join("JPEGImages/bad_values.jpg"), 48, 64, 401);
+    mat("bad_size", &filler, false, "GTcls");
+    write_jpeg(&voc.join("JPEGImages/bad_size.jpg"), 40, 64, 402);
+    sbd_ids.extend(["bad_values".to_string(), "bad_size".to_string()]);
     sbd_ids.insert(3, "val_0".to_string());
 
     let spec = root.join("mats.json");
@@ -288,12 +296,14 @@ fn pascal_labels_lists_and_check() {
         assert!(image.is_file(), "{} dangles", image.display());
     }
     let skipped = reasons(&summary);
-    assert_eq!(skipped.len(), 4, "{skipped:#?}");
+    assert_eq!(skipped.len(), 6, "{skipped:#?}");
     for (file, reason) in [
         ("bad_nogtcls.mat", "no variable GTcls"),
         ("bad_truncated.mat", "truncated"),
         ("bad_nolabel.mat", "no label"),
         ("bad_noimage.jpg", "image file missing"),
+        ("bad_values.png", "holds values [30]"),
+        ("bad_size.mat", "label is 64x48 but the image"),
     ] {
         assert!(
             skipped
@@ -349,11 +359,17 @@ fn pascal_rerun_keeps_finished_files_and_writes_missing_ones() {
         .flat_map(|id| [label(id), image(id)])
         .map(|p| (p.clone(), modified(&p)))
         .collect();
-    // An interrupted run's leftovers: a deleted label, a truncated one, a missing image.
+    // An interrupted run's leftovers: a deleted label (with the partial file a kill leaves), a
+    // truncated one, a missing image.
     std::fs::remove_file(label("sbd_12")).unwrap();
     let bytes = std::fs::read(label("sbd_13")).unwrap();
     std::fs::write(label("sbd_13"), &bytes[..bytes.len() / 2]).unwrap();
     std::fs::remove_file(image("voc_1")).unwrap();
+    std::fs::write(
+        out.join("SegmentationClassAug/sbd_12.png.partial"),
+        b"half a PNG",
+    )
+    .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(50));
 
     let output = run_ok(
@@ -370,7 +386,7 @@ fn pascal_rerun_keeps_finished_files_and_writes_missing_ones() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("labels: 2 written"), "{stdout}");
     assert!(stdout.contains("images: 1 placed"), "{stdout}");
-    assert!(stdout.contains("4 file(s) skipped"), "{stdout}");
+    assert!(stdout.contains("6 file(s) skipped"), "{stdout}");
     let rewritten = [label("sbd_12"), label("sbd_13"), image("voc_1")];
     for (path, stamp) in &before {
         if rewritten.contains(path) {

@@ -6,11 +6,13 @@
 //!
 //! **Masks.** Polygons are rasterised and RLEs decoded exactly as pycocotools' `annToMask` does
 //! ([`super::rle`]). Objects are painted in the order of the annotation file, so where two overlap
-//! the later one wins: that is what the label scripts behind the published COCO-20i lists do (a
-//! loop over `coco.loadAnns(coco.getAnnIds(imgIds=id))` assigning each mask's pixels), and it keeps
-//! labels identical to theirs. Crowd regions (`iscrowd: 1`, a single RLE over a group of objects)
-//! get their class by default, as in those scripts; `--crowd ignore` makes them 255 instead, since
-//! a crowd mask is coarse and covers background between the objects.
+//! the later one wins. PFENet says only that its COCO labels were made "by the default scripts
+//! provided by COCO" and does not publish them; the usual such script is a loop over
+//! `coco.loadAnns(coco.getAnnIds(imgIds=id))` assigning each `annToMask` to its class in turn,
+//! which is exactly this rule (painting large objects first would keep small ones visible, but
+//! would give labels that differ from the reference's wherever objects overlap). Crowd regions
+//! (`iscrowd: 1`, one RLE over a group of objects) get their class by default, as that loop does;
+//! `--crowd ignore` makes them 255 instead, since a crowd mask is coarse.
 //!
 //! **Lists.** `train_data_list.txt` and `val_data_list.txt` hold the images with at least one
 //! annotation, by image id: PFENet's lists (82081 train and 40137 val images); the images
