@@ -88,7 +88,7 @@ enum Prepare {
         /// Folder of the list files, as the COCO configs name it (relative to the repository).
         #[arg(long, default_value = "data/lists/coco")]
         lists: PathBuf,
-        /// What crowd regions become: their class (as the reference label scripts) or 255.
+        /// What crowd regions become: their class (as the usual pycocotools label loop) or 255.
         #[arg(long, value_enum, default_value_t = Crowd::Class)]
         crowd: Crowd,
         #[command(flatten)]

@@ -44,7 +44,7 @@ pub const VAL_LIST: &str = "val_data_list.txt";
 /// What crowd regions become.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CrowdLabel {
-    /// Their category's class, as the reference label scripts do.
+    /// Their category's class, as the usual pycocotools label loop gives them.
     #[default]
     Class,
     /// 255, ignored by the loss and the metrics.

@@ -9,7 +9,7 @@
 
 /// Pixels past this many image sizes outside the image mean a corrupt polygon: the upsampled edge
 /// walk would allocate a point per step.
-const MAX_OUTSIDE_FACTOR: f64 = 16.0;
+const MAX_OUTSIDE_FACTOR: f64 = 4.0;
 
 /// A binary mask of `height` × `width` pixels as run lengths.
 #[derive(Debug, Clone, PartialEq, Eq)]
