@@ -93,10 +93,6 @@ impl<'a> Cursor<'a> {
         Cursor { bytes, pos: 0 }
     }
 
-    fn at_end(&self) -> bool {
-        self.pos >= self.bytes.len()
-    }
-
     fn u32_at(&self, pos: usize) -> Result<u32, String> {
         let b = self
             .bytes
@@ -321,7 +317,19 @@ pub fn parse(bytes: &[u8]) -> Result<MatVariables, String> {
     }
     let mut cur = Cursor::new(&bytes[128..]);
     let mut variables = Vec::new();
-    while !cur.at_end() {
+    loop {
+        // MATLAB leaves compressed variables unpadded, other writers pad them to 8 bytes: skip
+        // zeros up to the next 8-byte boundary (a tag's first byte, its type, is never 0), and
+        // trailing zeros.
+        while cur.pos % 8 != 0 && cur.bytes.get(cur.pos) == Some(&0) {
+            cur.pos += 1;
+        }
+        if cur.bytes[cur.pos.min(cur.bytes.len())..]
+            .iter()
+            .all(|&b| b == 0)
+        {
+            break;
+        }
         let (kind, data) = cur.element()?;
         let (name, value) = match kind {
             MI_MATRIX => matrix(data, 0)?,
@@ -396,6 +404,57 @@ mod tests {
                 values: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
             }
         );
+    }
+
+    fn compressed(element: &[u8], pad: bool) -> Vec<u8> {
+        use std::io::Write;
+        let mut encoder =
+            flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(element).unwrap();
+        let data = encoder.finish().unwrap();
+        let mut out = Vec::new();
+        out.extend(MI_COMPRESSED.to_le_bytes());
+        out.extend((data.len() as u32).to_le_bytes());
+        out.extend(data);
+        if pad {
+            out.resize(out.len().div_ceil(8) * 8, 0);
+        }
+        out
+    }
+
+    #[test]
+    fn compressed_variables_padded_or_not_and_structs() {
+        // A struct s with fields a (double 1x2) and b (empty), then a compressed uint8 scalar.
+        let mut body = element(MI_UINT32, &[MX_STRUCT, 0, 0, 0, 0, 0, 0, 0]);
+        body.extend(element(MI_INT32, &[1, 0, 0, 0, 1, 0, 0, 0]));
+        body.extend(element(MI_INT8, b"s"));
+        body.extend(element(MI_INT32, &[8, 0, 0, 0]));
+        body.extend(element(MI_INT8, b"a\0\0\0\0\0\0\0b\0\0\0\0\0\0\0"));
+        let doubles: Vec<u8> = [1.5f64, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        body.extend(numeric_matrix("", MX_DOUBLE, &[1, 2], MI_DOUBLE, &doubles));
+        body.extend(element(MI_MATRIX, &[]));
+        let scalar = numeric_matrix("t", 9, &[1, 1], MI_UINT8, &[7]);
+        for pad in [false, true] {
+            let mut file = header();
+            file.extend(compressed(&element(MI_MATRIX, &body), pad));
+            file.extend(compressed(&scalar, pad));
+            let vars = parse(&file).unwrap();
+            assert_eq!(vars.len(), 2, "pad {pad}");
+            assert_eq!(
+                vars[0].1.field("a"),
+                Some(&MatValue::Numeric {
+                    dims: vec![1, 2],
+                    values: vec![1.5, -2.0]
+                })
+            );
+            assert!(
+                matches!(vars[0].1.field("b"), Some(MatValue::Numeric { values, .. }) if values.is_empty())
+            );
+            assert_eq!(vars[1].0, "t");
+        }
     }
 
     #[test]
