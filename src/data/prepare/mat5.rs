@@ -321,7 +321,7 @@ pub fn parse(bytes: &[u8]) -> Result<MatVariables, String> {
         // MATLAB leaves compressed variables unpadded, other writers pad them to 8 bytes: skip
         // zeros up to the next 8-byte boundary (a tag's first byte, its type, is never 0), and
         // trailing zeros.
-        while cur.pos % 8 != 0 && cur.bytes.get(cur.pos) == Some(&0) {
+        while !cur.pos.is_multiple_of(8) && cur.bytes.get(cur.pos) == Some(&0) {
             cur.pos += 1;
         }
         if cur.bytes[cur.pos.min(cur.bytes.len())..]
