@@ -196,9 +196,9 @@ pub(crate) fn existing_label(
     }
     let label = read_label(path).ok()?;
     let same_size = size.is_none_or(|s| s == (label.height, label.width));
-    let histogram = label.histogram();
-    let valid = (classes + 1..255).all(|v| histogram[v] == 0);
-    (same_size && valid).then_some(histogram)
+    same_size
+        .then(|| check_label_values(&label, classes).ok())
+        .flatten()
 }
 
 /// Checks a new label's values: classes 0..=`classes` and 255 only.

@@ -15,8 +15,10 @@
 //! `--crowd ignore` makes them 255 instead, since a crowd mask is coarse.
 //!
 //! **Lists.** `train_data_list.txt` and `val_data_list.txt` hold the images with at least one
-//! annotation, by image id: PFENet's lists (82081 train and 40137 val images); the images
-//! without any (702 and 367) are left out and counted in the summary.
+//! annotation, in image id order: the images of PFENet's lists (82081 train and 40137 val); the
+//! images without any (702 and 367) are left out and counted in the summary. (The published lists
+//! of PFENet's successors hold the same images in another order, and differ among themselves in
+//! the label folder's name; the order only changes which episodes a seed draws.)
 //!
 //! **Memory.** Each annotation file is read whole and deserialised into typed records (polygons as
 //! `f64`): about 1.5 GB at the peak for `instances_train2014.json` (450 MB), freed before the
