@@ -5,7 +5,8 @@
 //! fold's query images and per-class support lists ([`classes`]); the [`EpisodeSampler`] turns
 //! (seed, episode index) into a query, a class and K supports; [`transform`] augments them; the
 //! [`EpisodeLoader`] does all of it on worker threads and hands out batched tensors.
-//! [`synth`] writes a small learnable dataset, [`check`] validates a dataset before training.
+//! [`synth`] writes a small learnable dataset, [`prepare`] converts the downloaded PASCAL VOC + SBD or
+//! COCO 2014 into that layout, [`check`] validates a dataset before training.
 
 pub mod check;
 pub mod classes;
@@ -13,6 +14,7 @@ pub mod dataset;
 pub mod index;
 pub mod lists;
 pub mod loader;
+pub mod prepare;
 pub mod raster;
 pub mod rng;
 pub mod sampler;

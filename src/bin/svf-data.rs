@@ -1,10 +1,14 @@
-//! `svf-data`: writes a synthetic PASCAL-layout dataset, checks a dataset before training, or
-//! exports the fold lists in BAM's formats.
+//! `svf-data`: writes a synthetic PASCAL-layout dataset, converts the downloaded PASCAL VOC + SBD or
+//! COCO 2014 into the layout the configs read, checks a dataset before training, or exports the
+//! fold lists in BAM's formats.
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use svf::cli::ConfigArgs;
 use svf::data::check::check_dataset;
+use svf::data::prepare::coco::{prepare_coco, CocoOptions, CrowdLabel};
+use svf::data::prepare::pascal::{prepare_pascal, PascalOptions};
+use svf::data::prepare::{ImageMode, PrepareSummary};
 use svf::data::synth::{write_dataset, SynthOptions, MIN_SIZE};
 
 /// Dataset tools for few-shot segmentation.
@@ -38,6 +42,10 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Convert a downloaded dataset into the layout the shipped configs read (labels, images, lists).
+    /// Resumable: a rerun keeps finished files and writes the rest.
+    #[command(subcommand)]
+    Prepare(Prepare),
     /// Validate the dataset of a config: every file of both lists, per-class counts of the fold.
     /// Exits non-zero with one line per problem.
     Check {
@@ -54,6 +62,93 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum Prepare {
+    /// PASCAL-5i from VOC 2012 + SBD: SegmentationClassAug/, JPEGImages/ and PFENet's lists
+    /// (voc_sbd_merge_noduplicate.txt, 5953 images; val.txt, 1449).
+    Pascal {
+        /// The VOC2012 folder of VOCtrainval_11-May-2012.tar (VOCdevkit/VOC2012).
+        #[arg(long)]
+        voc: PathBuf,
+        /// The dataset folder of SBD's benchmark.tgz (benchmark_RELEASE/dataset).
+        #[arg(long)]
+        sbd: PathBuf,
+        /// SBD ids of the training list [default: SBD/train_noval.txt, from the SBD page].
+        #[arg(long)]
+        sbd_list: Option<PathBuf>,
+        /// Output folder: the `data_root` of the PASCAL configs.
+        #[arg(long, default_value = "data/VOCdevkit2012/VOC2012")]
+        out: PathBuf,
+        /// Folder of the list files, as the PASCAL configs name it (relative to the repository).
+        #[arg(long, default_value = "data/lists/pascal")]
+        lists: PathBuf,
+        #[command(flatten)]
+        common: PrepareArgs,
+    },
+    /// COCO-20i from COCO 2014: annotations/{train,val}2014/*.png and the lists
+    /// train_data_list.txt / val_data_list.txt.
+    Coco {
+        /// The COCO 2014 folder: train2014/, val2014/, annotations/instances_{train,val}2014.json.
+        #[arg(long)]
+        coco: PathBuf,
+        /// Output folder: the `data_root` of the COCO configs (may be the --coco folder itself).
+        #[arg(long, default_value = "data/MSCOCO2014")]
+        out: PathBuf,
+        /// Folder of the list files, as the COCO configs name it (relative to the repository).
+        #[arg(long, default_value = "data/lists/coco")]
+        lists: PathBuf,
+        /// What crowd regions become: their class (as the usual pycocotools label loop) or 255.
+        #[arg(long, value_enum, default_value_t = Crowd::Class)]
+        crowd: Crowd,
+        #[command(flatten)]
+        common: PrepareArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+struct PrepareArgs {
+    /// Symlink the images into the output folder (the default).
+    #[arg(long, conflicts_with = "copy")]
+    link: bool,
+    /// Copy the images instead of linking them.
+    #[arg(long)]
+    copy: bool,
+    /// Worker threads [default: one per core].
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl PrepareArgs {
+    fn images(&self) -> ImageMode {
+        if self.copy {
+            ImageMode::Copy
+        } else {
+            ImageMode::Link
+        }
+    }
+
+    fn threads(&self) -> usize {
+        self.threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum Crowd {
+    Class,
+    Ignore,
+}
+
+fn print_summary(summary: &PrepareSummary) {
+    print!("{summary}");
+    println!("# config keys:");
+    println!("data_root: {}", summary.data_root.display());
+    for (key, list) in ["train_list", "val_list"].iter().zip(&summary.lists) {
+        println!("{key}: {}", list.path.display());
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,6 +176,45 @@ fn main() -> anyhow::Result<()> {
             println!("data_root: {}", out.display());
             println!("train_list: {}", train.display());
             println!("val_list: {}", val.display());
+        }
+        Command::Prepare(Prepare::Pascal {
+            voc,
+            sbd,
+            sbd_list,
+            out,
+            lists,
+            common,
+        }) => {
+            let summary = prepare_pascal(&PascalOptions {
+                voc,
+                sbd,
+                sbd_list,
+                out,
+                lists,
+                images: common.images(),
+                threads: common.threads(),
+            })?;
+            print_summary(&summary);
+        }
+        Command::Prepare(Prepare::Coco {
+            coco,
+            out,
+            lists,
+            crowd,
+            common,
+        }) => {
+            let summary = prepare_coco(&CocoOptions {
+                coco,
+                out,
+                lists,
+                images: common.images(),
+                crowd: match crowd {
+                    Crowd::Class => CrowdLabel::Class,
+                    Crowd::Ignore => CrowdLabel::Ignore,
+                },
+                threads: common.threads(),
+            })?;
+            print_summary(&summary);
         }
         Command::Check { config: args } => {
             let config = args.load()?;

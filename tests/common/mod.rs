@@ -89,6 +89,24 @@ pub fn run_python(script: &str, args: &[&Path]) -> std::process::Output {
     run_ok(&mut command)
 }
 
+/// [`venv_python`] with `modules` importable, for cross-checks against reference tools. A
+/// missing tool fails the test (a cross-check that skips proves nothing): scripts/test.sh installs
+/// them.
+pub fn python_with(modules: &[&str]) -> PathBuf {
+    let python = venv_python();
+    let imports = format!("import {}", modules.join(", "));
+    let status = std::process::Command::new(&python)
+        .args(["-c", &imports])
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "{} cannot `{imports}`: run scripts/test.sh, which installs them into the venv",
+        python.display()
+    );
+    python
+}
+
 /// Runs `command` to completion and returns its output, failing the test with the command's
 /// stderr when it exits unsuccessfully.
 pub fn run_ok(command: &mut std::process::Command) -> std::process::Output {
