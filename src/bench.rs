@@ -17,7 +17,7 @@ use crate::amp;
 use crate::backbone::{self, Backbone, BackboneError};
 use crate::config::Config;
 use crate::data::{DataError, EpisodeLoader, FewShotDataset, Split};
-use crate::eval::{self, EvalError};
+use crate::inference::InferenceError;
 use crate::model::{ModelError, PfeNet};
 use crate::svf::{self, SvfOptions};
 use crate::train;
@@ -30,7 +30,7 @@ pub enum BenchError {
     #[error(transparent)]
     Backbone(#[from] BackboneError),
     #[error(transparent)]
-    Eval(#[from] EvalError),
+    Inference(#[from] InferenceError),
     #[error("loader benchmark: cannot load the config's dataset (data_root, train_list, val_list); only `--what loader` needs it")]
     Data(#[from] DataError),
     /// A `--size` or `--shot` that the config's rules reject.
@@ -291,7 +291,7 @@ pub struct EvalThroughput {
     pub fused_max_abs_diff: Option<f64>,
 }
 
-/// A model loaded for evaluation, with the seconds [`eval::load_model`] took.
+/// A model loaded for evaluation, with the seconds [`inference::load_model`] took.
 struct EvalModel {
     _vs: nn::VarStore,
     net: PfeNet,
@@ -306,7 +306,7 @@ impl EvalModel {
         fuse: bool,
     ) -> Result<Self, BenchError> {
         let setup = Instant::now();
-        let (vs, net) = eval::load_model(config, weights, options.device, fuse)?;
+        let (vs, net) = crate::inference::load_model(config, weights, options.device, fuse)?;
         Ok(EvalModel {
             _vs: vs,
             net,
@@ -324,7 +324,9 @@ impl EvalModel {
         shape: EpisodeShape,
     ) -> (StepThroughput, Tensor) {
         let [query, _, supports, support_labels] = episodes;
-        let logits = || eval::inference_logits(&self.net, config, query, supports, support_labels);
+        let logits = || {
+            crate::inference::inference_logits(&self.net, config, query, supports, support_labels)
+        };
         reset_peak_rss();
         let timing = Timing::measure(options, || {
             let _ = logits().argmax(1, false);
@@ -336,7 +338,7 @@ impl EvalModel {
 }
 
 /// Times one evaluation forward pass of `batch_size_val` random episodes for each shape, for the
-/// model loaded by [`eval::load_model`] without and (SVF) with fusion, from random weights
+/// model loaded by [`inference::load_model`] without and (SVF) with fusion, from random weights
 /// written to a temporary file. The models are loaded once.
 pub fn eval_throughput(
     config: &Config,
@@ -571,7 +573,7 @@ pub fn run(config: &Config, plan: &BenchPlan) -> Result<BenchReport, BenchError>
     {
         shape.apply(config)?;
     }
-    let setting = eval::EvalSetting::new(config, config.shot, 0, false);
+    let setting = crate::results::EvalSetting::new(config, config.shot, 0, false);
     let mut report = BenchReport {
         method: setting.method,
         backbone: setting.backbone,

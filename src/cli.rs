@@ -52,9 +52,9 @@ pub struct WeightsArgs {
 }
 
 impl WeightsArgs {
-    /// The weights file (see [`crate::eval::resolve_weights`]).
+    /// The weights file (see [`crate::inference::resolve_weights`]).
     pub fn resolve(&self) -> anyhow::Result<PathBuf> {
-        Ok(crate::eval::resolve_weights(&self.weights)?)
+        Ok(crate::inference::resolve_weights(&self.weights)?)
     }
 }
 

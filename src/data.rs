@@ -11,6 +11,7 @@
 pub mod check;
 pub mod classes;
 pub mod dataset;
+pub mod episode;
 pub mod index;
 pub mod lists;
 pub mod loader;
@@ -24,11 +25,10 @@ pub mod transform;
 use std::path::PathBuf;
 
 pub use classes::FoldClasses;
-pub use dataset::{
-    write_bam_fold_lists, Episode, EpisodeImage, ExportedLists, FewShotDataset, Split,
-};
+pub use dataset::{write_bam_fold_lists, ExportedLists, FewShotDataset};
+pub use episode::{Episode, EpisodeDraw, EpisodeImage, Split};
 pub use loader::{EpisodeBatch, EpisodeLoader};
-pub use sampler::{EpisodeDraw, EpisodeSampler};
+pub use sampler::EpisodeSampler;
 pub use transform::IGNORE_LABEL;
 
 /// Why data could not be read or an episode not built. Every variant names the file and the fix.

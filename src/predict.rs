@@ -2,21 +2,22 @@
 //!
 //! Images of any size go through the validation transform (longer side to `val_size`, top-left of
 //! the canvas); the logits come back to the image's own size through the same original-resolution
-//! step as the evaluation ([`crate::eval::original_resolution`]), cropped to the image.
+//! step as the evaluation ([`crate::inference::original_resolution`]), cropped to the image.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use image::{GrayImage, Luma, Rgb, RgbImage};
+use image::{GrayImage, Luma, RgbImage};
 use tch::{Device, Kind, Tensor};
 
 use crate::amp;
 use crate::config::Config;
 use crate::data::raster::{self, LabelMap};
-use crate::data::transform::{normalise_into, val_resize, IMAGENET_MEAN, IMAGENET_STD};
+use crate::data::transform::{normalise_into, val_resize};
 use crate::data::DataError;
-use crate::eval::{inference_logits, original_resolution};
+use crate::inference::{inference_logits, original_resolution};
 use crate::model::PfeNet;
+use crate::visual::{mask_image, overlay, write_png, VisualError, MASK_COLOUR};
 
 /// Why a prediction could not be made or written.
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +37,8 @@ pub enum PredictError {
     SameName(PathBuf, PathBuf),
     #[error(transparent)]
     Image(#[from] DataError),
-    #[error("cannot write {path}: {message}; check that the output directory is writable")]
-    Write { path: PathBuf, message: String },
+    #[error(transparent)]
+    Write(#[from] VisualError),
 }
 
 /// An annotated support example: an image and its object mask.
@@ -116,7 +117,7 @@ pub fn predict(
     let support_labels = Tensor::stack(&support_labels, 0)
         .unsqueeze(0)
         .to_device(device);
-    std::fs::create_dir_all(out).map_err(|e| PredictError::Write {
+    std::fs::create_dir_all(out).map_err(|e| VisualError {
         path: out.to_path_buf(),
         message: e.to_string(),
     })?;
@@ -166,43 +167,6 @@ fn network_input(image: &raster::RgbImage) -> Tensor {
     Tensor::from_slice(&data).view([3, image.height as i64, image.width as i64])
 }
 
-/// The viewable image of a normalised `[3,H,W]` tensor (the inverse of the loader's normalisation).
-pub fn denormalise(image: &Tensor) -> RgbImage {
-    let (_, h, w) = image.size3().expect("a [3,H,W] image");
-    let mean = Tensor::from_slice(&IMAGENET_MEAN).view([3, 1, 1]);
-    let std = Tensor::from_slice(&IMAGENET_STD).view([3, 1, 1]);
-    let pixels = (image.to_device(Device::Cpu).to_kind(Kind::Float) * std + mean)
-        .round()
-        .clamp(0.0, 255.0)
-        .to_kind(Kind::Uint8)
-        .permute([1, 2, 0])
-        .contiguous()
-        .view([-1]);
-    RgbImage::from_raw(
-        w as u32,
-        h as u32,
-        Vec::<u8>::try_from(&pixels).expect("u8 pixels"),
-    )
-    .expect("the buffer has h x w x 3 values")
-}
-
-/// The mask image (255 where 1, else 0) of a `[H,W]` label or prediction.
-pub fn mask_image(mask: &Tensor) -> GrayImage {
-    let (h, w) = mask.size2().expect("a [H,W] mask");
-    let values = (mask.to_device(Device::Cpu).eq(1).to_kind(Kind::Uint8) * 255)
-        .contiguous()
-        .view([-1]);
-    GrayImage::from_raw(
-        w as u32,
-        h as u32,
-        Vec::<u8>::try_from(&values).expect("u8 values"),
-    )
-    .expect("the buffer has h x w values")
-}
-
-/// Colour of masks drawn over images (cyan: rare in natural images' objects).
-pub const MASK_COLOUR: Rgb<u8> = Rgb([0, 230, 255]);
-
 /// Reads a mask PNG of any format (grey, palette, RGB, 16-bit): a pixel with any non-zero channel
 /// (alpha aside) is foreground. Returns 255 for foreground, 0 for background.
 pub fn read_mask(path: &Path) -> Result<GrayImage, PredictError> {
@@ -215,57 +179,6 @@ pub fn read_mask(path: &Path) -> Result<GrayImage, PredictError> {
         let p = rgb.get_pixel(x, y).0;
         Luma([if p.iter().any(|&c| c != 0) { 255 } else { 0 }])
     }))
-}
-
-/// Writes `image` as PNG.
-pub fn write_png<P, C>(path: &Path, image: &image::ImageBuffer<P, C>) -> Result<(), PredictError>
-where
-    P: image::PixelWithColorType,
-    [P::Subpixel]: image::EncodableLayout,
-    C: std::ops::Deref<Target = [P::Subpixel]>,
-{
-    image
-        .save_with_format(path, image::ImageFormat::Png)
-        .map_err(|e| PredictError::Write {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
-}
-
-/// `image` with the non-zero pixels of `mask` tinted half-way to `colour` and the mask's outline
-/// (foreground pixels with a background 4-neighbour) drawn in `colour`.
-pub fn overlay(image: &RgbImage, mask: &GrayImage, colour: Rgb<u8>) -> RgbImage {
-    assert_eq!(
-        image.dimensions(),
-        mask.dimensions(),
-        "image and mask sizes differ"
-    );
-    let (w, h) = mask.dimensions();
-    let inside = |x: i64, y: i64| {
-        x >= 0
-            && y >= 0
-            && x < w as i64
-            && y < h as i64
-            && mask.get_pixel(x as u32, y as u32)[0] != 0
-    };
-    RgbImage::from_fn(w, h, |x, y| {
-        let (xi, yi) = (x as i64, y as i64);
-        let pixel = *image.get_pixel(x, y);
-        if !inside(xi, yi) {
-            return pixel;
-        }
-        let edge = [(-1, 0), (1, 0), (0, -1), (0, 1)].iter().any(|(dx, dy)| {
-            let (nx, ny) = (xi + dx, yi + dy);
-            nx >= 0 && ny >= 0 && nx < w as i64 && ny < h as i64 && !inside(nx, ny)
-        });
-        if edge {
-            colour
-        } else {
-            Rgb(std::array::from_fn(|c| {
-                ((pixel[c] as u16 + colour[c] as u16) / 2) as u8
-            }))
-        }
-    })
 }
 
 #[cfg(test)]
@@ -303,28 +216,5 @@ mod tests {
         let message = read_mask(&dir.join("missing.png")).unwrap_err().to_string();
         assert!(message.contains("missing.png"), "{message}");
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn overlay_tints_inside_and_outlines_the_edge() {
-        let image = RgbImage::from_pixel(5, 5, Rgb([0, 0, 100]));
-        // A 3x3 square at (1..4, 1..4): its 8 border pixels are outline, the centre is tinted.
-        let mask = GrayImage::from_fn(5, 5, |x, y| {
-            Luma([if (1..4).contains(&x) && (1..4).contains(&y) {
-                1
-            } else {
-                0
-            }])
-        });
-        let out = overlay(&image, &mask, Rgb([200, 0, 0]));
-        assert_eq!(*out.get_pixel(0, 0), Rgb([0, 0, 100]));
-        assert_eq!(*out.get_pixel(1, 1), Rgb([200, 0, 0]));
-        assert_eq!(*out.get_pixel(3, 2), Rgb([200, 0, 0]));
-        assert_eq!(*out.get_pixel(2, 2), Rgb([100, 0, 50]));
-        // A mask touching the image border is not outlined along it.
-        let full = GrayImage::from_pixel(5, 5, Luma([255]));
-        assert!(overlay(&image, &full, Rgb([200, 0, 0]))
-            .pixels()
-            .all(|p| *p == Rgb([100, 0, 50])));
     }
 }

@@ -7,9 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use image::{Rgb, RgbImage};
-
-use crate::eval::{EvalError, EvalResult};
+use crate::results::{EvalResult, ResultError};
 
 /// Why the results could not be gathered.
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +18,7 @@ pub enum ReportError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Eval(#[from] EvalError),
+    Result(#[from] ResultError),
     #[error("no eval.json under {0}; run svf-eval (or scripts/reproduce_tables.sh) first")]
     NoResults(PathBuf),
 }
@@ -439,135 +437,11 @@ fn beside_paper(dataset: &str, rows: &Rows) -> String {
     )
 }
 
-/// Glyphs of a 5×7 bitmap font, one row per byte (bit 4 = leftmost pixel): digits, capitals and a
-/// little punctuation, enough for titles such as `CLASS 7  IOU 54.2%`. Lower case draws as upper
-/// case; anything else as `?`.
-fn glyph(c: char) -> [u8; 7] {
-    match c.to_ascii_uppercase() {
-        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
-        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
-        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
-        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
-        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
-        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
-        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
-        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
-        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-        'A' => [0x0E, 0x11, 0x11, 0x11, 0x1F, 0x11, 0x11],
-        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
-        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
-        'D' => [0x1C, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1C],
-        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
-        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
-        'G' => [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F],
-        'H' => [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
-        'K' => [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11],
-        'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
-        'M' => [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11],
-        'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
-        'O' => [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
-        'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
-        'R' => [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
-        'S' => [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E],
-        'T' => [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
-        'U' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'V' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
-        'W' => [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A],
-        'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
-        'Y' => [0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04],
-        'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
-        ' ' => [0; 7],
-        '.' => [0, 0, 0, 0, 0, 0x0C, 0x0C],
-        ',' => [0, 0, 0, 0, 0x0C, 0x04, 0x08],
-        ':' => [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0],
-        '-' => [0, 0, 0, 0x1F, 0, 0, 0],
-        '+' => [0, 0x04, 0x04, 0x1F, 0x04, 0x04, 0],
-        '=' => [0, 0, 0x1F, 0, 0x1F, 0, 0],
-        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
-        '/' => [0, 0x01, 0x02, 0x04, 0x08, 0x10, 0],
-        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
-        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
-        '_' => [0, 0, 0, 0, 0, 0, 0x1F],
-        _ => [0x0E, 0x11, 0x01, 0x02, 0x04, 0, 0x04],
-    }
-}
-
-/// Width in pixels of `text` drawn at `scale` (5 pixels per glyph and 1 of spacing, times scale).
-pub fn text_width(text: &str, scale: u32) -> u32 {
-    (text.chars().count() as u32 * 6).saturating_sub(1) * scale
-}
-
-/// Draws `text` with its top-left corner at (x, y), each font pixel a `scale`×`scale` square;
-/// what falls outside the image is clipped.
-pub fn draw_text(image: &mut RgbImage, x: u32, y: u32, text: &str, scale: u32, color: Rgb<u8>) {
-    for (index, c) in text.chars().enumerate() {
-        let left = x + index as u32 * 6 * scale;
-        for (row, bits) in glyph(c).iter().enumerate() {
-            for col in 0..5u32 {
-                if bits & (0x10 >> col) == 0 {
-                    continue;
-                }
-                for dy in 0..scale {
-                    for dx in 0..scale {
-                        let (px, py) = (left + col * scale + dx, y + row as u32 * scale + dy);
-                        if px < image.width() && py < image.height() {
-                            image.put_pixel(px, py, color);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Tiles narrower than this are enlarged (nearest, by an integer factor) so that the panel stays
-/// readable for small validation sizes and its captions fit.
-const MIN_TILE_WIDTH: u32 = 160;
-
-/// A qualitative panel: the tiles (e.g. support with its mask, query with the ground truth, query
-/// with the prediction) side by side under a title strip holding `title` and each tile's caption.
-pub fn qualitative_panel(title: &str, tiles: &[(&str, &RgbImage)]) -> RgbImage {
-    const GAP: u32 = 4;
-    const SCALE: u32 = 2;
-    let tiles: Vec<(&str, RgbImage)> = tiles
-        .iter()
-        .map(|(caption, tile)| {
-            let factor = MIN_TILE_WIDTH.div_ceil(tile.width().max(1)).max(1);
-            let enlarged = image::imageops::resize(
-                *tile,
-                tile.width() * factor,
-                tile.height() * factor,
-                image::imageops::FilterType::Nearest,
-            );
-            (*caption, enlarged)
-        })
-        .collect();
-    let line = 7 * SCALE + 2 * GAP;
-    let strip = 2 * line;
-    let width = tiles.iter().map(|(_, t)| t.width() + GAP).sum::<u32>() + GAP;
-    let height = strip + tiles.iter().map(|(_, t)| t.height()).max().unwrap_or(0) + GAP;
-    let width = width.max(text_width(title, SCALE) + 2 * GAP);
-    let mut panel = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
-    let ink = Rgb([0, 0, 0]);
-    draw_text(&mut panel, GAP, GAP, title, SCALE, ink);
-    let mut x = GAP;
-    for (caption, tile) in &tiles {
-        draw_text(&mut panel, x, line + GAP, caption, SCALE, ink);
-        image::imageops::replace(&mut panel, tile, x as i64, strip as i64);
-        x += tile.width() + GAP;
-    }
-    panel
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::eval::{EvalSetting, SeedResult};
+    use crate::results::{EvalSetting, SeedResult};
 
     fn result(dataset_coco: bool, svf: bool, shot: usize, fold: usize, miou: f64) -> EvalResult {
         // COCO rows are published for BAM's lists only (†).
@@ -665,46 +539,5 @@ mod tests {
         assert_eq!(found[0].0, dir.join("a/b/eval.json"));
         assert_eq!(found[0].1.setting.method, "PFENet+SVF");
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn text_is_drawn_from_the_glyphs() {
-        let mut image = RgbImage::new(20, 10);
-        let ink = Rgb([255, 0, 0]);
-        draw_text(&mut image, 1, 1, "1-", 1, ink);
-        // '1': rows 0x04, 0x0C, then 0x04...: pixel (x=1+2, y=1) lit, (1+1, 1+1) lit, (1, 1) not.
-        assert_eq!(*image.get_pixel(3, 1), ink);
-        assert_eq!(*image.get_pixel(2, 2), ink);
-        assert_eq!(*image.get_pixel(1, 1), Rgb([0, 0, 0]));
-        // '-' starts 6 pixels further: its middle row (y=1+3) spans x=7..=11.
-        assert!((7..12).all(|x| *image.get_pixel(x, 4) == ink));
-        assert_eq!(*image.get_pixel(7, 3), Rgb([0, 0, 0]));
-        let lit = image.pixels().filter(|p| **p == ink).count();
-        assert_eq!(lit, 10 + 5, "'1' has 10 pixels, '-' 5");
-        // Scaled text stays clipped inside the image and has the announced width.
-        draw_text(&mut image, 15, 5, "88", 3, ink);
-        assert_eq!(text_width("88", 3), 33);
-        // Every digit and letter is a distinct glyph.
-        let mut glyphs: Vec<[u8; 7]> = ('0'..='9').chain('A'..='Z').map(glyph).collect();
-        glyphs.sort();
-        glyphs.dedup();
-        assert_eq!(glyphs.len(), 36);
-    }
-
-    #[test]
-    fn panel_places_tiles_under_the_title_strip() {
-        let red = RgbImage::from_pixel(200, 8, Rgb([255, 0, 0]));
-        // 60 wide: enlarged 3 times to 180 x 18.
-        let blue = RgbImage::from_pixel(60, 6, Rgb([0, 0, 255]));
-        let panel = qualitative_panel("IOU 50.0%", &[("A", &red), ("B", &blue)]);
-        let strip = 2 * (14 + 8);
-        assert_eq!(panel.height(), strip + 18 + 4);
-        assert_eq!(panel.width(), 4 + 200 + 4 + 180 + 4);
-        assert_eq!(*panel.get_pixel(4, strip), Rgb([255, 0, 0]));
-        assert_eq!(*panel.get_pixel(4, strip + 8), Rgb([255, 255, 255]));
-        assert_eq!(*panel.get_pixel(208 + 179, strip + 17), Rgb([0, 0, 255]));
-        // Title ink is in the strip.
-        assert!((0..strip)
-            .any(|y| (0..panel.width()).any(|x| *panel.get_pixel(x, y) == Rgb([0, 0, 0]))));
     }
 }

@@ -746,7 +746,7 @@ impl Run<'_> {
         let options = EvalOptions::for_validation(config);
         // Validate as svf-eval evaluates: SVD convolutions folded, a fifth less work per episode.
         let fused = if config.svf {
-            Some(eval::fuse(&self.model.vs, config)?)
+            Some(crate::inference::fuse(&self.model.vs, config)?)
         } else {
             None
         };

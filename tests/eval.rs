@@ -73,7 +73,7 @@ fn same_checkpoint_and_seed_give_identical_results_with_any_thread_count() {
     let run = scratch("repeat");
     let config = tiny_config(&run, &[]);
     let weights = random_weights(&config, &run);
-    let (_vs, model) = eval::load_model(&config, &weights, Device::Cpu, true).unwrap();
+    let (_vs, model) = svf::inference::load_model(&config, &weights, Device::Cpu, true).unwrap();
     let mut options = EvalOptions::for_validation(&config);
     options.episodes = 6;
     options.seeds = vec![3, 4];
@@ -103,8 +103,9 @@ fn fused_svf_model_scores_as_the_decomposed_one() {
     let weights = random_weights(&config, &run);
     let mut options = EvalOptions::for_validation(&config);
     options.episodes = 4;
-    let (_vs, decomposed) = eval::load_model(&config, &weights, Device::Cpu, false).unwrap();
-    let (fvs, fused) = eval::load_model(&config, &weights, Device::Cpu, true).unwrap();
+    let (_vs, decomposed) =
+        svf::inference::load_model(&config, &weights, Device::Cpu, false).unwrap();
+    let (fvs, fused) = svf::inference::load_model(&config, &weights, Device::Cpu, true).unwrap();
     assert!(fvs.variables().keys().all(|n| !n.contains("vector_S")));
     tch::manual_seed(1);
     let query = Tensor::randn([1, 3, 65, 65], (Kind::Float, Device::Cpu));
@@ -155,7 +156,7 @@ fn eval_writes_results_and_panels() {
                 "cpu",
             ]),
     );
-    let result = svf::eval::EvalResult::read(&run.join("eval.json")).unwrap();
+    let result = svf::results::EvalResult::read(&run.join("eval.json")).unwrap();
     assert_eq!(
         result.seeds.iter().map(|s| s.seed).collect::<Vec<_>>(),
         vec![1, 2]
@@ -386,7 +387,8 @@ fn reproduce_tables_runs_one_paper_cell_into_the_report() {
         "train_episodes=4",
     ]);
     let result =
-        eval::EvalResult::read(&out.join("pascal/split0/tiny/1shot/svf/eval.json")).unwrap();
+        svf::results::EvalResult::read(&out.join("pascal/split0/tiny/1shot/svf/eval.json"))
+            .unwrap();
     // The paper's protocol: its five seeds, each evaluated.
     assert_eq!(
         result.seeds.iter().map(|s| s.seed).collect::<Vec<_>>(),

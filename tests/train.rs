@@ -528,7 +528,7 @@ fn demo_training_clearly_beats_the_untrained_model() {
     );
     // Validation scores what svf-eval scores for the best checkpoint (both fuse the SVD convs).
     let best = run_dir.join("best.safetensors");
-    let (_vs, model) = svf::eval::load_model(&config, &best, Device::Cpu, true).unwrap();
+    let (_vs, model) = svf::inference::load_model(&config, &best, Device::Cpu, true).unwrap();
     let options = svf::eval::EvalOptions::for_validation(&config);
     let evaluated = svf::eval::evaluate(&model, &config, Device::Cpu, &options).unwrap();
     assert_eq!(evaluated.miou.mean, trained);

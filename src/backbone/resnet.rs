@@ -2,13 +2,9 @@
 //! bottleneck blocks for ResNet-50/101, basic blocks for the small ResNet-18/34 used by tests and
 //! the CPU demo.
 
-use tch::Tensor;
-
 use crate::config::DilationPattern;
-#[cfg(test)]
-use crate::svf::ConvGeometry;
 
-use super::layers::{BatchNorm2d, Conv2d, ConvSpec, Scope, Sequential, Stage, Unit};
+use super::layers::{ConvSpec, ResidualBlock, Scope, Sequential, Stage, Unit};
 
 /// Blocks per stage and block type of one depth.
 #[derive(Debug, Clone, Copy)]
@@ -36,65 +32,6 @@ impl ResNetLayout {
         } else {
             1
         }
-    }
-}
-
-/// A residual block: conv→BN(→ReLU) pairs named `conv1`/`bn1`, `conv2`/`bn2`(, `conv3`/`bn3`),
-/// plus the shortcut `downsample.0` (1×1 conv) / `downsample.1` (BN) when the shape changes.
-#[derive(Debug)]
-pub(crate) struct ResidualBlock {
-    convs: Vec<(Conv2d, BatchNorm2d)>,
-    downsample: Option<(Conv2d, BatchNorm2d)>,
-}
-
-impl ResidualBlock {
-    fn new(scope: &Scope, specs: &[ConvSpec], downsample: Option<ConvSpec>) -> ResidualBlock {
-        let convs = specs
-            .iter()
-            .enumerate()
-            .map(|(i, spec)| {
-                (
-                    Conv2d::new(&scope.sub(format!("conv{}", i + 1)), *spec),
-                    BatchNorm2d::new(&scope.sub(format!("bn{}", i + 1)), spec.out_channels),
-                )
-            })
-            .collect();
-        let downsample = downsample.map(|spec| {
-            let scope = scope.sub("downsample");
-            (
-                Conv2d::new(&scope.sub(0), spec),
-                BatchNorm2d::new(&scope.sub(1), spec.out_channels),
-            )
-        });
-        ResidualBlock { convs, downsample }
-    }
-
-    /// The geometry of the block's main-path convolutions (`conv1`, `conv2`, ...) in order.
-    #[cfg(test)]
-    pub(crate) fn conv_geometries(&self) -> Vec<ConvGeometry> {
-        self.convs.iter().map(|(conv, _)| conv.geometry()).collect()
-    }
-
-    /// The shortcut convolution's geometry, when the block has one.
-    #[cfg(test)]
-    pub(crate) fn downsample_geometry(&self) -> Option<ConvGeometry> {
-        self.downsample.as_ref().map(|(conv, _)| conv.geometry())
-    }
-
-    pub(crate) fn forward(&self, x: &Tensor, bn_train: bool) -> Tensor {
-        let mut h = x.shallow_clone();
-        let last = self.convs.len() - 1;
-        for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            h = bn.forward(&conv.forward(&h), bn_train);
-            if i < last {
-                h = h.relu();
-            }
-        }
-        let shortcut = match &self.downsample {
-            Some((conv, bn)) => bn.forward(&conv.forward(x), bn_train),
-            None => x.shallow_clone(),
-        };
-        (h + shortcut).relu()
     }
 }
 

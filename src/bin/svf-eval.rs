@@ -78,7 +78,7 @@ fn main() -> anyhow::Result<()> {
 
     let weights = cli.weights.resolve()?;
     tracing::info!(weights = %weights.display(), seeds = ?options.seeds, episodes = options.episodes, "evaluating");
-    let (_vs, model) = eval::load_model(&config, &weights, device, !cli.no_fuse)?;
+    let (_vs, model) = svf::inference::load_model(&config, &weights, device, !cli.no_fuse)?;
     let result = eval::evaluate(&model, &config, device, &options)?;
     result.write(&out)?;
     print!("{}", result.to_markdown());

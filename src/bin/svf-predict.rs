@@ -51,7 +51,7 @@ fn main() -> anyhow::Result<()> {
         })
         .collect();
     let weights = cli.weights.resolve()?;
-    let (_vs, model) = svf::eval::load_model(&config, &weights, device, true)?;
+    let (_vs, model) = svf::inference::load_model(&config, &weights, device, true)?;
     for p in svf::predict::predict(&model, &config, device, &supports, &cli.queries, &cli.out)? {
         tracing::info!(
             "{}: {:.1}% object -> {}, {}",

@@ -4,30 +4,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::classes::FoldClasses;
+use super::episode::{Episode, EpisodeDraw, EpisodeImage, Split};
 use super::index::{ClassIndex, MIN_CLASS_PIXELS};
 use super::lists::{format_data_list, format_sub_class_list, ListEntry};
 use super::raster::{read_image, read_label, LabelMap, RgbImage};
-use super::sampler::EpisodeDraw;
 use super::transform::{val_resize, TrainTransform};
 use super::DataError;
 use crate::config::{Config, TrainFilter};
-
-/// Training episodes (the fold's training classes, augmented) or validation episodes (its novel
-/// classes, resized only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Split {
-    Train,
-    Val,
-}
-
-impl Split {
-    pub fn name(self) -> &'static str {
-        match self {
-            Split::Train => "train",
-            Split::Val => "val",
-        }
-    }
-}
 
 /// One split of one fold written by [`write_bam_fold_lists`].
 #[derive(Debug, Clone)]
@@ -94,26 +77,6 @@ pub struct FewShotDataset {
     shot: usize,
     transform: EpisodeTransform,
     episodes_per_epoch: usize,
-}
-
-/// One transformed image of an episode, not yet normalised.
-#[derive(Debug, Clone)]
-pub struct EpisodeImage {
-    pub path: PathBuf,
-    pub image: RgbImage,
-    /// Binarised: 1 = the episode's class, 0 = anything else, 255 = ignore.
-    pub label: LabelMap,
-}
-
-/// A decoded, transformed episode.
-#[derive(Debug, Clone)]
-pub struct Episode {
-    pub index: u64,
-    pub class_id: usize,
-    pub query: EpisodeImage,
-    pub supports: Vec<EpisodeImage>,
-    /// Validation only: the query's binarised label at its original size.
-    pub original_label: Option<LabelMap>,
 }
 
 impl FewShotDataset {

@@ -19,7 +19,8 @@ use std::thread::JoinHandle;
 use tch::kind::Element;
 use tch::{Device, Tensor};
 
-use super::dataset::{Episode, FewShotDataset};
+use super::dataset::FewShotDataset;
+use super::episode::Episode;
 use super::raster::LabelMap;
 use super::sampler::EpisodeSampler;
 use super::transform::normalise_into;

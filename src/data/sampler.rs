@@ -12,24 +12,12 @@
 //! index takes the query of position index + r (the next episode's) and draws from stream r, so the
 //! substitute is itself a pure function of (seed, index).
 
-use super::dataset::{FewShotDataset, Split};
+use super::dataset::FewShotDataset;
+use super::episode::{EpisodeDraw, Split};
 use super::rng::EpisodeRng;
 
 /// Stream tag of the per-pass query permutations (attempt numbers use 0, 1, ...).
 const PERMUTATION_STREAM: u64 = u64::MAX;
-
-/// What one episode is made of, before any file is read.
-#[derive(Debug, Clone)]
-pub struct EpisodeDraw {
-    pub index: u64,
-    /// Query item (position in the dataset's query list).
-    pub query: usize,
-    pub class_id: usize,
-    /// Support items, distinct and different from the query.
-    pub supports: Vec<usize>,
-    /// The rest of the episode's stream, for the augmentation.
-    pub rng: EpisodeRng,
-}
 
 /// Draws episodes of one dataset under one seed. Keeps the current pass's permutation, so a worker
 /// walking consecutive indices shuffles once per pass.

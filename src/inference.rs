@@ -1,0 +1,185 @@
+//! Running a trained model for inference, shared by `svf-eval`, the validation inside `svf-train`,
+//! `svf-predict` and `svf-bench`: which file `--weights` names, loading it, folding SVD convolutions
+//! back into full-rank ones, the inference forward pass, and the comparison at the original label
+//! resolution.
+
+use std::path::{Path, PathBuf};
+
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::amp;
+use crate::backbone::Init;
+use crate::checkpoint::{self, CheckpointError, CheckpointFiles};
+use crate::config::Config;
+use crate::data::IGNORE_LABEL;
+use crate::model::{ModelError, PfeNet};
+
+/// Why a model could not be loaded for inference.
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    #[error("no weights in {dir}: neither {best} nor {last} exists; pass the checkpoint file to --weights")]
+    NoWeights {
+        dir: PathBuf,
+        best: PathBuf,
+        last: PathBuf,
+    },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+}
+
+/// The logits `[B, 2, H, W]` of `model` for inference (svf-eval, validation, svf-predict): eval
+/// mode, no autograd, under the config's `amp`, returned in float32 for the metrics.
+pub fn inference_logits(
+    model: &PfeNet,
+    config: &Config,
+    query: &Tensor,
+    supports: &Tensor,
+    support_labels: &Tensor,
+) -> Tensor {
+    tch::no_grad(|| {
+        amp::autocast(config, query.device(), || {
+            model.forward(query, supports, support_labels, false)
+        })
+        .logits
+        .to_kind(Kind::Float)
+    })
+}
+
+/// The weights file `--weights` names: a file as is; a run directory's `best` checkpoint, else its
+/// `last`.
+pub fn resolve_weights(path: &Path) -> Result<PathBuf, InferenceError> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let best = CheckpointFiles::new(path, checkpoint::BEST).weights;
+    let last = CheckpointFiles::new(path, checkpoint::LAST).weights;
+    if best.is_file() {
+        Ok(best)
+    } else if last.is_file() {
+        Ok(last)
+    } else {
+        Err(InferenceError::NoWeights {
+            dir: path.to_path_buf(),
+            best,
+            last,
+        })
+    }
+}
+
+/// A model for inference with the weights of `weights` (a checkpoint or any state dict of the
+/// config's model, strictly matched). With `fuse` and an SVF config, the model is [`fuse`]d.
+pub fn load_model(
+    config: &Config,
+    weights: &Path,
+    device: Device,
+    fuse: bool,
+) -> Result<(nn::VarStore, PfeNet), InferenceError> {
+    let vs = nn::VarStore::new(device);
+    let model = PfeNet::with_backbone_init(&vs.root(), config, Init::Zeros)?;
+    checkpoint::load_weights(&vs, weights)?;
+    if fuse && config.svf {
+        Ok(self::fuse(&vs, config)?)
+    } else {
+        Ok((vs, model))
+    }
+}
+
+/// The SVF model held in `vs` with its SVD convolutions folded back into full-rank weights
+/// (`svf::recompose`), built full-rank on the same device: the same function, one convolution
+/// per layer instead of two, for inference.
+pub fn fuse(vs: &nn::VarStore, config: &Config) -> Result<(nn::VarStore, PfeNet), ModelError> {
+    let full: Vec<(String, Tensor)> = crate::svf::recompose(&vs.variables()).into_iter().collect();
+    let full_config = Config {
+        svf: false,
+        ..config.clone()
+    };
+    let fused_vs = nn::VarStore::new(vs.device());
+    let fused = PfeNet::with_backbone_init(&fused_vs.root(), &full_config, Init::Zeros)?;
+    checkpoint::copy_into(&fused_vs, &full, Path::new("the recomposed model"))
+        .expect("recomposing an SVF model gives exactly the full-rank model's variables");
+    Ok((fused_vs, fused))
+}
+
+/// Prediction and target at the original label resolution, as PFENet/BAM's `ori_resize` compares
+/// them: the binarised original label `[h,w]` is padded to a square of its longer side with 255
+/// (bottom and right, where the validation canvas was padded), the logits `[2,S,S]` of the whole
+/// canvas are bilinearly resized (align_corners = true) to that square, and argmax gives the
+/// prediction. Returns `(prediction, target)`, both `[L,L]` i64 on the logits' device.
+pub fn original_resolution(logits: &Tensor, original_label: &Tensor) -> (Tensor, Tensor) {
+    let (h, w) = original_label.size2().expect("the original label is [h,w]");
+    let side = h.max(w);
+    let device = logits.device();
+    let target = Tensor::full([side, side], i64::from(IGNORE_LABEL), (Kind::Int64, device));
+    target
+        .narrow(0, 0, h)
+        .narrow(1, 0, w)
+        .copy_(&original_label.to_device(device));
+    let prediction = logits
+        .unsqueeze(0)
+        .upsample_bilinear2d([side, side], true, None, None)
+        .argmax(1, false)
+        .squeeze_dim(0);
+    (prediction, target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::IoUAccumulator;
+
+    #[test]
+    fn perfect_prediction_scores_one_on_non_square_images() {
+        // A 5x3 and a 2x7 original label; the network saw a 9x9 canvas with the image at the
+        // top-left, scaled so that its longer side fills the canvas.
+        let mut acc = IoUAccumulator::new(&[1, 2]);
+        for (class, (h, w)) in [(1usize, (5i64, 3i64)), (2, (2, 7))] {
+            let label = Tensor::zeros([h, w], (Kind::Int64, Device::Cpu));
+            let _ = label.narrow(0, 0, h - 1).narrow(1, 1, w - 1).fill_(1);
+            let _ = label.get(0).get(0).fill_(255);
+            // Logits of a perfect network: the padded label upsampled to a canvas whose grid holds
+            // the square's grid points exactly (side - 1 divides canvas - 1), so resizing back
+            // recovers it.
+            let side = h.max(w);
+            let square = Tensor::zeros([side, side], (Kind::Int64, Device::Cpu));
+            square
+                .narrow(0, 0, h)
+                .narrow(1, 0, w)
+                .copy_(&label.clamp_max(1));
+            let canvas = 4 * (side - 1) + 1;
+            let fg = square
+                .to_kind(Kind::Float)
+                .view([1, 1, side, side])
+                .upsample_bilinear2d([canvas, canvas], true, None, None)
+                .squeeze_dim(0);
+            let logits = Tensor::cat(&[-(&fg - 0.5), fg - 0.5], 0);
+            assert_eq!(logits.size(), vec![2, canvas, canvas]);
+            let (pred, target) = original_resolution(&logits, &label);
+            assert_eq!(target.size(), vec![side, side]);
+            assert_eq!(
+                i64::try_from(target.eq(255).sum(Kind::Int64)).unwrap(),
+                side * side - h * w + 1,
+                "padding and the one ignored pixel are 255"
+            );
+            acc.add(&pred, &target, class);
+        }
+        assert!((acc.miou() - 1.0).abs() < 1e-9, "{}", acc.miou());
+        assert!((acc.fb_iou() - 1.0).abs() < 1e-9, "{}", acc.fb_iou());
+    }
+
+    #[test]
+    fn logits_are_resized_with_aligned_corners() {
+        // Foreground scores 0 | 1 across a 2x2 canvas, resized to 4x4: aligned corners sample at
+        // 0, 1/3, 2/3, 1 (half-pixel centres would give 0, 1/4, 3/4, 1), so a background score of
+        // 0.3 leaves only the first column as background.
+        let fg = Tensor::from_slice(&[0.0f32, 1.0, 0.0, 1.0]).view([1, 2, 2]);
+        let logits = Tensor::cat(&[fg.full_like(0.3), fg], 0);
+        let label = Tensor::zeros([4, 3], (Kind::Int64, Device::Cpu));
+        let (pred, target) = original_resolution(&logits, &label);
+        let pred = Vec::<Vec<i64>>::try_from(&pred).unwrap();
+        assert_eq!(pred, vec![vec![0, 1, 1, 1]; 4]);
+        let target = Vec::<Vec<i64>>::try_from(&target).unwrap();
+        assert_eq!(target, vec![vec![0, 0, 0, 255]; 4]);
+    }
+}
