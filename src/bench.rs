@@ -395,7 +395,7 @@ fn write_random_weights(config: &Config, path: &Path) -> Result<(), BenchError> 
     tch::manual_seed(config.manual_seed as i64);
     let vs = nn::VarStore::new(Device::Cpu);
     PfeNet::new(&vs.root(), config)?;
-    Tensor::write_safetensors(&crate::checkpoint::model_weights(&vs), path).map_err(|source| {
+    Tensor::write_safetensors(&crate::model::model_weights(&vs), path).map_err(|source| {
         BenchError::Weights {
             path: path.to_path_buf(),
             source,

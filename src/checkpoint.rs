@@ -13,7 +13,6 @@
 //! [`recover`]s: a committed but half-renamed checkpoint is rolled forward, an uncommitted one is
 //! discarded, so a process killed at any instant leaves exactly the old or the new checkpoint.
 
-use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -59,8 +58,6 @@ pub enum CheckpointError {
         expected: u64,
         actual: u64,
     },
-    #[error("weights file {path} does not match the model: {detail}; check that the config (layers, backbone_width, svf, reduce_dim, ppm_scales, vgg) is the one the weights were trained with")]
-    Mismatch { path: PathBuf, detail: String },
 }
 
 /// The paths of checkpoint `name` in `dir`.
@@ -272,7 +269,7 @@ pub fn exists(dir: &Path, name: &str) -> Result<bool, CheckpointError> {
     Ok(CheckpointFiles::new(dir, name).state.exists())
 }
 
-fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+pub fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
     Tensor::read_safetensors(path).map_err(|source| CheckpointError::Tensors {
         action: "read",
         path: path.to_path_buf(),
@@ -326,87 +323,6 @@ pub fn load<S: DeserializeOwned>(dir: &Path, name: &str) -> Result<Checkpoint<S>
         optimizer,
         state: envelope.state,
     })
-}
-
-/// Every variable of `vs` (parameters and buffers) by PyTorch name, sorted by name.
-pub fn model_weights(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
-    let sorted: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
-    sorted.into_iter().collect()
-}
-
-/// Copies `weights` into the variables of `vs`, strictly: the names must be exactly the model's and
-/// every shape must match. `origin` names the file in errors.
-pub fn copy_into(
-    vs: &tch::nn::VarStore,
-    weights: &[(String, Tensor)],
-    origin: &Path,
-) -> Result<(), CheckpointError> {
-    let mismatch = |detail: String| CheckpointError::Mismatch {
-        path: origin.to_path_buf(),
-        detail,
-    };
-    let mut variables = vs.variables();
-    let given: HashSet<&str> = weights.iter().map(|(n, _)| n.as_str()).collect();
-    let mut missing: Vec<&str> = variables
-        .keys()
-        .map(String::as_str)
-        .filter(|n| !given.contains(n))
-        .collect();
-    let mut unexpected: Vec<&str> = given
-        .iter()
-        .copied()
-        .filter(|n| !variables.contains_key(*n))
-        .collect();
-    if !missing.is_empty() || !unexpected.is_empty() {
-        missing.sort_unstable();
-        unexpected.sort_unstable();
-        return Err(mismatch(format!(
-            "{} missing key(s) {}; {} unexpected key(s) {}",
-            missing.len(),
-            preview(&missing),
-            unexpected.len(),
-            preview(&unexpected)
-        )));
-    }
-    // Every shape is checked before the first copy, so a mismatch leaves the model untouched.
-    for (name, tensor) in weights {
-        let variable = &variables[name];
-        if variable.size() != tensor.size() {
-            return Err(mismatch(format!(
-                "`{name}` has shape {:?} in the file and {:?} in the model",
-                tensor.size(),
-                variable.size()
-            )));
-        }
-    }
-    tch::no_grad(|| {
-        for (name, tensor) in weights {
-            let variable = variables.get_mut(name).expect("names were checked");
-            variable
-                .f_copy_(tensor)
-                .map_err(|e| mismatch(format!("`{name}`: {e}")))?;
-        }
-        Ok(())
-    })
-}
-
-/// Loads a safetensors weights file (a checkpoint's or any model state dict) into `vs`, strictly.
-pub fn load_weights(vs: &tch::nn::VarStore, path: &Path) -> Result<(), CheckpointError> {
-    copy_into(vs, &read_tensors(path)?, path)
-}
-
-fn preview(names: &[&str]) -> String {
-    const SHOWN: usize = 5;
-    let mut text = names
-        .iter()
-        .take(SHOWN)
-        .map(|n| format!("`{n}`"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    if names.len() > SHOWN {
-        text.push_str(", ...");
-    }
-    text
 }
 
 #[cfg(test)]
@@ -570,60 +486,5 @@ mod tests {
         std::fs::write(&files.weights, bytes).unwrap();
         let err = load::<State>(&dir, "last").err().unwrap().to_string();
         assert!(err.contains("last.safetensors"), "{err}");
-    }
-
-    #[test]
-    fn copy_into_is_strict_about_names_and_shapes() {
-        let vs = tch::nn::VarStore::new(Device::Cpu);
-        let root = vs.root();
-        let _w = root.zeros("weight", &[2, 3]);
-        let _b = root.zeros_no_train("running_mean", &[3]);
-        let origin = Path::new("w.safetensors");
-        let good = vec![
-            (
-                "weight".to_string(),
-                Tensor::ones([2, 3], (Kind::Float, Device::Cpu)),
-            ),
-            (
-                "running_mean".to_string(),
-                Tensor::ones([3], (Kind::Float, Device::Cpu)),
-            ),
-        ];
-        copy_into(&vs, &good, origin).unwrap();
-        let sum: f64 = model_weights(&vs)
-            .iter()
-            .map(|(_, t)| t.sum(Kind::Float).double_value(&[]))
-            .sum();
-        assert_eq!(sum, 9.0);
-        let err = copy_into(&vs, &good[..1], origin).unwrap_err().to_string();
-        assert!(
-            err.contains("`running_mean`") && err.contains("w.safetensors"),
-            "{err}"
-        );
-        let mut extra: Vec<(String, Tensor)> = good
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect();
-        extra.push((
-            "head.weight".to_string(),
-            Tensor::ones([1], (Kind::Float, Device::Cpu)),
-        ));
-        let err = copy_into(&vs, &extra, origin).unwrap_err().to_string();
-        assert!(
-            err.contains("unexpected") && err.contains("`head.weight`"),
-            "{err}"
-        );
-        let wrong = vec![
-            (
-                "weight".to_string(),
-                Tensor::ones([3, 2], (Kind::Float, Device::Cpu)),
-            ),
-            (
-                "running_mean".to_string(),
-                Tensor::ones([3], (Kind::Float, Device::Cpu)),
-            ),
-        ];
-        let err = copy_into(&vs, &wrong, origin).unwrap_err().to_string();
-        assert!(err.contains("`weight` has shape [3, 2]"), "{err}");
     }
 }

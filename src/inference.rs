@@ -78,7 +78,7 @@ pub fn load_model(
 ) -> Result<(nn::VarStore, PfeNet), InferenceError> {
     let vs = nn::VarStore::new(device);
     let model = PfeNet::with_backbone_init(&vs.root(), config, Init::Zeros)?;
-    checkpoint::load_weights(&vs, weights)?;
+    crate::model::load_weights(&vs, weights)?;
     if fuse && config.svf {
         Ok(self::fuse(&vs, config)?)
     } else {
@@ -97,7 +97,7 @@ pub fn fuse(vs: &nn::VarStore, config: &Config) -> Result<(nn::VarStore, PfeNet)
     };
     let fused_vs = nn::VarStore::new(vs.device());
     let fused = PfeNet::with_backbone_init(&fused_vs.root(), &full_config, Init::Zeros)?;
-    checkpoint::copy_into(&fused_vs, &full, Path::new("the recomposed model"))
+    crate::model::copy_into(&fused_vs, &full, Path::new("the recomposed model"))
         .expect("recomposing an SVF model gives exactly the full-rank model's variables");
     Ok((fused_vs, fused))
 }

@@ -2,11 +2,13 @@
 //! ([`PfeHead`]) in one variable tree, named like PFENet's PyTorch `state_dict`.
 
 mod head;
+mod weights;
 
 pub use head::{
     is_head_parameter, prior_mask, weighted_gap, HeadOutput, PfeHead, QueryFeatures,
     SupportFeatures, HEAD_MODULES,
 };
+pub use weights::{copy_into, load_weights, model_weights};
 
 use tch::{nn, Kind, Reduction, Tensor};
 
@@ -20,6 +22,19 @@ use crate::svf;
 pub enum ModelError {
     #[error(transparent)]
     Backbone(#[from] BackboneError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    #[error("weights file {path} does not match the model{mismatch}; check that the config (layers, backbone_width, svf, reduce_dim, ppm_scales, vgg) is the one the weights were trained with")]
+    Mismatch {
+        path: std::path::PathBuf,
+        mismatch: crate::backbone::WeightMismatch,
+    },
+    #[error("cannot copy `{name}` of {path} into the model: {source}")]
+    Copy {
+        path: std::path::PathBuf,
+        name: String,
+        source: tch::TchError,
+    },
 }
 
 /// PFENet's outputs for a batch of episodes.
@@ -182,7 +197,7 @@ fn cross_entropy(logits: &Tensor, label: &Tensor) -> Tensor {
 /// frozen (`requires_grad` off), so autograd never computes a gradient it would throw away.
 pub fn freeze_all_but_trainable(vs: &nn::VarStore, svf_enabled: bool) -> Vec<(String, Tensor)> {
     let mut trainable = Vec::new();
-    for (name, tensor) in crate::checkpoint::model_weights(vs) {
+    for (name, tensor) in model_weights(vs) {
         if svf::is_trainable(&name, svf_enabled) {
             trainable.push((name, tensor.set_requires_grad(true)));
         } else if tensor.requires_grad() {

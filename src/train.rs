@@ -198,7 +198,7 @@ impl Model {
             tracing::info!("backbone weights from {}: {report}", path.display());
         }
         if let Some(path) = &config.weight {
-            checkpoint::load_weights(&vs, path)?;
+            crate::model::load_weights(&vs, path)?;
             tracing::info!("model weights from {}", path.display());
         }
         Ok(Model { vs, net })
@@ -396,7 +396,7 @@ fn restore(
             saved.state.iterations_per_epoch, iterations_per_epoch
         )));
     }
-    checkpoint::copy_into(vs, &saved.weights, &CheckpointFiles::new(dir, LAST).weights)?;
+    crate::model::copy_into(vs, &saved.weights, &CheckpointFiles::new(dir, LAST).weights)?;
     sgd.load_state(saved.optimizer.unwrap_or_default())?;
     tracing::info!(
         "resuming {} at iteration {} (epoch {})",
@@ -776,7 +776,7 @@ impl Run<'_> {
             self.state.best_miou = Some(miou);
             self.state.best_epoch = Some(epoch);
             self.state.epochs_without_improvement = 0;
-            let weights = checkpoint::model_weights(&self.model.vs);
+            let weights = crate::model::model_weights(&self.model.vs);
             checkpoint::save(&self.dir, BEST, &weights, None, &self.state)?;
         } else if !mid_epoch {
             self.state.epochs_without_improvement =
@@ -807,7 +807,7 @@ impl Run<'_> {
     }
 
     fn save_last(&mut self) -> Result<(), TrainError> {
-        let weights = checkpoint::model_weights(&self.model.vs);
+        let weights = crate::model::model_weights(&self.model.vs);
         let buffers = self.sgd.state();
         checkpoint::save(&self.dir, LAST, &weights, Some(&buffers), &self.state)?;
         self.last_saved = Some(self.state.iteration);

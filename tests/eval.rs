@@ -63,7 +63,7 @@ fn random_weights(config: &Config, dir: &Path) -> PathBuf {
         let _ = vs.variables()["cls.3.bias"].get(1).g_sub_(&margin);
     });
     let path = dir.join("random.safetensors");
-    let named = svf::checkpoint::model_weights(&vs);
+    let named = svf::model::model_weights(&vs);
     Tensor::write_safetensors(&named, &path).unwrap();
     path
 }

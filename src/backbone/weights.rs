@@ -65,16 +65,17 @@ impl fmt::Display for WeightMismatch {
 }
 
 impl WeightMismatch {
-    /// Compares `given` with the `expected` variables; BatchNorm's `num_batches_tracked` may be
-    /// absent (old PyTorch checkpoints such as PSPNet's have none).
-    fn between(
+    /// Compares `given` with the `expected` variables; `None` when they match. Expected names for
+    /// which `optional` holds may be absent.
+    pub(crate) fn between(
         expected: &HashMap<String, Tensor>,
         given: &HashMap<String, Tensor>,
+        optional: impl Fn(&str) -> bool,
     ) -> Option<WeightMismatch> {
         let mut mismatch = WeightMismatch::default();
         for (name, var) in expected {
             match given.get(name) {
-                None if name.ends_with("num_batches_tracked") => {}
+                None if optional(name) => {}
                 None => mismatch.missing.push(name.clone()),
                 Some(t) if t.size() != var.size() => {
                     mismatch
@@ -97,6 +98,11 @@ impl WeightMismatch {
             && mismatch.shape_mismatches.is_empty();
         (!clean).then_some(mismatch)
     }
+}
+
+/// BatchNorm's `num_batches_tracked`, which old PyTorch checkpoints such as PSPNet's lack.
+fn batch_counter(name: &str) -> bool {
+    name.ends_with("num_batches_tracked")
 }
 
 /// PFENet's name of a checkpoint entry, `None` for entries the backbone does not use (the
@@ -205,7 +211,7 @@ pub fn load_pretrained(
         }
     };
     let variables = backbone_variables(vs);
-    if let Some(mismatch) = WeightMismatch::between(&variables, &weights) {
+    if let Some(mismatch) = WeightMismatch::between(&variables, &weights, batch_counter) {
         return Err(mismatch_error(path, config, mismatch));
     }
     tch::no_grad(|| {
@@ -242,7 +248,9 @@ pub fn decompose_pretrained(
     };
     let vs = nn::VarStore::new(Device::Cpu);
     Backbone::with_init(&vs.root(), &full_rank, Init::Zeros)?;
-    if let Some(mismatch) = WeightMismatch::between(&backbone_variables(&vs), &weights) {
+    if let Some(mismatch) =
+        WeightMismatch::between(&backbone_variables(&vs), &weights, batch_counter)
+    {
         return Err(mismatch_error(input, &full_rank, mismatch));
     }
     let (decomposed, report) = svf::decompose_weights(&weights, &SvfOptions::from_config(config));
