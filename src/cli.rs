@@ -24,9 +24,10 @@ pub struct RuntimeArgs {
 }
 
 impl RuntimeArgs {
-    /// Applies `--threads`, resolves `--device` and logs the start-up line; call after logging
-    /// is initialised.
-    pub fn start(&self) -> anyhow::Result<tch::Device> {
+    /// The start of every command that runs a model: logging to the terminal (and to `log_dir`'s
+    /// `log.txt`), `--threads`, `--device` resolved, and the start-up line.
+    pub fn start(&self, log_dir: Option<&std::path::Path>) -> anyhow::Result<tch::Device> {
+        crate::logging::init(self.verbose, log_dir)?;
         if let Some(threads) = self.threads {
             tch::set_num_threads(threads);
         }

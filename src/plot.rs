@@ -218,7 +218,7 @@ pub fn write_panels(path: &Path, panels: &[Panel], columns: usize) -> Result<(),
 /// Writes `chart` to `path` (PNG): one cluster of bars per group, one colour per legend entry.
 pub fn write_bar_chart(path: &Path, chart: &BarChart) -> Result<(), PlotError> {
     let groups = chart.groups.len().max(1);
-    let width = (160 + 90 * groups as u32).max(640);
+    let width = (160 + 150 * groups as u32).max(640);
     render(path, (width, 480), |root| {
         let err = |e: DrawingAreaErrorKind<_>| e.to_string();
         let values = chart.groups.iter().flat_map(|g| g.values.iter().flatten());

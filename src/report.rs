@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::plot::{write_bar_chart, BarChart, BarGroup, PlotError};
 use crate::results::{EvalResult, ResultError};
 
 /// Why the results could not be gathered.
@@ -292,10 +293,9 @@ impl Metric {
     }
 }
 
-/// The Markdown tables of `results`: per dataset (PASCAL-5i, then COCO-20i, then any other), one
-/// mIoU and one FB-IoU table. A later result for the same dataset, row and fold replaces an earlier
-/// one (results come in path order).
-pub fn paper_tables(results: &[EvalResult]) -> String {
+/// Datasets (PASCAL-5i, then COCO-20i, then any other) → rows → folds. A later result for the same
+/// dataset, row and fold replaces an earlier one (results come in path order).
+fn table_grid(results: &[EvalResult]) -> BTreeMap<(usize, String), Rows<'_>> {
     let mut grid: BTreeMap<(usize, String), Rows> = BTreeMap::new();
     for result in results {
         let s = &result.setting;
@@ -315,6 +315,45 @@ pub fn paper_tables(results: &[EvalResult]) -> String {
             .or_default()
             .insert(s.fold, result);
     }
+    grid
+}
+
+/// The comparison as a chart (PNG): for every table row, our mIoU mean over the folds evaluated
+/// beside the published mean, when the paper has the row.
+pub fn write_paper_chart(results: &[EvalResult], path: &Path) -> Result<(), PlotError> {
+    let mut groups = Vec::new();
+    for ((_, dataset), rows) in &table_grid(results) {
+        for (row, folds) in rows {
+            let mean = folds.values().map(|r| Metric::MIoU.of(r)).sum::<f64>() / folds.len() as f64;
+            let short_dataset = dataset.split('-').next().unwrap_or(dataset);
+            groups.push(BarGroup {
+                label: format!(
+                    "{short_dataset} {} {} {}-shot{}",
+                    row.method,
+                    row.backbone.replace("ResNet-", "R").replace("VGG-", "VGG"),
+                    row.shot,
+                    if folds.len() < 4 { "*" } else { "" }
+                ),
+                values: vec![Some(mean), published_miou(dataset, row)],
+            });
+        }
+    }
+    write_bar_chart(
+        path,
+        &BarChart {
+            title: "mIoU: ours vs published (mean over folds; * = not all four folds)",
+            y_label: "mIoU (%)",
+            legend: vec!["ours", "paper"],
+            groups,
+        },
+    )
+}
+
+/// The Markdown tables of `results`: per dataset (PASCAL-5i, then COCO-20i, then any other), one
+/// mIoU and one FB-IoU table. A later result for the same dataset, row and fold replaces an earlier
+/// one (results come in path order).
+pub fn paper_tables(results: &[EvalResult]) -> String {
+    let grid = table_grid(results);
     let mut md = String::new();
     let mut partial = false;
     for ((_, dataset), rows) in &grid {
@@ -506,6 +545,25 @@ mod tests {
         );
         assert!(md.contains("\\* mean over the folds evaluated"));
         assert!(md.find("## PASCAL-5i: mIoU").unwrap() < md.find("## COCO-20i: mIoU").unwrap());
+    }
+
+    #[test]
+    fn chart_has_a_group_per_row_with_the_published_bar() {
+        let dir = std::env::temp_dir().join(format!("svf-report-chart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("report.png");
+        let results = [
+            result(false, true, 1, 0, 0.5),
+            result(false, false, 1, 0, 0.4),
+        ];
+        write_paper_chart(&results, &path).unwrap();
+        let image = image::open(&path).unwrap().to_rgb8();
+        // Two groups: the minimum width.
+        assert_eq!(image.dimensions(), (640, 480));
+        // PFENet (ResNet-50, 1-shot) is published (60.8): its bar is drawn in the second colour.
+        let paper_bar = image.pixels().filter(|p| p.0 == [255, 127, 14]).count();
+        assert!(paper_bar > 1000, "{paper_bar} pixels of the paper's bar");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

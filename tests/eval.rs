@@ -302,6 +302,9 @@ fn reproduce_tables_on_synthetic_data_fills_every_cell() {
     ];
     run_script(&args);
     let tables = std::fs::read_to_string(out.join("tables.md")).unwrap();
+    // The chart beside the tables.
+    let chart = image::open(out.join("tables.png")).unwrap();
+    assert_eq!(chart.height(), 480);
     for method in ["PFENet", "PFENet+SVF"] {
         for metric in ["mIoU", "FB-IoU"] {
             let section = tables

@@ -44,8 +44,7 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.config.load()?;
-    svf::logging::init(cli.runtime.verbose, None)?;
-    let device = cli.runtime.start()?;
+    let device = cli.runtime.start(None)?;
     let plan = BenchPlan {
         sections: if cli.what.is_empty() {
             Section::value_variants().to_vec()

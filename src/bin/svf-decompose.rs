@@ -26,8 +26,7 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.config.load()?;
-    svf::logging::init(cli.runtime.verbose, None)?;
-    let device = cli.runtime.start()?;
+    let device = cli.runtime.start(None)?;
     let start = Instant::now();
     let report = svf::backbone::decompose_pretrained(&cli.weights, &cli.out, &config, device)?;
     println!("{report}");

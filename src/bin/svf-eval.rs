@@ -60,8 +60,7 @@ fn main() -> anyhow::Result<()> {
         ("workers", cli.workers.map(|w| w.to_string())),
     ])?;
     let out = cli.out.clone().unwrap_or_else(|| config.save_path.clone());
-    svf::logging::init(cli.runtime.verbose, Some(&out))?;
-    let device = cli.runtime.start()?;
+    let device = cli.runtime.start(Some(&out))?;
 
     let mut options = EvalOptions::for_protocol(&config, cli.protocol);
     if let Some(episodes) = cli.episodes {

@@ -33,8 +33,7 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.config.load()?;
-    svf::logging::init(cli.runtime.verbose, None)?;
-    let device = cli.runtime.start()?;
+    let device = cli.runtime.start(None)?;
     anyhow::ensure!(
         cli.supports.len() == cli.masks.len(),
         "{} --support image(s) but {} --mask(s): give one mask per support, in the same order",

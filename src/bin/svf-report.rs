@@ -4,13 +4,13 @@ use std::path::PathBuf;
 use clap::Parser;
 
 /// Aggregate evaluation results into Markdown tables laid out like the paper's (folds and mean,
-/// mIoU and FB-IoU), beside the published numbers.
+/// mIoU and FB-IoU), beside the published numbers, and draw the comparison as a chart (PNG).
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
     /// Folder searched recursively for eval.json files (e.g. the output of reproduce_tables.sh).
     dir: PathBuf,
-    /// Also write the tables to this file.
+    /// Also write the tables to this file (and the chart beside it, as .png).
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -27,5 +27,12 @@ fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
     }
     print!("{tables}");
+    // The chart: beside --out, else in DIR.
+    let chart = match &cli.out {
+        Some(out) => out.with_extension("png"),
+        None => cli.dir.join("report.png"),
+    };
+    svf::report::write_paper_chart(&results, &chart)?;
+    eprintln!("chart: {}", chart.display());
     Ok(())
 }

@@ -31,8 +31,7 @@ fn main() -> anyhow::Result<()> {
             anyhow::bail!("give --config FILE to start a run or --resume RUN_DIR to continue one")
         }
     };
-    svf::logging::init(cli.runtime.verbose, Some(&config.save_path))?;
-    let device = cli.runtime.start()?;
+    let device = cli.runtime.start(Some(&config.save_path))?;
     // First Ctrl-C: the trainer saves `last` after the current iteration and returns. Second one:
     // exit at once (the conditional shutdown fires only when the flag is already raised).
     let interrupt = Arc::new(AtomicBool::new(false));
