@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -137,27 +138,7 @@ fn draw_panel(area: &DrawingArea<BitMapBackend, Shift>, panel: &Panel) -> Result
             .label_style((FONT, 13))
             .draw()
             .map_err(err)?;
-        for (i, series) in panel.series.iter().enumerate() {
-            let color = PALETTE[i % PALETTE.len()];
-            chart
-                .draw_series(LineSeries::new(
-                    series.points.iter().copied(),
-                    color.stroke_width(2),
-                ))
-                .map_err(err)?
-                .label(series.name)
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color));
-        }
-        if panel.series.len() > 1 {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .label_font((FONT, 13))
-                .draw()
-                .map_err(err)?;
-        }
+        draw_lines(&mut chart, panel)
     } else {
         let mut chart = builder.build_cartesian_2d(x, y).map_err(err)?;
         chart
@@ -166,38 +147,50 @@ fn draw_panel(area: &DrawingArea<BitMapBackend, Shift>, panel: &Panel) -> Result
             .label_style((FONT, 13))
             .draw()
             .map_err(err)?;
-        for (i, series) in panel.series.iter().enumerate() {
-            let color = PALETTE[i % PALETTE.len()];
+        draw_lines(&mut chart, panel)
+    }
+}
+
+/// The panel's lines, each point marked when there are few (validations: a single one shows
+/// too), and a legend when there are several lines.
+fn draw_lines<'a, Y>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<RangedCoordf64, Y>>,
+    panel: &Panel,
+) -> Result<(), String>
+where
+    Y: Ranged<ValueType = f64>,
+{
+    let err = |e: DrawingAreaErrorKind<_>| e.to_string();
+    for (i, series) in panel.series.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(
+                series.points.iter().copied(),
+                color.stroke_width(2),
+            ))
+            .map_err(err)?
+            .label(series.name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color));
+        if series.points.len() <= 60 {
             chart
-                .draw_series(LineSeries::new(
-                    series.points.iter().copied(),
-                    color.stroke_width(2),
-                ))
-                .map_err(err)?
-                .label(series.name)
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color));
-            // Few points (validations): mark each, so that a single one is visible too.
-            if series.points.len() <= 60 {
-                chart
-                    .draw_series(
-                        series
-                            .points
-                            .iter()
-                            .map(|&p| Circle::new(p, 3, color.filled())),
-                    )
-                    .map_err(err)?;
-            }
-        }
-        if panel.series.len() > 1 {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .label_font((FONT, 13))
-                .draw()
+                .draw_series(
+                    series
+                        .points
+                        .iter()
+                        .map(|&p| Circle::new(p, 3, color.filled())),
+                )
                 .map_err(err)?;
         }
+    }
+    if panel.series.len() > 1 {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font((FONT, 13))
+            .draw()
+            .map_err(err)?;
     }
     Ok(())
 }
