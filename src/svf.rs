@@ -200,7 +200,8 @@ pub fn decompose_conv(weight: &Tensor, rank: i64) -> SvdFactors {
     }
 }
 
-/// Decomposes a linear weight `[out, in]` to `rank`.
+/// Decomposes a linear weight `[out, in]` to `rank`: for weight files with linear layers
+/// ([`decompose_weights`]); the backbones themselves have none.
 pub fn decompose_linear(weight: &Tensor, rank: i64) -> SvdFactors {
     let (u, s, vt) = tch::no_grad(|| truncated_svd(weight, rank));
     SvdFactors {
@@ -278,26 +279,6 @@ impl SvdConv2d {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let h = self.geometry.conv2d(x, &self.conv_v, None) * &self.vector_s;
         ConvGeometry::PLAIN.conv2d(&h, &self.conv_u, self.conv_u_bias.as_ref())
-    }
-}
-
-/// The SVD form of a linear layer: `fc_U(fc_V(x) · vector_S)`.
-#[derive(Debug)]
-pub struct SvdLinear {
-    /// `fc_V.weight` `[r, in]`.
-    pub fc_v: Tensor,
-    /// `vector_S` `[1, r]`.
-    pub vector_s: Tensor,
-    /// `fc_U.weight` `[out, r]`.
-    pub fc_u: Tensor,
-    /// `fc_U.bias` `[out]`, the original layer's bias.
-    pub fc_u_bias: Option<Tensor>,
-}
-
-impl SvdLinear {
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let h = x.linear::<&Tensor>(&self.fc_v, None) * &self.vector_s;
-        h.linear(&self.fc_u, self.fc_u_bias.as_ref())
     }
 }
 
@@ -607,14 +588,11 @@ mod tests {
         let x = Tensor::randn([4, 5], (Kind::Float, tch::Device::Cpu));
         let factors = decompose_linear(&weight, 5);
         assert_eq!(factors.s.size(), [1, 5]);
-        let layer = SvdLinear {
-            fc_v: factors.v,
-            vector_s: factors.s,
-            fc_u: factors.u,
-            fc_u_bias: Some(bias.shallow_clone()),
-        };
+        // svf.py's linear form, fc_U(fc_V(x) · vector_S), as a weight file would be run.
+        let h = x.linear::<&Tensor>(&factors.v, None) * &factors.s;
+        let decomposed = h.linear(&factors.u, Some(&bias));
         let expected = x.linear(&weight, Some(&bias));
-        assert!(max_rel_err(&layer.forward(&x), &expected) < 1e-5);
+        assert!(max_rel_err(&decomposed, &expected) < 1e-5);
     }
 
     #[test]
