@@ -1,7 +1,9 @@
 //! The PFENet few-shot segmentation model: the backbone ([`crate::backbone`]) and PFENet's head
 //! ([`PfeHead`]) in one variable tree, named like PFENet's PyTorch `state_dict`.
 
+pub mod bam;
 mod head;
+pub mod pspnet;
 
 pub use head::{
     is_head_parameter, prior_mask, weighted_gap, HeadOutput, PfeHead, QueryFeatures,
