@@ -18,6 +18,7 @@
 //! without a new best; the count is part of [`TrainState`], so a resumed run continues it and a
 //! run that stopped early stays stopped.
 
+pub mod bam;
 pub mod base;
 mod metrics_log;
 mod schedule;
