@@ -1,6 +1,7 @@
 //! BAM's stages end to end on the synthetic dataset on the CPU: the base stage (PSPNet on whole
-//! images, base-class labels) writes checkpoints that record the fold, BAM+SVF's meta stage trains
-//! on it, and a base learner of another fold is refused.
+//! images, base-class labels) learns the base classes and writes checkpoints that record the fold,
+//! BAM+SVF's meta stage on it learns the novel classes, and a base learner of another fold is
+//! refused. `BAM_TEST_SEED` picks another seed (the thresholds were set from several).
 
 mod common;
 
@@ -12,18 +13,24 @@ use svf::train::bam::{load_meta_model, novel_miou, train_meta, BAM_LAST};
 use svf::train::base::{base_miou, train_base, BaseLearnerMeta, BASE_BEST, BASE_LAST};
 use tch::Device;
 
+const META_EPOCHS: usize = 8;
+
+fn seed() -> u64 {
+    std::env::var("BAM_TEST_SEED").map_or(321, |s| s.parse().unwrap())
+}
+
 fn base_config(name: &str, seed: u64) -> Config {
     Config {
         manual_seed: seed,
-        epochs: 2,
+        epochs: 12,
         batch_size: 4,
-        base_lr: 0.02,
+        base_lr: 0.01,
         // Validation shows whole 112-pixel images shrunk onto the 65-pixel canvas: train near that scale.
         scale_min: 0.5,
         scale_max: 0.7,
         head_lr_scale: 1.0,
         lr_schedule: svf::config::LrScheduleKind::Constant,
-        val_freq: 2,
+        val_freq: 12,
         batch_size_val: 8,
         print_freq: 1000,
         ..common::tiny_config(common::scratch(name))
@@ -32,7 +39,7 @@ fn base_config(name: &str, seed: u64) -> Config {
 
 #[test]
 fn base_stage_then_bam_svf_meta_stage_end_to_end() {
-    let config = base_config("base-stage", 321);
+    let config = base_config("base-stage", seed());
     let summary = train_base(&config, Device::Cpu).unwrap();
     let best = summary.best_miou.unwrap();
     let saved = checkpoint::load::<BaseLearnerMeta>(&summary.dir, BASE_BEST).unwrap();
@@ -43,7 +50,7 @@ fn base_stage_then_bam_svf_meta_stage_end_to_end() {
     // A second run into the same directory is refused, not overwritten.
     assert!(train_base(&config, Device::Cpu).is_err());
     // The untrained model on the same validation images.
-    tch::manual_seed(321);
+    tch::manual_seed(seed() as i64);
     let vs = tch::nn::VarStore::new(Device::Cpu);
     let untrained =
         svf::model::pspnet::PspNet::new(&vs.root(), &config, 16, svf::backbone::Init::Random)
@@ -54,11 +61,12 @@ fn base_stage_then_bam_svf_meta_stage_end_to_end() {
 
     // Stage 2, BAM+SVF, on the base learner just trained.
     let meta = Config {
+        manual_seed: seed(),
         svf: true,
-        epochs: 1,
+        epochs: META_EPOCHS,
         train_episodes: Some(48),
-        base_lr: 0.01,
-        head_lr_scale: 1.0,
+        base_lr: 0.005,
+        head_lr_scale: 10.0,
         backbone_lr_scale: 0.1,
         lr_schedule: svf::config::LrScheduleKind::Constant,
         batch_size_val: 8,
@@ -73,12 +81,18 @@ fn base_stage_then_bam_svf_meta_stage_end_to_end() {
     checkpoint::copy_into(&vs, &last.weights, &run.dir.join(BAM_LAST)).unwrap();
     let novel_after = novel_miou(&trained, &meta, 48, 321, Device::Cpu).unwrap();
     eprintln!("novel-class mIoU untrained {novel_before:.4} trained {novel_after:.4}");
-    // Not yet a learning check: on this data the tiny base learner's base-class mIoU stays near
-    // its untrained value (0.004 -> 0.007..0.06 after 6 epochs, depending on the image order),
-    // and the meta stage's novel-class gain (0 -> 0.27) was the same after 3 and 4 epochs, which
-    // suggests a constant prediction. Thresholds wait for a recipe that learns here.
-    assert!(best.is_finite() && novel_before.is_finite() && novel_after.is_finite());
-    assert!(run.iterations == 12 && run.last_loss.is_finite());
+    // Measured over seeds 321, 1, 2: base-class mIoU 0.003..0.006 untrained, 0.15..0.18 trained;
+    // novel-class mIoU 0 or 0.27 untrained (all background or all foreground), 0.34..0.37
+    // trained.
+    assert!(
+        best > 0.08 && best > before + 0.05,
+        "base classes: untrained {before}, trained {best}"
+    );
+    assert!(
+        novel_after > 0.30 && novel_after > novel_before + 0.05,
+        "novel classes: untrained {novel_before}, trained {novel_after}"
+    );
+    assert!(run.iterations == 12 * META_EPOCHS as u64 && run.last_loss.is_finite());
 
     // A base learner of another fold is refused, naming the checkpoint and the fold.
     let other_fold = Config { split: 1, ..meta };
