@@ -542,6 +542,32 @@ impl Bam {
     }
 }
 
+/// The name in this model of a variable of BAM's released meta-stage checkpoints (after
+/// `scripts/convert_weights.py`, which strips DistributedDataParallel's `module.`): BAM keeps the
+/// base learner's backbone at the root (`layer0.*`..`layer4.*`) and its head as `learner_base.0.*`
+/// (the pyramid pooling) and `learner_base.1.*` (the classifier); here they live under `base.` with
+/// PSPNet's names. The meta modules keep their names. With `svf` (the SVF authors' BAM+SVF
+/// checkpoints) the full-rank originals are `layer0p.*`.. and map likewise, while the decomposed
+/// copy `layer0.*`.. stays at the root. (Not yet used by a loader: no command reads BAM models.)
+pub fn from_released_name(name: &str, svf: bool) -> String {
+    if let Some(rest) = name.strip_prefix("learner_base.0.") {
+        return format!("{BASE_LEARNER}.ppm.{rest}");
+    }
+    if let Some(rest) = name.strip_prefix("learner_base.1.") {
+        return format!("{BASE_LEARNER}.cls.{rest}");
+    }
+    for stage in 0..5 {
+        let original = format!("layer{stage}p.");
+        if let Some(rest) = name.strip_prefix(&original) {
+            return format!("{BASE_LEARNER}.layer{stage}.{rest}");
+        }
+        if !svf && name.starts_with(&format!("layer{stage}.")) {
+            return format!("{BASE_LEARNER}.{name}");
+        }
+    }
+    name.to_string()
+}
+
 /// Whether a BAM variable is trained in the meta stage: never the base learner (`base.`), the
 /// SVF copy as [`crate::svf::is_trainable`] says (layer2..4 `vector_S`), every meta module.
 pub fn is_trainable(name: &str, svf_enabled: bool) -> bool {
@@ -567,6 +593,58 @@ mod tests {
     use tch::Device;
 
     const OPTS: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+    #[test]
+    fn released_names_map_onto_ours_and_cover_the_model() {
+        let cases = [
+            ("layer0.0.weight", false, "base.layer0.0.weight"),
+            (
+                "layer3.2.bn2.running_var",
+                false,
+                "base.layer3.2.bn2.running_var",
+            ),
+            (
+                "learner_base.0.features.3.1.weight",
+                false,
+                "base.ppm.features.3.1.weight",
+            ),
+            ("learner_base.1.4.bias", false, "base.cls.4.bias"),
+            (
+                "ASPP_meta.layer6_2.0.weight",
+                false,
+                "ASPP_meta.layer6_2.0.weight",
+            ),
+            ("layer2.0.conv1.vector_S", true, "layer2.0.conv1.vector_S"),
+            ("layer4p.1.conv2.weight", true, "base.layer4.1.conv2.weight"),
+        ];
+        for (name, svf, ours) in cases {
+            assert_eq!(from_released_name(name, svf), ours, "{name}");
+        }
+        // BAM's state_dict names (ours with the base learner written BAM's way) map back onto
+        // exactly our variables.
+        let vs = nn::VarStore::new(Device::Cpu);
+        let config = Config {
+            layers: 18,
+            backbone_width: 0.25,
+            shot: 5,
+            ..Config::default()
+        };
+        Bam::new(&vs.root(), &config, Init::Zeros).unwrap();
+        let ours: std::collections::BTreeSet<String> = vs.variables().into_keys().collect();
+        let released: Vec<String> = ours
+            .iter()
+            .map(|n| {
+                n.replace("base.ppm.", "learner_base.0.")
+                    .replace("base.cls.", "learner_base.1.")
+                    .replace("base.layer", "layer")
+            })
+            .collect();
+        let mapped: std::collections::BTreeSet<String> = released
+            .iter()
+            .map(|n| from_released_name(n, false))
+            .collect();
+        assert_eq!(mapped, ours);
+    }
 
     #[test]
     fn gram_of_orthogonal_channels_is_the_identity() {
