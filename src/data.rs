@@ -19,6 +19,7 @@ pub mod prepare;
 pub mod raster;
 pub mod rng;
 pub mod sampler;
+pub mod segmentation;
 pub mod synth;
 pub mod transform;
 

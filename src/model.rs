@@ -1,7 +1,9 @@
 //! The PFENet few-shot segmentation model: the backbone ([`crate::backbone`]) and PFENet's head
 //! ([`PfeHead`]) in one variable tree, named like PFENet's PyTorch `state_dict`.
 
+pub mod bam;
 mod head;
+pub mod pspnet;
 mod weights;
 
 pub use head::{

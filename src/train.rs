@@ -18,6 +18,8 @@
 //! without a new best; the count is part of [`TrainState`], so a resumed run continues it and a
 //! run that stopped early stays stopped.
 
+pub mod bam;
+pub mod base;
 mod metrics_log;
 mod schedule;
 mod sgd;
@@ -71,6 +73,8 @@ pub enum TrainError {
     },
     #[error("run directory {dir} already holds a checkpoint; continue it with `svf-train --resume {dir}` or set another save_path (--set save_path=...)")]
     RunExists { dir: PathBuf },
+    #[error("base learner {path} does not fit this config: {detail}; train the base stage for this dataset and fold, or point at its run directory")]
+    BaseLearner { path: PathBuf, detail: String },
     #[error("cannot resume the run in {dir}: {reason}")]
     CannotResume { dir: PathBuf, reason: String },
     #[error("the training split has {episodes} episodes per epoch, fewer than batch_size {batch_size}: lower batch_size or raise train_episodes")]

@@ -62,8 +62,8 @@ pub struct HeadOutput {
 }
 
 /// A convolution with PyTorch's default initialisation (`kaiming_uniform_(a=√5)`, i.e. weights
-/// and bias uniform in ±1/√fan_in), as PFENet's head gets it.
-fn conv(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, bias: bool) -> nn::Conv2D {
+/// and bias uniform in ±1/√fan_in), as PFENet's head gets it (and BAM's PSPNet and meta modules).
+pub(crate) fn conv(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, bias: bool) -> nn::Conv2D {
     let bound = 1.0 / ((c_in * kernel * kernel) as f64).sqrt();
     let init = nn::Init::Uniform {
         lo: -bound,

@@ -1,0 +1,356 @@
+//! BAM's modules against an independent PyTorch computation: the base learner's head (PSPNet's
+//! `ppm` + `cls`) and BAM's meta learner, Gram adjustment, K-shot reweighting and ensemble, rebuilt
+//! in PyTorch from BAM's module layout (`model/BAM.py`, `model/PSPNet.py`, `model/PPM.py`,
+//! `model/ASPP.py`), loaded from our variables with `strict=True`, run on the same backbone
+//! features in eval mode. (The backbone itself is checked against PyTorch in `svf_backbone.rs`.)
+//! Also: the frozen base learner gets no gradient and does not change in a meta-stage step.
+
+use std::collections::HashMap;
+
+mod common;
+
+use svf::backbone::Init;
+use svf::config::Config;
+use svf::model::bam::{self, Bam, MetaFeatures};
+use tch::{nn, Device, Kind, Tensor};
+
+const CPU_F32: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+const PYTORCH_BAM: &str = r#"
+import sys
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+def up(x, size):
+    return F.interpolate(x, size=size, mode='bilinear', align_corners=True)
+
+def weighted_gap(supp_feat, mask):
+    supp_feat = supp_feat * mask
+    h, w = supp_feat.shape[-2:]
+    area = F.avg_pool2d(mask, (h, w)) * h * w + 0.0005
+    return F.avg_pool2d(supp_feat, (h, w)) * h * w / area
+
+def gram(fea):
+    b, c, h, w = fea.shape
+    fea = fea.reshape(b, c, h * w)
+    fea_t = fea.permute(0, 2, 1)
+    return torch.bmm(fea, fea_t) / (torch.bmm(fea.norm(2, 2, True), fea_t.norm(2, 1, True)) + 1e-7)
+
+class PPM(nn.Module):
+    def __init__(self, c, r, bins):
+        super().__init__()
+        self.features = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(c, r, 1, bias=False),
+                                                     nn.BatchNorm2d(r), nn.ReLU(inplace=True)) for b in bins])
+    def forward(self, x):
+        return torch.cat([x] + [up(f(x), x.shape[2:]) for f in self.features], 1)
+
+class BaseHead(nn.Module):  # BAM's learner_base = Sequential(PSPNet.ppm, PSPNet.cls)
+    def __init__(self, c, classes):
+        super().__init__()
+        self.ppm = PPM(c, c // 4, (1, 2, 3, 6))
+        self.cls = nn.Sequential(nn.Conv2d(c * 2, 512, 3, padding=1, bias=False), nn.BatchNorm2d(512),
+                                 nn.ReLU(inplace=True), nn.Dropout2d(p=0.1), nn.Conv2d(512, classes, 1))
+    def forward(self, x):
+        return self.cls(self.ppm(x))
+
+class ASPP(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.layer6_0 = nn.Sequential(nn.Conv2d(d, d, 1, bias=True), nn.ReLU())
+        self.layer6_1 = nn.Sequential(nn.Conv2d(d, d, 1, bias=True), nn.ReLU())
+        self.layer6_2 = nn.Sequential(nn.Conv2d(d, d, 3, padding=6, dilation=6, bias=True), nn.ReLU())
+        self.layer6_3 = nn.Sequential(nn.Conv2d(d, d, 3, padding=12, dilation=12, bias=True), nn.ReLU())
+        self.layer6_4 = nn.Sequential(nn.Conv2d(d, d, 3, padding=18, dilation=18, bias=True), nn.ReLU())
+    def forward(self, x):
+        size = x.shape[-2:]
+        g = self.layer6_0(F.avg_pool2d(x, kernel_size=size)).expand(-1, -1, size[0], size[1])
+        return torch.cat([g, self.layer6_1(x), self.layer6_2(x), self.layer6_3(x), self.layer6_4(x)], 1)
+
+class Bam(nn.Module):
+    def __init__(self, mid, d, c4, classes, shot):
+        super().__init__()
+        self.shot = shot
+        self.base = BaseHead(c4, classes)
+        self.down_query = nn.Sequential(nn.Conv2d(mid, d, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(p=0.5))
+        self.down_supp = nn.Sequential(nn.Conv2d(mid, d, 1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(p=0.5))
+        self.init_merge = nn.Sequential(nn.Conv2d(d * 2 + 1, d, 1, bias=False), nn.ReLU(inplace=True))
+        self.ASPP_meta = ASPP(d)
+        self.res1_meta = nn.Sequential(nn.Conv2d(d * 5, d, 1, bias=False), nn.ReLU(inplace=True))
+        self.res2_meta = nn.Sequential(nn.Conv2d(d, d, 3, padding=1, bias=False), nn.ReLU(inplace=True),
+                                       nn.Conv2d(d, d, 3, padding=1, bias=False), nn.ReLU(inplace=True))
+        self.cls_meta = nn.Sequential(nn.Conv2d(d, d, 3, padding=1, bias=False), nn.ReLU(inplace=True),
+                                      nn.Dropout2d(p=0.1), nn.Conv2d(d, 2, 1))
+        self.gram_merge = nn.Conv2d(2, 1, 1, bias=False)
+        self.cls_merge = nn.Conv2d(2, 1, 1, bias=False)
+        if shot > 1:
+            self.kshot_rw = nn.Sequential(nn.Conv2d(shot, 2, 1), nn.ReLU(inplace=True), nn.Conv2d(2, shot, 1))
+
+    # BAM's forward from the backbone features on (query_feat_2/3/4, supp_feat_2/3/4).
+    def forward(self, q_low, q_mid, q_high, base_feat4, supports, cat_idx):
+        bs = q_mid.shape[0]
+        query_feat = self.down_query(q_mid)
+        pros, finals, masks, lows = [], [], [], []
+        for s_low, s_mid, s_high, mask in supports:
+            masks.append(mask)
+            mask3 = up(mask, s_mid.shape[-2:])
+            pros.append(weighted_gap(self.down_supp(s_mid), mask3))
+            finals.append(s_high)
+            lows.append(s_low)
+        que_gram = gram(q_low)
+        norm_max = torch.ones_like(que_gram).norm(dim=(1, 2))
+        est = torch.cat([((que_gram - gram(s)).norm(dim=(1, 2)) / norm_max).reshape(bs, 1, 1, 1) for s in lows], 1)
+        if self.shot > 1:
+            val1, idx1 = est.sort(1)
+            val2, idx2 = idx1.sort(1)
+            weight = self.kshot_rw(val1).gather(1, idx2)
+            weight_soft = torch.softmax(weight, 1)
+        else:
+            weight_soft = torch.ones_like(est)
+        est_val = (weight_soft * est).sum(1, True)
+        corrs = []
+        for i, s in enumerate(finals):
+            tmp_mask = up(masks[i], (s.size(2), s.size(2)))
+            s = s * tmp_mask
+            q = q_high
+            b, c, sp, _ = q.shape
+            tq = q.reshape(b, c, -1)
+            tq_norm = torch.norm(tq, 2, 1, True)
+            ts = s.reshape(b, c, -1).permute(0, 2, 1)
+            ts_norm = torch.norm(ts, 2, 2, True)
+            sim = torch.bmm(ts, tq) / (torch.bmm(ts_norm, tq_norm) + 1e-7)
+            sim = sim.max(1)[0].reshape(b, sp * sp)
+            sim = (sim - sim.min(1)[0].unsqueeze(1)) / (sim.max(1)[0].unsqueeze(1) - sim.min(1)[0].unsqueeze(1) + 1e-7)
+            corrs.append(up(sim.reshape(b, 1, sp, sp), q_mid.shape[-2:]))
+        corr = (weight_soft * torch.cat(corrs, 1)).sum(1, True)
+        pro = (weight_soft.permute(0, 2, 1, 3) * torch.cat(pros, 2)).sum(2, True)
+        merge = self.init_merge(torch.cat([query_feat, pro.expand_as(query_feat), corr], 1))
+        base_out = self.base(base_feat4)
+        meta = self.res1_meta(self.ASPP_meta(merge))
+        meta = self.res2_meta(meta) + meta
+        meta_out = self.cls_meta(meta)
+        meta_soft, base_soft = meta_out.softmax(1), base_out.softmax(1)
+        meta_bg, meta_fg = meta_soft[:, 0:1], meta_soft[:, 1:]
+        if cat_idx is not None:  # BAM's training branch (cls_type 'Base')
+            c_ids = torch.arange(base_out.shape[1])
+            base_map = torch.cat([base_soft[i, (c_ids != 0) & (c_ids != cat_idx[i] + 1)].unsqueeze(0).sum(1, True)
+                                  for i in range(bs)], 0)
+        else:
+            base_map = base_soft[:, 1:].sum(1, True)
+        est_map = est_val.expand_as(meta_fg)
+        meta_bg = self.gram_merge(torch.cat([meta_bg, est_map], 1))
+        meta_fg = self.gram_merge(torch.cat([meta_fg, est_map], 1))
+        merge_bg = self.cls_merge(torch.cat([meta_bg, base_map], 1))
+        return torch.cat([merge_bg, meta_fg], 1), meta_out, base_out, est_val
+
+t = load_file(sys.argv[1])
+shot = int(t['shot'].item())
+weights = {k[len('w.'):]: v for k, v in t.items() if k.startswith('w.')}
+model = Bam(t['q_mid'].shape[1], weights['res1_meta.0.weight'].shape[0], t['base_feat4'].shape[1],
+            weights['base.cls.4.bias'].shape[0], shot)
+model.load_state_dict(weights, strict=True)
+model.eval()
+with torch.no_grad():
+    supports = [(t['s_low%d' % k], t['s_mid%d' % k], t['s_high%d' % k], t['mask%d' % k]) for k in range(shot)]
+    cat_idx = (t['exclude'] - 1).tolist() if 'exclude' in t else None
+    final, meta, base, est = model(t['q_low'], t['q_mid'], t['q_high'], t['base_feat4'], supports, cat_idx)
+save_file({'final': final, 'meta': meta, 'base': base}, sys.argv[2])
+"#;
+
+fn tiny(shot: usize, svf: bool) -> Config {
+    Config {
+        layers: 18,
+        backbone_width: 0.25,
+        reduce_dim: 8,
+        shot,
+        svf,
+        ..Config::default()
+    }
+}
+
+/// Every variable outside the backbones set to random values (BatchNorm statistics positive),
+/// so that every module, including the merge convolutions that start at `[1, 0]`, shows.
+fn randomize_heads(vs: &nn::VarStore) {
+    tch::no_grad(|| {
+        for (name, var) in vs.variables() {
+            if name.contains("layer") || var.kind() != Kind::Float {
+                continue;
+            }
+            let value = if name.ends_with("running_var") {
+                Tensor::rand(var.size(), CPU_F32) + 0.5
+            } else {
+                Tensor::randn(var.size(), CPU_F32) * 0.3
+            };
+            var.shallow_clone().copy_(&value);
+        }
+    });
+}
+
+fn relu_randn(shape: &[i64]) -> Tensor {
+    Tensor::randn(shape, CPU_F32).relu()
+}
+
+fn cross_check(shot: usize, exclude: Option<&[i64]>, name: &str) {
+    let dir = common::scratch(name);
+    tch::manual_seed(5 + shot as i64);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = Bam::new(&vs.root(), &tiny(shot, false), Init::Zeros).unwrap();
+    randomize_heads(&vs);
+    let vars = vs.variables();
+    let mid = vars["down_query.0.weight"].size()[1];
+    let c4 = vars["base.ppm.features.0.1.weight"].size()[1];
+    let low_channels = mid / 3; // ResNet: layer2 has half of layer3's channels
+    let (batch, size, image) = (2, 9, 65);
+    let features = |mask: Option<&Tensor>| {
+        let high = relu_randn(&[batch, c4, size, size]);
+        MetaFeatures {
+            low: relu_randn(&[batch, low_channels, size, size]),
+            mid: relu_randn(&[batch, mid, size, size]),
+            high: match mask {
+                Some(m) => high * m.upsample_bilinear2d([size, size], true, None, None),
+                None => high,
+            },
+        }
+    };
+    let query = features(None);
+    let masks: Vec<Tensor> = (0..shot)
+        .map(|_| {
+            Tensor::rand([batch, 1, image, image], CPU_F32)
+                .gt(0.6)
+                .to_kind(Kind::Float)
+        })
+        .collect();
+    let supports: Vec<MetaFeatures> = masks.iter().map(|m| features(Some(m))).collect();
+    let base_feat4 = relu_randn(&[batch, c4, size, size]);
+    let exclude_tensor = exclude.map(Tensor::from_slice);
+    let ours = tch::no_grad(|| {
+        let base = model.base.head.forward_t(&base_feat4, false, false);
+        model.head(
+            &query,
+            &supports,
+            &masks,
+            &base,
+            exclude_tensor.as_ref(),
+            false,
+        )
+    });
+
+    let mut entries: Vec<(String, Tensor)> = vars
+        .iter()
+        .filter(|(n, _)| !n.starts_with("base.layer"))
+        .map(|(n, t)| (format!("w.{n}"), t.shallow_clone()))
+        .collect();
+    entries.push(("q_low".into(), query.low.shallow_clone()));
+    entries.push(("q_mid".into(), query.mid.shallow_clone()));
+    entries.push(("q_high".into(), query.high.shallow_clone()));
+    entries.push(("base_feat4".into(), base_feat4));
+    for (k, (s, m)) in supports.iter().zip(&masks).enumerate() {
+        entries.push((format!("s_low{k}"), s.low.shallow_clone()));
+        entries.push((format!("s_mid{k}"), s.mid.shallow_clone()));
+        entries.push((format!("s_high{k}"), s.high.shallow_clone()));
+        entries.push((format!("mask{k}"), m.shallow_clone()));
+    }
+    entries.push(("shot".into(), Tensor::from(shot as i64)));
+    if let Some(e) = exclude_tensor {
+        entries.push(("exclude".into(), e));
+    }
+    let (input, output) = (dir.join("in.safetensors"), dir.join("out.safetensors"));
+    Tensor::write_safetensors(&entries, &input).unwrap();
+    common::run_python(PYTORCH_BAM, &[&input, &output]);
+    let theirs: HashMap<String, Tensor> = Tensor::read_safetensors(&output)
+        .unwrap()
+        .into_iter()
+        .collect();
+    for (key, ours) in [
+        ("base", &ours.base_logits),
+        ("meta", &ours.meta_logits),
+        ("final", &ours.logits),
+    ] {
+        let expected = &theirs[key];
+        assert_eq!(ours.size(), expected.size(), "{key}");
+        let scale = expected.abs().max().double_value(&[]);
+        let err = (ours - expected).abs().max().double_value(&[]) / scale;
+        // float32 rounding; a wrong module gives errors of order 1.
+        assert!(err < 1e-4, "{name} {key}: relative error {err}");
+    }
+}
+
+#[test]
+fn bam_one_shot_matches_pytorch() {
+    cross_check(1, None, "bam-1shot");
+}
+
+#[test]
+fn bam_two_shot_with_training_base_exclusion_matches_pytorch() {
+    cross_check(2, Some(&[3, 7]), "bam-2shot");
+}
+
+#[test]
+fn base_learner_gets_no_gradient_and_stays_unchanged_in_the_meta_stage() {
+    tch::manual_seed(3);
+    let config = tiny(2, true);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = Bam::new(&vs.root(), &config, Init::Random).unwrap();
+    model.decompose_base_into_meta(&vs, &config);
+    let trainable = bam::freeze_all_but_trainable(&vs, true);
+    let before: HashMap<String, Tensor> = vs
+        .variables()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("base."))
+        .map(|(n, t)| (n, t.copy()))
+        .collect();
+    assert!(!before.is_empty());
+    let query = Tensor::randn([2, 3, 65, 65], CPU_F32);
+    let supports = Tensor::randn([2, 2, 3, 65, 65], CPU_F32);
+    let labels = Tensor::rand([2, 2, 65, 65], CPU_F32)
+        .gt(0.5)
+        .to_kind(Kind::Int64);
+    let exclude = Tensor::from_slice(&[1i64, 15]);
+    let out = model.forward(&query, &supports, &labels, Some(&exclude), true);
+    model.loss(&out, &labels.select(1, 0)).backward();
+    let mut singular = 0;
+    for (name, tensor) in &trainable {
+        assert!(!name.starts_with("base."), "{name}");
+        let grad = tensor.grad();
+        assert!(grad.defined(), "{name} got no gradient");
+        if name.ends_with("vector_S") {
+            singular += 1;
+            assert!(["layer2.", "layer3.", "layer4."]
+                .iter()
+                .any(|s| name.starts_with(s)));
+        }
+        tch::no_grad(|| {
+            let _ = tensor.shallow_clone().g_sub_(&(grad * 0.1));
+        });
+    }
+    assert!(singular > 0);
+    for (name, tensor) in vs.variables() {
+        if let Some(old) = before.get(&name) {
+            assert!(!tensor.requires_grad(), "{name}");
+            assert!(!tensor.grad().defined(), "{name} got a gradient");
+            assert!(tensor.equal(old), "{name} changed in the meta stage");
+        }
+    }
+}
+
+#[test]
+fn svf_copy_starts_equal_to_the_base_backbone() {
+    tch::manual_seed(4);
+    let config = Config {
+        svf_rank_multiple: 1,
+        ..tiny(1, true)
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = Bam::new(&vs.root(), &config, Init::Random).unwrap();
+    model.decompose_base_into_meta(&vs, &config);
+    let images = Tensor::randn([1, 3, 65, 65], CPU_F32);
+    let (ours, base) = tch::no_grad(|| {
+        (
+            model.meta_features(&images, None).high,
+            model.base.encode(&images, false),
+        )
+    });
+    let err = (&ours - &base).abs().max().double_value(&[]) / base.abs().max().double_value(&[]);
+    assert!(err < 1e-4, "relative error {err}");
+}
