@@ -227,8 +227,8 @@ impl EpisodeShape {
     }
 }
 
-/// One training iteration as the trainer runs it (forward in train mode, loss, backward, a step of
-/// [`train::optimiser`], the loss read back) on a random batch of
+/// One training iteration, [`train::train_step`] itself (forward in train mode, loss, backward, the
+/// loss read back, a step of [`train::optimiser`]) on a random batch of
 /// `batch_size` episodes, for each shape. The model is built once.
 pub fn train_step_throughput(
     config: &Config,
@@ -261,15 +261,23 @@ pub fn train_step_throughput(
         let [query, query_label, supports, support_labels] =
             synthetic_episodes(batch, shot, size, options.device);
         reset_peak_rss();
+        let inputs = train::StepInputs {
+            query_image: &query,
+            query_label: &query_label,
+            support_images: &supports,
+            support_labels: &support_labels,
+        };
         let timing = Timing::measure(options, || {
-            let loss = amp::autocast(config, options.device, || {
-                let out = net.forward(&query, &supports, &support_labels, true);
-                net.loss(&out, &query_label)
-            });
-            sgd.zero_grad();
-            loss.backward();
-            sgd.step(config.base_lr);
-            loss.double_value(&[]);
+            let no_map: Option<fn(Tensor) -> Tensor> = None;
+            train::train_step(
+                &net,
+                &mut sgd,
+                config,
+                options.device,
+                &inputs,
+                config.base_lr,
+                no_map,
+            );
         });
         results.push(StepThroughput {
             tracked_parameters: Some(tracked),

@@ -166,21 +166,28 @@ pub fn evaluate_on(
     let mut seeds = Vec::with_capacity(options.seeds.len());
     for (run, &seed) in options.seeds.iter().enumerate() {
         let mut accumulator = IoUAccumulator::new(dataset.classes());
-        let loader = EpisodeLoader::new(
+        let loader = EpisodeLoader::for_device(
             dataset.clone(),
             seed,
             0..options.episodes,
             options.batch_size,
             options.workers,
+            device,
         );
         for batch in loader {
             let batch = batch?;
             let logits = inference_logits(
                 model,
                 config,
-                &batch.query_image.to_device(device),
-                &batch.support_images.to_device(device),
-                &batch.support_labels.to_device(device),
+                &batch
+                    .query_image
+                    .to_device_(device, batch.query_image.kind(), true, false),
+                &batch
+                    .support_images
+                    .to_device_(device, batch.support_images.kind(), true, false),
+                &batch
+                    .support_labels
+                    .to_device_(device, batch.support_labels.kind(), true, false),
             );
             if options.ori_resize {
                 for (e, original) in batch.original_labels.iter().enumerate() {
@@ -190,7 +197,9 @@ pub fn evaluate_on(
             } else {
                 accumulator.add_episodes(
                     &logits.argmax(1, false),
-                    &batch.query_label.to_device(device),
+                    &batch
+                        .query_label
+                        .to_device_(device, batch.query_label.kind(), true, false),
                     &batch.class_ids,
                 );
             }

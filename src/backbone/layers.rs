@@ -208,7 +208,46 @@ impl Conv2d {
             Conv2d::Svd(svd) => svd.forward(x),
         }
     }
+
+    /// `bn(conv(x))`. With BatchNorm in eval mode (`fix_bn`, evaluation) the BatchNorm is folded
+    /// into the convolution at use time (issue 14): its per-channel `scale·y + shift` scales the
+    /// output rows of the weight (`conv_U`'s in SVD form, which comes after `vector_S`, so the fold is
+    /// exact) and becomes the bias. The variables keep their values and names; the fold is part of the
+    /// forward graph, so gradients reach `vector_S` (and any trainable weight) as before, and no
+    /// activation is kept for a BatchNorm backward.
+    pub(crate) fn forward_bn(&self, x: &Tensor, bn: &BatchNorm2d, bn_train: bool) -> Tensor {
+        if bn_train {
+            return bn.forward(&self.forward(x), true);
+        }
+        let (scale, shift) = bn.eval_affine();
+        let fold = |weight: &Tensor, bias: Option<&Tensor>| {
+            let weight = weight * scale.reshape([-1, 1, 1, 1]);
+            let bias = match bias {
+                Some(bias) => bias * &scale + &shift,
+                None => shift.shallow_clone(),
+            };
+            (weight, bias)
+        };
+        match self {
+            Conv2d::Full {
+                weight,
+                bias,
+                geometry,
+            } => {
+                let (weight, bias) = fold(weight, bias.as_ref());
+                geometry.conv2d(x, &weight, Some(&bias))
+            }
+            Conv2d::Svd(svd) => {
+                let h = svd.geometry.conv2d(x, &svd.conv_v, None) * &svd.vector_s;
+                let (weight, bias) = fold(&svd.conv_u, svd.conv_u_bias.as_ref());
+                ConvGeometry::PLAIN.conv2d(&h, &weight, Some(&bias))
+            }
+        }
+    }
 }
+
+/// PyTorch's BatchNorm2d eps.
+const BN_EPS: f64 = 1e-5;
 
 /// BatchNorm2d with PyTorch's variable names (`weight`, `bias`, `running_mean`, `running_var`,
 /// `num_batches_tracked`) so state dicts map one to one, momentum 0.1, eps 1e-5.
@@ -236,6 +275,14 @@ impl BatchNorm2d {
         }
     }
 
+    /// Eval-mode BatchNorm as `y·scale + shift` per channel: `scale = weight / √(running_var + eps)`,
+    /// `shift = bias − running_mean·scale`.
+    pub(crate) fn eval_affine(&self) -> (Tensor, Tensor) {
+        let scale = &self.weight * (&self.running_var + BN_EPS).rsqrt();
+        let shift = &self.bias - &self.running_mean * &scale;
+        (scale, shift)
+    }
+
     /// `train`: batch statistics, and the running ones updated (PyTorch's training mode).
     pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         if train {
@@ -250,7 +297,7 @@ impl BatchNorm2d {
             Some(&self.running_var),
             train,
             0.1,
-            1e-5,
+            BN_EPS,
             true,
         )
     }
@@ -328,11 +375,23 @@ impl Stage {
 
     pub(crate) fn forward(&self, x: &Tensor, bn_train: bool) -> Tensor {
         let mut h = x.shallow_clone();
-        for unit in &self.units {
+        let mut units = self.units.iter().peekable();
+        while let Some(unit) = units.next() {
             h = match unit {
-                Unit::Conv(conv) => conv.forward(&h),
+                Unit::Conv(conv) => match units.peek() {
+                    Some(Unit::BatchNorm(bn)) => {
+                        units.next();
+                        conv.forward_bn(&h, bn, bn_train)
+                    }
+                    _ => conv.forward(&h),
+                },
                 Unit::BatchNorm(bn) => bn.forward(&h, bn_train),
-                Unit::Relu => h.relu(),
+                // In place: what precedes a ReLU here (conv, BatchNorm) keeps no output for its
+                // backward, so nothing autograd saved is overwritten.
+                Unit::Relu => {
+                    let _ = h.relu_();
+                    h
+                }
                 Unit::MaxPool {
                     kernel,
                     stride,
@@ -343,5 +402,112 @@ impl Stage {
             };
         }
         h
+    }
+}
+
+// --- issue 14: BatchNorm folding -------------------------------------------------------------
+#[cfg(test)]
+mod fold_tests {
+    use super::*;
+    use tch::Device;
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
+    }
+
+    /// The folded conv+BatchNorm against the two run one after the other, for a full-rank and an
+    /// SVD conv (with and without bias), in values and in the gradients of `vector_S` and the input.
+    #[test]
+    fn folded_batch_norm_equals_conv_then_batch_norm() {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let names = std::cell::RefCell::new(Vec::new());
+        let options = SvfOptions {
+            exclude: vec!["layer2.full".into()],
+            ..SvfOptions::default()
+        };
+        let root = Scope::root(&vs.root(), Some(&options), Init::Random, &names);
+        let stage = root.sub("layer2");
+        let spec = ConvSpec::new(8, 12, 3).stride(2).dilation(2);
+        let cases = [
+            ("full", spec),
+            ("svd", spec),
+            ("svd_bias", spec.with_bias()),
+        ];
+        for (name, spec) in cases {
+            let scope = stage.sub(name);
+            let conv = Conv2d::new(&scope.sub("conv"), spec);
+            let bn = BatchNorm2d::new(&scope.sub("bn"), spec.out_channels);
+            tch::no_grad(|| {
+                let float = (Kind::Float, Device::Cpu);
+                let c = spec.out_channels;
+                bn.weight
+                    .shallow_clone()
+                    .copy_(&(Tensor::rand([c], float) + 0.5));
+                bn.bias.shallow_clone().copy_(&Tensor::randn([c], float));
+                bn.running_mean
+                    .shallow_clone()
+                    .copy_(&Tensor::randn([c], float));
+                bn.running_var
+                    .shallow_clone()
+                    .copy_(&(Tensor::rand([c], float) + 0.1));
+                if let Conv2d::Full {
+                    bias: Some(bias), ..
+                } = &conv
+                {
+                    bias.shallow_clone().copy_(&Tensor::randn([c], float));
+                }
+                if let Conv2d::Svd(SvdConv2d {
+                    conv_u_bias: Some(bias),
+                    ..
+                }) = &conv
+                {
+                    bias.shallow_clone().copy_(&Tensor::randn([c], float));
+                }
+            });
+            assert_eq!(matches!(conv, Conv2d::Svd(_)), name != "full", "{name}");
+            let x = Tensor::randn([2, 8, 15, 15], (Kind::Float, Device::Cpu));
+            let upstream = Tensor::randn([2, 12, 8, 8], (Kind::Float, Device::Cpu));
+            let run = |folded: bool| {
+                let x = x.copy().set_requires_grad(true);
+                if let Conv2d::Svd(svd) = &conv {
+                    svd.vector_s.shallow_clone().zero_grad();
+                }
+                let y = if folded {
+                    conv.forward_bn(&x, &bn, false)
+                } else {
+                    bn.forward(&conv.forward(&x), false)
+                };
+                (&y * &upstream).sum(Kind::Float).backward();
+                let s_grad = match &conv {
+                    Conv2d::Svd(svd) => svd.vector_s.grad().copy(),
+                    Conv2d::Full { .. } => Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+                };
+                (y.detach(), x.grad(), s_grad)
+            };
+            let (y_fold, dx_fold, ds_fold) = run(true);
+            let (y_ref, dx_ref, ds_ref) = run(false);
+            assert!(max_rel_diff(&y_fold, &y_ref) < 1e-5, "{name}: output");
+            assert!(
+                max_rel_diff(&dx_fold, &dx_ref) < 1e-5,
+                "{name}: input gradient"
+            );
+            if name != "full" {
+                assert!(
+                    max_rel_diff(&ds_fold, &ds_ref) < 1e-5,
+                    "{name}: vector_S gradient"
+                );
+            }
+        }
+        // Training-mode BatchNorm is not folded: it still updates the running statistics.
+        let conv = Conv2d::new(&stage.sub("t").sub("conv"), ConvSpec::new(8, 4, 1));
+        let bn = BatchNorm2d::new(&stage.sub("t").sub("bn"), 4);
+        let _ = conv.forward_bn(
+            &Tensor::randn([2, 8, 5, 5], (Kind::Float, Device::Cpu)),
+            &bn,
+            true,
+        );
+        assert_eq!(i64::try_from(&bn.num_batches_tracked).unwrap(), 1);
+        assert!(bn.running_mean.abs().sum(Kind::Float).double_value(&[]) > 0.0);
     }
 }

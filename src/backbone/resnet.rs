@@ -85,16 +85,20 @@ impl ResidualBlock {
         let mut h = x.shallow_clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            h = bn.forward(&conv.forward(&h), bn_train);
+            h = conv.forward_bn(&h, bn, bn_train);
             if i < last {
-                h = h.relu();
+                // In place, as the reference's ReLU(inplace=True): conv and BatchNorm keep no
+                // output for their backward.
+                let _ = h.relu_();
             }
         }
         let shortcut = match &self.downsample {
-            Some((conv, bn)) => bn.forward(&conv.forward(x), bn_train),
+            Some((conv, bn)) => conv.forward_bn(x, bn, bn_train),
             None => x.shallow_clone(),
         };
-        (h + shortcut).relu()
+        let mut out = h + shortcut;
+        let _ = out.relu_();
+        out
     }
 }
 
