@@ -190,9 +190,10 @@ pub fn evaluate_on(
                     .to_device_(device, batch.support_labels.kind(), true, false),
             );
             if options.ori_resize {
+                // Counts stay on the device until the seed ends (one read per seed).
                 for (e, original) in batch.original_labels.iter().enumerate() {
                     let (pred, target) = original_resolution(&logits.get(e as i64), original);
-                    accumulator.add(&pred, &target, batch.class_ids[e]);
+                    accumulator.add_deferred(&pred, &target, &batch.class_ids[e..=e]);
                 }
             } else {
                 accumulator.add_episodes(
@@ -208,6 +209,7 @@ pub fn evaluate_on(
             }
             bar.inc(batch.class_ids.len() as u64);
         }
+        accumulator.flush();
         let result = SeedResult::from_accumulator(seed, &accumulator);
         tracing::info!(
             seed,
@@ -269,7 +271,11 @@ fn write_panels(
         } else {
             one.add(
                 &episode_logits.argmax(0, false),
-                &batch.query_label.get(e as i64),
+                // The label on the prediction's device (GPU-NOTES 1).
+                &batch
+                    .query_label
+                    .get(e as i64)
+                    .to_device(episode_logits.device()),
                 class,
             );
         }
@@ -389,7 +395,7 @@ pub fn original_resolution(logits: &Tensor, original_label: &Tensor) -> (Tensor,
     target
         .narrow(0, 0, h)
         .narrow(1, 0, w)
-        .copy_(&original_label.to_device(device));
+        .copy_(&original_label.to_device_(device, original_label.kind(), true, false));
     let prediction = logits
         .unsqueeze(0)
         .upsample_bilinear2d([side, side], true, None, None)

@@ -238,7 +238,8 @@ impl Conv2d {
                 geometry.conv2d(x, &weight, Some(&bias))
             }
             Conv2d::Svd(svd) => {
-                let h = svd.geometry.conv2d(x, &svd.conv_v, None) * &svd.vector_s;
+                let h = svd.geometry.conv2d(x, &svd.conv_v, None);
+                let h = &h * svd.vector_s.to_kind(h.kind()); // as in `SvdConv2d::forward`
                 let (weight, bias) = fold(&svd.conv_u, svd.conv_u_bias.as_ref());
                 ConvGeometry::PLAIN.conv2d(&h, &weight, Some(&bias))
             }

@@ -140,6 +140,9 @@ impl Built {
         ] {
             *tensor = tensor.pin_memory(device);
         }
+        for label in &mut batch.original_labels {
+            *label = label.pin_memory(device);
+        }
         self
     }
 }
