@@ -219,28 +219,19 @@ impl Conv2d {
         if bn_train {
             return bn.forward(&self.forward(x), true);
         }
-        let (scale, shift) = bn.eval_affine();
-        let fold = |weight: &Tensor, bias: Option<&Tensor>| {
-            let weight = weight * scale.reshape([-1, 1, 1, 1]);
-            let bias = match bias {
-                Some(bias) => bias * &scale + &shift,
-                None => shift.shallow_clone(),
-            };
-            (weight, bias)
-        };
         match self {
             Conv2d::Full {
                 weight,
                 bias,
                 geometry,
             } => {
-                let (weight, bias) = fold(weight, bias.as_ref());
+                let (weight, bias) = bn.fold(weight, bias.as_ref());
                 geometry.conv2d(x, &weight, Some(&bias))
             }
             Conv2d::Svd(svd) => {
                 let h = svd.geometry.conv2d(x, &svd.conv_v, None);
                 let h = &h * svd.vector_s.to_kind(h.kind()); // as in `SvdConv2d::forward`
-                let (weight, bias) = fold(&svd.conv_u, svd.conv_u_bias.as_ref());
+                let (weight, bias) = bn.fold(&svd.conv_u, svd.conv_u_bias.as_ref());
                 ConvGeometry::PLAIN.conv2d(&h, &weight, Some(&bias))
             }
         }
@@ -259,7 +250,11 @@ pub(crate) struct BatchNorm2d {
     running_mean: Tensor,
     running_var: Tensor,
     num_batches_tracked: Tensor,
+    /// [`BatchNorm2d::fold`]'s last frozen result: (key, weight, bias).
+    folded: std::sync::Mutex<Option<FoldedConv>>,
 }
+
+type FoldedConv = (Vec<i64>, Tensor, Tensor);
 
 impl BatchNorm2d {
     pub(crate) fn new(scope: &Scope, channels: i64) -> BatchNorm2d {
@@ -273,6 +268,53 @@ impl BatchNorm2d {
                 "num_batches_tracked",
                 Tensor::zeros([], (Kind::Int64, scope.device())),
             ),
+            folded: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The preceding conv's `weight` and `bias` with this eval-mode BatchNorm folded in: rows scaled
+    /// by `scale`, bias `bias·scale + shift`. When nothing involved tracks gradients (frozen weights
+    /// and statistics: `fix_bn` training, evaluation) the result is kept and reused until one of the
+    /// tensors changes (their version counters and storage are the key, so loading weights, which
+    /// copies into the variables, refreshes it); otherwise it is computed in the graph every time.
+    fn fold(&self, weight: &Tensor, bias: Option<&Tensor>) -> (Tensor, Tensor) {
+        let compute = || {
+            let (scale, shift) = self.eval_affine();
+            let folded_weight = weight * scale.reshape([-1, 1, 1, 1]);
+            let folded_bias = match bias {
+                Some(bias) => bias * &scale + &shift,
+                None => shift,
+            };
+            (folded_weight, folded_bias)
+        };
+        let inputs = [
+            Some(weight),
+            bias,
+            Some(&self.weight),
+            Some(&self.bias),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+        ];
+        if inputs.iter().flatten().any(|t| t.requires_grad()) {
+            return compute();
+        }
+        let key: Vec<i64> = inputs
+            .iter()
+            .flat_map(|t| match t {
+                Some(t) => [t.internal_version(), t.data_ptr() as i64],
+                None => [-1, -1],
+            })
+            .collect();
+        let mut cache = self.folded.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cache {
+            Some((cached_key, w, b)) if *cached_key == key => {
+                (w.shallow_clone(), b.shallow_clone())
+            }
+            _ => {
+                let (w, b) = tch::no_grad(compute);
+                *cache = Some((key, w.shallow_clone(), b.shallow_clone()));
+                (w, b)
+            }
         }
     }
 
@@ -500,6 +542,26 @@ mod fold_tests {
                 );
             }
         }
+        // Frozen weights: the fold is kept, and refreshed when a weight or statistic changes (as
+        // loading weights changes them, by copying into the variables).
+        let conv = Conv2d::new(&stage.sub("c").sub("conv"), ConvSpec::new(8, 4, 3));
+        let bn = BatchNorm2d::new(&stage.sub("c").sub("bn"), 4);
+        let x = Tensor::randn([1, 8, 7, 7], (Kind::Float, Device::Cpu));
+        let first = conv.forward_bn(&x, &bn, false);
+        assert!(bn.folded.lock().unwrap().is_some());
+        let again = conv.forward_bn(&x, &bn, false);
+        assert_eq!(max_rel_diff(&again, &first), 0.0);
+        tch::no_grad(|| {
+            let var = Tensor::rand([4], (Kind::Float, Device::Cpu)) + 0.1;
+            bn.running_var.shallow_clone().copy_(&var);
+            if let Conv2d::Svd(svd) = &conv {
+                svd.conv_u.shallow_clone().copy_(&(&svd.conv_u * 2.0));
+            }
+        });
+        let changed = conv.forward_bn(&x, &bn, false);
+        let reference = bn.forward(&conv.forward(&x), false);
+        assert!(max_rel_diff(&changed, &reference) < 1e-5);
+        assert!(max_rel_diff(&changed, &first) > 1e-3);
         // Training-mode BatchNorm is not folded: it still updates the running statistics.
         let conv = Conv2d::new(&stage.sub("t").sub("conv"), ConvSpec::new(8, 4, 1));
         let bn = BatchNorm2d::new(&stage.sub("t").sub("bn"), 4);
