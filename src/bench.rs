@@ -140,6 +140,32 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// Device memory in use on a CUDA device, MiB: `total − free` of the runtime's `cudaMemGetInfo`
+/// (GPU-NOTES 12), for the current CUDA device (device 0 unless set otherwise). libtorch's caching
+/// allocator keeps the blocks it has reserved, so after a timed step this is the process's peak
+/// reserved memory so far plus the CUDA context (a few hundred MiB) and whatever other processes hold
+/// on the device: run one shape per process for per-shape figures. tch does not expose the
+/// allocator's own statistics (they sit behind a C++ virtual interface); the runtime's C function is
+/// looked up at run time in the CUDA runtime libtorch loaded. `None` off CUDA or when not found.
+pub fn cuda_memory_in_use_mib(device: Device) -> Option<f64> {
+    if !device.is_cuda() {
+        return None;
+    }
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks a symbol up.
+    let symbol = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"cudaMemGetInfo".as_ptr()) };
+    if symbol.is_null() {
+        return None;
+    }
+    // SAFETY: `cudaMemGetInfo(size_t* free, size_t* total)` returns a `cudaError_t` (an int).
+    let mem_get_info: MemGetInfo =
+        unsafe { std::mem::transmute::<*mut libc::c_void, MemGetInfo>(symbol) };
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: both pointers are valid for the call.
+    let status = unsafe { mem_get_info(&mut free, &mut total) };
+    (status == 0).then(|| (total - free) as f64 / (1024.0 * 1024.0))
+}
+
 /// Episodes per second of one step that processes `batch_size` episodes.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepThroughput {
@@ -159,6 +185,8 @@ pub struct StepThroughput {
     /// Train only: the parameters autograd tracks in the step (the trainable set, or every weight
     /// with `--track-frozen`).
     pub tracked_parameters: Option<i64>,
+    /// CUDA only: device memory in use after timing, MiB (see [`cuda_memory_in_use_mib`]).
+    pub device_mib: Option<f64>,
 }
 
 impl StepThroughput {
@@ -180,6 +208,7 @@ impl StepThroughput {
             episodes_per_second: 1.0 / seconds_per_episode,
             peak_rss_mib: peak_rss_mib(),
             tracked_parameters: None,
+            device_mib: None,
         }
     }
 }
@@ -227,8 +256,8 @@ impl EpisodeShape {
     }
 }
 
-/// One training iteration as the trainer runs it (forward in train mode, loss, backward, a step of
-/// [`train::optimiser`], the loss read back) on a random batch of
+/// One training iteration, [`train::train_step`] itself (forward in train mode, loss, backward, the
+/// loss read back, a step of [`train::optimiser`]) on a random batch of
 /// `batch_size` episodes, for each shape. The model is built once.
 pub fn train_step_throughput(
     config: &Config,
@@ -261,18 +290,27 @@ pub fn train_step_throughput(
         let [query, query_label, supports, support_labels] =
             synthetic_episodes(batch, shot, size, options.device);
         reset_peak_rss();
+        let inputs = train::StepInputs {
+            query_image: &query,
+            query_label: &query_label,
+            support_images: &supports,
+            support_labels: &support_labels,
+        };
         let timing = Timing::measure(options, || {
-            let loss = amp::autocast(config, options.device, || {
-                let out = net.forward(&query, &supports, &support_labels, true);
-                net.loss(&out, &query_label)
-            });
-            sgd.zero_grad();
-            loss.backward();
-            sgd.step(config.base_lr);
-            loss.double_value(&[]);
+            let no_map: Option<fn(Tensor) -> Tensor> = None;
+            train::train_step(
+                &net,
+                &mut sgd,
+                config,
+                options.device,
+                &inputs,
+                config.base_lr,
+                no_map,
+            );
         });
         results.push(StepThroughput {
             tracked_parameters: Some(tracked),
+            device_mib: cuda_memory_in_use_mib(options.device),
             ..StepThroughput::new(size, shot, batch, setup_s, timing)
         });
     }
@@ -332,7 +370,10 @@ impl EvalModel {
             let _ = logits().argmax(1, false);
         });
         let batch = query.size()[0] as usize;
-        let throughput = StepThroughput::new(shape.size, shape.shot, batch, self.setup_s, timing);
+        let throughput = StepThroughput {
+            device_mib: cuda_memory_in_use_mib(options.device),
+            ..StepThroughput::new(shape.size, shape.shot, batch, self.setup_s, timing)
+        };
         (throughput, logits())
     }
 }
@@ -711,8 +752,23 @@ impl std::fmt::Display for BenchReport {
             )?;
         }
         if self.device.starts_with("cuda") {
-            // tch 0.24 does not expose the CUDA caching allocator's statistics.
-            writeln!(f, "peak GPU memory: n/a")?;
+            let rows = self
+                .train
+                .iter()
+                .map(|s| ("train", s))
+                .chain(self.eval.iter().flat_map(|e| {
+                    std::iter::once(("eval", &e.unfused))
+                        .chain(e.fused.iter().map(|s| ("eval fused", s)))
+                }));
+            for (name, s) in rows {
+                writeln!(
+                    f,
+                    "GPU memory in use after {name} {}/{}-shot: {} MiB (cudaMemGetInfo: peak reserved so far + context)",
+                    s.size,
+                    s.shot,
+                    mib(s.device_mib)
+                )?;
+            }
         }
         Ok(())
     }

@@ -143,31 +143,41 @@ pub fn evaluate_on(
     let mut seeds = Vec::with_capacity(options.seeds.len());
     for (run, &seed) in options.seeds.iter().enumerate() {
         let mut accumulator = IoUAccumulator::new(dataset.classes());
-        let loader = EpisodeLoader::new(
+        let loader = EpisodeLoader::for_device(
             dataset.clone(),
             seed,
             0..options.episodes,
             options.batch_size,
             options.workers,
+            device,
         );
         for batch in loader {
             let batch = batch?;
             let logits = inference_logits(
                 model,
                 config,
-                &batch.query_image.to_device(device),
-                &batch.support_images.to_device(device),
-                &batch.support_labels.to_device(device),
+                &batch
+                    .query_image
+                    .to_device_(device, batch.query_image.kind(), true, false),
+                &batch
+                    .support_images
+                    .to_device_(device, batch.support_images.kind(), true, false),
+                &batch
+                    .support_labels
+                    .to_device_(device, batch.support_labels.kind(), true, false),
             );
             if options.ori_resize {
+                // Counts stay on the device until the seed ends (one read per seed).
                 for (e, original) in batch.original_labels.iter().enumerate() {
                     let (pred, target) = original_resolution(&logits.get(e as i64), original);
-                    accumulator.add(&pred, &target, batch.class_ids[e]);
+                    accumulator.add_deferred(&pred, &target, &batch.class_ids[e..=e]);
                 }
             } else {
                 accumulator.add_episodes(
                     &logits.argmax(1, false),
-                    &batch.query_label.to_device(device),
+                    &batch
+                        .query_label
+                        .to_device_(device, batch.query_label.kind(), true, false),
                     &batch.class_ids,
                 );
             }
@@ -176,6 +186,7 @@ pub fn evaluate_on(
             }
             bar.inc(batch.class_ids.len() as u64);
         }
+        accumulator.flush();
         let result = SeedResult::from_accumulator(seed, &accumulator);
         tracing::info!(
             seed,
@@ -219,7 +230,11 @@ fn write_panels(
         } else {
             one.add(
                 &episode_logits.argmax(0, false),
-                &batch.query_label.get(e as i64),
+                // The label on the prediction's device (GPU-NOTES 1).
+                &batch
+                    .query_label
+                    .get(e as i64)
+                    .to_device(episode_logits.device()),
                 class,
             );
         }

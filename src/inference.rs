@@ -115,7 +115,7 @@ pub fn original_resolution(logits: &Tensor, original_label: &Tensor) -> (Tensor,
     target
         .narrow(0, 0, h)
         .narrow(1, 0, w)
-        .copy_(&original_label.to_device(device));
+        .copy_(&original_label.to_device_(device, original_label.kind(), true, false));
     let prediction = logits
         .unsqueeze(0)
         .upsample_bilinear2d([side, side], true, None, None)

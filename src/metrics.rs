@@ -33,13 +33,16 @@ impl Counts {
 
 /// Sums of intersection and union over the episodes of an evaluation, for the fold's classes
 /// (foreground only, as mIoU) and for background and foreground over all episodes (FB-IoU).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct IoUAccumulator {
     classes: Vec<usize>,
     per_class: Vec<Counts>,
     class_episodes: Vec<u64>,
     background: Counts,
     foreground: Counts,
+    /// Counts added by [`IoUAccumulator::add_deferred`] and not yet read back: `[classes, 4]` i64
+    /// on the predictions' device (issue 14).
+    pending: Option<Tensor>,
 }
 
 impl IoUAccumulator {
@@ -51,6 +54,7 @@ impl IoUAccumulator {
             class_episodes: vec![0; classes.len()],
             background: Counts::default(),
             foreground: Counts::default(),
+            pending: None,
         }
     }
 
@@ -90,9 +94,44 @@ impl IoUAccumulator {
         }
     }
 
-    fn record(&mut self, counts: &[i64], class_id: usize, episodes: u64) {
-        let slot = self
-            .classes
+    /// As [`IoUAccumulator::add_episodes`] (`pred`, `label` `[N,H,W]` or `[H,W]`), but nothing is
+    /// read back: the counts are summed per class where the tensors are, and read by one
+    /// [`IoUAccumulator::flush`] (once per evaluation seed rather than once per episode: no device
+    /// synchronisation in the evaluation loop). Flush before reading any result.
+    pub fn add_deferred(&mut self, pred: &Tensor, label: &Tensor, class_ids: &[usize]) {
+        let counts = episode_counts(pred, label);
+        assert_eq!(
+            counts.size()[0],
+            class_ids.len() as i64,
+            "one class id per episode"
+        );
+        let slots: Vec<usize> = class_ids.iter().map(|&c| self.slot(c)).collect();
+        let classes = self.classes.len() as i64;
+        let pending = self
+            .pending
+            .get_or_insert_with(|| Tensor::zeros([classes, 4], (Kind::Int64, counts.device())));
+        for (row, &slot) in slots.iter().enumerate() {
+            let _ = pending.get(slot as i64).g_add_(&counts.get(row as i64));
+            self.class_episodes[slot] += 1;
+        }
+    }
+
+    /// Reads back the counts of [`IoUAccumulator::add_deferred`] (one device→host copy).
+    pub fn flush(&mut self) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        let rows = Vec::<Vec<i64>>::try_from(&pending.to_device(tch::Device::Cpu))
+            .expect("a 2-D count tensor converts");
+        for (slot, row) in rows.iter().enumerate() {
+            self.background.add(row[0], row[1]);
+            self.foreground.add(row[2], row[3]);
+            self.per_class[slot].add(row[2], row[3]);
+        }
+    }
+
+    fn slot(&self, class_id: usize) -> usize {
+        self.classes
             .iter()
             .position(|&c| c == class_id)
             .unwrap_or_else(|| {
@@ -100,16 +139,28 @@ impl IoUAccumulator {
                     "episode class {class_id} is not one of the evaluated classes {:?}",
                     self.classes
                 )
-            });
+            })
+    }
+
+    fn record(&mut self, counts: &[i64], class_id: usize, episodes: u64) {
+        let slot = self.slot(class_id);
         self.background.add(counts[0], counts[1]);
         self.foreground.add(counts[2], counts[3]);
         self.per_class[slot].add(counts[2], counts[3]);
         self.class_episodes[slot] += episodes;
     }
 
+    fn assert_flushed(&self) {
+        assert!(
+            self.pending.is_none(),
+            "IoUAccumulator: flush() the deferred counts before reading results"
+        );
+    }
+
     /// Mean over the fold's classes of each class's foreground IoU. As in the reference, a class
     /// met in no episode counts as 0 (its union is empty).
     pub fn miou(&self) -> f64 {
+        self.assert_flushed();
         if self.classes.is_empty() {
             return 0.0;
         }
@@ -118,11 +169,13 @@ impl IoUAccumulator {
 
     /// Mean of the background IoU and the foreground IoU, each summed over every episode.
     pub fn fb_iou(&self) -> f64 {
+        self.assert_flushed();
         (self.background.iou() + self.foreground.iou()) / 2.0
     }
 
     /// Each class's foreground IoU, in the order of the classes given to [`IoUAccumulator::new`].
     pub fn class_iou(&self) -> Vec<(usize, f64)> {
+        self.assert_flushed();
         self.classes
             .iter()
             .zip(&self.per_class)
@@ -184,6 +237,28 @@ mod tests {
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn deferred_counts_equal_immediate_ones() {
+        tch::manual_seed(5);
+        let cpu = (Kind::Int64, tch::Device::Cpu);
+        let pred = Tensor::randint(2, [5, 11, 9], cpu);
+        let label = Tensor::randint(3, [5, 11, 9], cpu);
+        let label = label.where_self(&label.ne(2), &label.full_like(255));
+        let classes = [4, 1, 4, 7, 1];
+        let mut now = IoUAccumulator::new(&[1, 4, 7, 9]);
+        now.add_episodes(&pred, &label, &classes);
+        let mut later = IoUAccumulator::new(&[1, 4, 7, 9]);
+        later.add_deferred(&pred.narrow(0, 0, 3), &label.narrow(0, 0, 3), &classes[..3]);
+        // One [H,W] episode, as the original-resolution path adds them.
+        later.add_deferred(&pred.get(3), &label.get(3), &classes[3..4]);
+        later.add_deferred(&pred.get(4), &label.get(4), &classes[4..]);
+        assert_eq!(later.class_episodes(), now.class_episodes());
+        later.flush();
+        assert_eq!(later.class_iou(), now.class_iou());
+        assert_eq!(later.fb_iou(), now.fb_iou());
+        assert_eq!(later.miou(), now.miou());
     }
 
     #[test]

@@ -158,7 +158,8 @@ impl PfeNet {
         let layer3_size = [feat3.size()[2], feat3.size()[3]];
         let mask = mask.map(|mask| head::resize(mask, layer3_size));
         let layer4_input = match &mask {
-            Some(mask) => &feat3 * mask,
+            // The mask in the features' dtype (bf16 under autocast: GPU-NOTES 10).
+            Some(mask) => &feat3 * mask.to_kind(feat3.kind()),
             None => feat3.shallow_clone(),
         };
         let feat4 = layer(4, &layer4_input);

@@ -277,7 +277,10 @@ pub struct SvdConv2d {
 
 impl SvdConv2d {
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let h = self.geometry.conv2d(x, &self.conv_v, None) * &self.vector_s;
+        let h = self.geometry.conv2d(x, &self.conv_v, None);
+        // `vector_S` in the activation's dtype (bf16 under autocast: GPU-NOTES 10), so the product
+        // stays in that dtype; the gradient still reaches the float32 parameter.
+        let h = &h * self.vector_s.to_kind(h.kind());
         ConvGeometry::PLAIN.conv2d(&h, &self.conv_u, self.conv_u_bias.as_ref())
     }
 }

@@ -489,12 +489,13 @@ impl Run<'_> {
         let first = self.state.iteration - epoch as u64 * per_epoch;
         // Epoch e is the data's epoch e (episodes e·E..), less the incomplete last batch.
         let epoch_start = epoch as u64 * dataset.episodes_per_epoch() as u64;
-        let loader = EpisodeLoader::new(
+        let loader = EpisodeLoader::for_device(
             dataset.clone(),
             config.manual_seed,
             epoch_start + first * batch..epoch_start + per_epoch * batch,
             config.batch_size,
             config.workers,
+            self.device,
         );
         let bar = crate::logging::progress_bar(
             per_epoch * batch,
@@ -627,29 +628,25 @@ impl Run<'_> {
         let iteration = self.state.iteration + 1;
         tch::manual_seed(step_seed(self.config.manual_seed, self.state.iteration));
         let lr = self.schedule.lr(iteration);
-        let device = self.device;
-        let query_label = batch.query_label.to_device(device);
-        let (main, aux) = amp::autocast(self.config, device, || {
-            let out = self.model.net.forward(
-                &batch.query_image.to_device(device),
-                &batch.support_images.to_device(device),
-                &batch.support_labels.to_device(device),
-                true,
-            );
-            self.model.net.loss_terms(&out, &query_label)
-        });
-        let mut loss = &main + &aux * self.config.aux_weight;
-        if let Some(map) = hooks.map_loss.as_mut() {
-            loss = map(iteration, loss);
-        }
-        // The one host synchronisation of a step: the loss value for the check and the logs.
-        let values =
-            Tensor::stack(&[loss.detach(), main.detach(), aux.detach()], 0).to_device(Device::Cpu);
-        let losses = Losses {
-            total: values.double_value(&[0]),
-            main: values.double_value(&[1]),
-            aux: values.double_value(&[2]),
+        let map_loss = hooks
+            .map_loss
+            .as_mut()
+            .map(|map| move |loss: Tensor| map(iteration, loss));
+        let inputs = StepInputs {
+            query_image: &batch.query_image,
+            query_label: &batch.query_label,
+            support_images: &batch.support_images,
+            support_labels: &batch.support_labels,
         };
+        let losses = train_step(
+            &self.model.net,
+            &mut self.sgd,
+            self.config,
+            self.device,
+            &inputs,
+            lr,
+            map_loss,
+        );
         if !losses.total.is_finite() {
             let last_good = match self.last_saved {
                 Some(at) => format!(
@@ -665,9 +662,6 @@ impl Run<'_> {
                 last_good,
             });
         }
-        self.sgd.zero_grad();
-        loss.backward();
-        self.sgd.step(lr);
         self.state.iteration = iteration;
         self.state.lr = lr;
         Ok(losses)
@@ -819,8 +813,65 @@ impl Run<'_> {
     }
 }
 
-struct Losses {
-    total: f64,
-    main: f64,
-    aux: f64,
+pub struct Losses {
+    pub total: f64,
+    pub main: f64,
+    pub aux: f64,
+}
+
+// --- issue 14: the one train step (svf-train and svf-bench) ------------------------------------
+
+/// One batch of episodes for [`train_step`], on any device (copied to the model's when elsewhere).
+pub struct StepInputs<'a> {
+    pub query_image: &'a Tensor,
+    pub query_label: &'a Tensor,
+    pub support_images: &'a Tensor,
+    pub support_labels: &'a Tensor,
+}
+
+/// One training iteration, as `svf-train` runs it and `svf-bench` times it: inputs copied to
+/// `device` (non-blocking: the loader pins its batches when the device is CUDA), forward in train
+/// mode under [`amp::autocast`], loss (`main + aux_weight·aux`, then `map_loss`), backward, and the
+/// optimiser step at `lr` only when the loss is finite; a non-finite loss leaves every weight as it
+/// was (the caller reports it).
+///
+/// The one host synchronisation is the loss read back after `backward()` (as the reference's
+/// `loss.item()` after its backward): the device never drains between forward and backward.
+pub fn train_step(
+    net: &PfeNet,
+    sgd: &mut Sgd,
+    config: &Config,
+    device: Device,
+    inputs: &StepInputs,
+    lr: f64,
+    map_loss: Option<impl FnOnce(Tensor) -> Tensor>,
+) -> Losses {
+    let upload = |t: &Tensor| t.to_device_(device, t.kind(), true, false);
+    let query_label = upload(inputs.query_label);
+    let (main, aux) = amp::autocast(config, device, || {
+        let out = net.forward(
+            &upload(inputs.query_image),
+            &upload(inputs.support_images),
+            &upload(inputs.support_labels),
+            true,
+        );
+        net.loss_terms(&out, &query_label)
+    });
+    let mut loss = &main + &aux * config.aux_weight;
+    if let Some(map) = map_loss {
+        loss = map(loss);
+    }
+    sgd.zero_grad();
+    loss.backward();
+    let values =
+        Tensor::stack(&[loss.detach(), main.detach(), aux.detach()], 0).to_device(Device::Cpu);
+    let losses = Losses {
+        total: values.double_value(&[0]),
+        main: values.double_value(&[1]),
+        aux: values.double_value(&[2]),
+    };
+    if losses.total.is_finite() {
+        sgd.step(lr);
+    }
+    losses
 }

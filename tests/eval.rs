@@ -422,4 +422,13 @@ fn accumulator_on_cuda_matches_cpu() {
     );
     assert_eq!(cpu.class_iou(), dev.class_iou());
     assert_eq!(cpu.fb_iou(), dev.fb_iou());
+    let mut deferred = IoUAccumulator::new(&[1, 2, 3]);
+    deferred.add_deferred(
+        &pred.to_device(device),
+        &label.to_device(device),
+        &[1, 2, 3],
+    );
+    deferred.flush();
+    assert_eq!(cpu.class_iou(), deferred.class_iou());
+    assert_eq!(cpu.fb_iou(), deferred.fb_iou());
 }

@@ -207,7 +207,38 @@ impl Conv2d {
             Conv2d::Svd(svd) => svd.forward(x),
         }
     }
+
+    /// `bn(conv(x))`. With BatchNorm in eval mode (`fix_bn`, evaluation) the BatchNorm is folded
+    /// into the convolution at use time (issue 14): its per-channel `scale·y + shift` scales the
+    /// output rows of the weight (`conv_U`'s in SVD form, which comes after `vector_S`, so the fold is
+    /// exact) and becomes the bias. The variables keep their values and names; the fold is part of the
+    /// forward graph, so gradients reach `vector_S` (and any trainable weight) as before, and no
+    /// activation is kept for a BatchNorm backward.
+    pub(crate) fn forward_bn(&self, x: &Tensor, bn: &BatchNorm2d, bn_train: bool) -> Tensor {
+        if bn_train {
+            return bn.forward(&self.forward(x), true);
+        }
+        match self {
+            Conv2d::Full {
+                weight,
+                bias,
+                geometry,
+            } => {
+                let (weight, bias) = bn.fold(weight, bias.as_ref());
+                geometry.conv2d(x, &weight, Some(&bias))
+            }
+            Conv2d::Svd(svd) => {
+                let h = svd.geometry.conv2d(x, &svd.conv_v, None);
+                let h = &h * svd.vector_s.to_kind(h.kind()); // as in `SvdConv2d::forward`
+                let (weight, bias) = bn.fold(&svd.conv_u, svd.conv_u_bias.as_ref());
+                ConvGeometry::PLAIN.conv2d(&h, &weight, Some(&bias))
+            }
+        }
+    }
 }
+
+/// PyTorch's BatchNorm2d eps.
+const BN_EPS: f64 = 1e-5;
 
 /// BatchNorm2d with PyTorch's variable names (`weight`, `bias`, `running_mean`, `running_var`,
 /// `num_batches_tracked`) so state dicts map one to one, momentum 0.1, eps 1e-5.
@@ -218,7 +249,11 @@ pub(crate) struct BatchNorm2d {
     running_mean: Tensor,
     running_var: Tensor,
     num_batches_tracked: Tensor,
+    /// [`BatchNorm2d::fold`]'s last frozen result: (key, weight, bias).
+    folded: std::sync::Mutex<Option<FoldedConv>>,
 }
+
+type FoldedConv = (Vec<i64>, Tensor, Tensor);
 
 impl BatchNorm2d {
     pub(crate) fn new(scope: &Scope, channels: i64) -> BatchNorm2d {
@@ -232,7 +267,62 @@ impl BatchNorm2d {
                 "num_batches_tracked",
                 Tensor::zeros([], (Kind::Int64, scope.device())),
             ),
+            folded: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The preceding conv's `weight` and `bias` with this eval-mode BatchNorm folded in: rows scaled
+    /// by `scale`, bias `bias·scale + shift`. When nothing involved tracks gradients (frozen weights
+    /// and statistics: `fix_bn` training, evaluation) the result is kept and reused until one of the
+    /// tensors changes (their version counters and storage are the key, so loading weights, which
+    /// copies into the variables, refreshes it); otherwise it is computed in the graph every time.
+    fn fold(&self, weight: &Tensor, bias: Option<&Tensor>) -> (Tensor, Tensor) {
+        let compute = || {
+            let (scale, shift) = self.eval_affine();
+            let folded_weight = weight * scale.reshape([-1, 1, 1, 1]);
+            let folded_bias = match bias {
+                Some(bias) => bias * &scale + &shift,
+                None => shift,
+            };
+            (folded_weight, folded_bias)
+        };
+        let inputs = [
+            Some(weight),
+            bias,
+            Some(&self.weight),
+            Some(&self.bias),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+        ];
+        if inputs.iter().flatten().any(|t| t.requires_grad()) {
+            return compute();
+        }
+        let key: Vec<i64> = inputs
+            .iter()
+            .flat_map(|t| match t {
+                Some(t) => [t.internal_version(), t.data_ptr() as i64],
+                None => [-1, -1],
+            })
+            .collect();
+        let mut cache = self.folded.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cache {
+            Some((cached_key, w, b)) if *cached_key == key => {
+                (w.shallow_clone(), b.shallow_clone())
+            }
+            _ => {
+                let (w, b) = tch::no_grad(compute);
+                *cache = Some((key, w.shallow_clone(), b.shallow_clone()));
+                (w, b)
+            }
+        }
+    }
+
+    /// Eval-mode BatchNorm as `y·scale + shift` per channel: `scale = weight / √(running_var + eps)`,
+    /// `shift = bias − running_mean·scale`.
+    pub(crate) fn eval_affine(&self) -> (Tensor, Tensor) {
+        let scale = &self.weight * (&self.running_var + BN_EPS).rsqrt();
+        let shift = &self.bias - &self.running_mean * &scale;
+        (scale, shift)
     }
 
     /// `train`: batch statistics, and the running ones updated (PyTorch's training mode).
@@ -249,7 +339,7 @@ impl BatchNorm2d {
             Some(&self.running_var),
             train,
             0.1,
-            1e-5,
+            BN_EPS,
             true,
         )
     }
@@ -305,16 +395,20 @@ impl ResidualBlock {
         let mut h = x.shallow_clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            h = bn.forward(&conv.forward(&h), bn_train);
+            h = conv.forward_bn(&h, bn, bn_train);
             if i < last {
-                h = h.relu();
+                // In place, as the reference's ReLU(inplace=True): conv and BatchNorm keep no
+                // output for their backward.
+                let _ = h.relu_();
             }
         }
         let shortcut = match &self.downsample {
-            Some((conv, bn)) => bn.forward(&conv.forward(x), bn_train),
+            Some((conv, bn)) => conv.forward_bn(x, bn, bn_train),
             None => x.shallow_clone(),
         };
-        (h + shortcut).relu()
+        let mut out = h + shortcut;
+        let _ = out.relu_();
+        out
     }
 }
 
@@ -390,11 +484,23 @@ impl Stage {
 
     pub(crate) fn forward(&self, x: &Tensor, bn_train: bool) -> Tensor {
         let mut h = x.shallow_clone();
-        for unit in &self.units {
+        let mut units = self.units.iter().peekable();
+        while let Some(unit) = units.next() {
             h = match unit {
-                Unit::Conv(conv) => conv.forward(&h),
+                Unit::Conv(conv) => match units.peek() {
+                    Some(Unit::BatchNorm(bn)) => {
+                        units.next();
+                        conv.forward_bn(&h, bn, bn_train)
+                    }
+                    _ => conv.forward(&h),
+                },
                 Unit::BatchNorm(bn) => bn.forward(&h, bn_train),
-                Unit::Relu => h.relu(),
+                // In place: what precedes a ReLU here (conv, BatchNorm) keeps no output for its
+                // backward, so nothing autograd saved is overwritten.
+                Unit::Relu => {
+                    let _ = h.relu_();
+                    h
+                }
                 Unit::MaxPool {
                     kernel,
                     stride,
@@ -405,5 +511,132 @@ impl Stage {
             };
         }
         h
+    }
+}
+
+// --- issue 14: BatchNorm folding -------------------------------------------------------------
+#[cfg(test)]
+mod fold_tests {
+    use super::*;
+    use tch::Device;
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
+    }
+
+    /// The folded conv+BatchNorm against the two run one after the other, for a full-rank and an
+    /// SVD conv (with and without bias), in values and in the gradients of `vector_S` and the input.
+    #[test]
+    fn folded_batch_norm_equals_conv_then_batch_norm() {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let names = std::cell::RefCell::new(Vec::new());
+        let options = SvfOptions {
+            exclude: vec!["layer2.full".into()],
+            ..SvfOptions::default()
+        };
+        let root = Scope::root(&vs.root(), Some(&options), Init::Random, &names);
+        let stage = root.sub("layer2");
+        let spec = ConvSpec::new(8, 12, 3).stride(2).dilation(2);
+        let cases = [
+            ("full", spec),
+            ("svd", spec),
+            ("svd_bias", spec.with_bias()),
+        ];
+        for (name, spec) in cases {
+            let scope = stage.sub(name);
+            let conv = Conv2d::new(&scope.sub("conv"), spec);
+            let bn = BatchNorm2d::new(&scope.sub("bn"), spec.out_channels);
+            tch::no_grad(|| {
+                let float = (Kind::Float, Device::Cpu);
+                let c = spec.out_channels;
+                bn.weight
+                    .shallow_clone()
+                    .copy_(&(Tensor::rand([c], float) + 0.5));
+                bn.bias.shallow_clone().copy_(&Tensor::randn([c], float));
+                bn.running_mean
+                    .shallow_clone()
+                    .copy_(&Tensor::randn([c], float));
+                bn.running_var
+                    .shallow_clone()
+                    .copy_(&(Tensor::rand([c], float) + 0.1));
+                if let Conv2d::Full {
+                    bias: Some(bias), ..
+                } = &conv
+                {
+                    bias.shallow_clone().copy_(&Tensor::randn([c], float));
+                }
+                if let Conv2d::Svd(SvdConv2d {
+                    conv_u_bias: Some(bias),
+                    ..
+                }) = &conv
+                {
+                    bias.shallow_clone().copy_(&Tensor::randn([c], float));
+                }
+            });
+            assert_eq!(matches!(conv, Conv2d::Svd(_)), name != "full", "{name}");
+            let x = Tensor::randn([2, 8, 15, 15], (Kind::Float, Device::Cpu));
+            let upstream = Tensor::randn([2, 12, 8, 8], (Kind::Float, Device::Cpu));
+            let run = |folded: bool| {
+                let x = x.copy().set_requires_grad(true);
+                if let Conv2d::Svd(svd) = &conv {
+                    svd.vector_s.shallow_clone().zero_grad();
+                }
+                let y = if folded {
+                    conv.forward_bn(&x, &bn, false)
+                } else {
+                    bn.forward(&conv.forward(&x), false)
+                };
+                (&y * &upstream).sum(Kind::Float).backward();
+                let s_grad = match &conv {
+                    Conv2d::Svd(svd) => svd.vector_s.grad().copy(),
+                    Conv2d::Full { .. } => Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+                };
+                (y.detach(), x.grad(), s_grad)
+            };
+            let (y_fold, dx_fold, ds_fold) = run(true);
+            let (y_ref, dx_ref, ds_ref) = run(false);
+            assert!(max_rel_diff(&y_fold, &y_ref) < 1e-5, "{name}: output");
+            assert!(
+                max_rel_diff(&dx_fold, &dx_ref) < 1e-5,
+                "{name}: input gradient"
+            );
+            if name != "full" {
+                assert!(
+                    max_rel_diff(&ds_fold, &ds_ref) < 1e-5,
+                    "{name}: vector_S gradient"
+                );
+            }
+        }
+        // Frozen weights: the fold is kept, and refreshed when a weight or statistic changes (as
+        // loading weights changes them, by copying into the variables).
+        let conv = Conv2d::new(&stage.sub("c").sub("conv"), ConvSpec::new(8, 4, 3));
+        let bn = BatchNorm2d::new(&stage.sub("c").sub("bn"), 4);
+        let x = Tensor::randn([1, 8, 7, 7], (Kind::Float, Device::Cpu));
+        let first = conv.forward_bn(&x, &bn, false);
+        assert!(bn.folded.lock().unwrap().is_some());
+        let again = conv.forward_bn(&x, &bn, false);
+        assert_eq!(max_rel_diff(&again, &first), 0.0);
+        tch::no_grad(|| {
+            let var = Tensor::rand([4], (Kind::Float, Device::Cpu)) + 0.1;
+            bn.running_var.shallow_clone().copy_(&var);
+            if let Conv2d::Svd(svd) = &conv {
+                svd.conv_u.shallow_clone().copy_(&(&svd.conv_u * 2.0));
+            }
+        });
+        let changed = conv.forward_bn(&x, &bn, false);
+        let reference = bn.forward(&conv.forward(&x), false);
+        assert!(max_rel_diff(&changed, &reference) < 1e-5);
+        assert!(max_rel_diff(&changed, &first) > 1e-3);
+        // Training-mode BatchNorm is not folded: it still updates the running statistics.
+        let conv = Conv2d::new(&stage.sub("t").sub("conv"), ConvSpec::new(8, 4, 1));
+        let bn = BatchNorm2d::new(&stage.sub("t").sub("bn"), 4);
+        let _ = conv.forward_bn(
+            &Tensor::randn([2, 8, 5, 5], (Kind::Float, Device::Cpu)),
+            &bn,
+            true,
+        );
+        assert_eq!(i64::try_from(&bn.num_batches_tracked).unwrap(), 1);
+        assert!(bn.running_mean.abs().sum(Kind::Float).double_value(&[]) > 0.0);
     }
 }

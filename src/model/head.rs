@@ -258,17 +258,55 @@ pub fn weighted_gap(feat: &Tensor, mask: &Tensor) -> Tensor {
 
 /// PFENet's prior: for every query layer-4 position, the highest cosine similarity to a support
 /// layer-4 position inside the (resized) mask, min-max normalised per query, `[B, 1, h4, w4]`.
+///
+/// Same values and gradients as the reference's formula (`bmm(s, q) / (bmm(‖s‖, ‖q‖) + 1e-7)`, then
+/// the max over support positions), computed faster (issue 14): the full `Nq × Ns` similarity runs
+/// without autograd on unit vectors (no division of the matrix) and only picks, per query position,
+/// the best support position; that pair's cosine is then recomputed with the reference's formula and
+/// eps, with autograd, from a gather of one support vector per query position. The gradient of a max
+/// reaches only the selected pair, so the backward needs no matrix product. Where two support
+/// positions tie within float rounding the pick may differ from the reference's, with the same value.
+/// Always float32 (GPU-NOTES 6): autocast is off inside and the inputs are cast up.
 pub fn prior_mask(query_high: &Tensor, support_high: &Tensor, mask: &Tensor) -> Tensor {
+    crate::amp::without_autocast(|| {
+        prior_mask_f32(
+            &query_high.to_kind(Kind::Float),
+            &support_high.to_kind(Kind::Float),
+            &mask.to_kind(Kind::Float),
+        )
+    })
+}
+
+fn prior_mask_f32(query_high: &Tensor, support_high: &Tensor, mask: &Tensor) -> Tensor {
     let [h, w] = spatial_size(query_high);
     let size = query_high.size();
     let (batch, channels) = (size[0], size[1]);
     let support = support_high * resize(mask, spatial_size(support_high));
+    // [B, C, Nq] and [B, Ns, C].
     let query = query_high.reshape([batch, channels, -1]);
     let support = support.reshape([batch, channels, -1]).permute([0, 2, 1]);
-    let query_norm = query.norm_scalaropt_dim(2, [1], true);
-    let support_norm = support.norm_scalaropt_dim(2, [2], true);
-    let similarity = support.bmm(&query) / (support_norm.bmm(&query_norm) + COSINE_EPS);
-    let best = similarity.amax([1], false);
+    let query_norm = query.norm_scalaropt_dim(2, [1], true); // [B, 1, Nq]
+    let support_norm = support.norm_scalaropt_dim(2, [2], true); // [B, Ns, 1]
+                                                                 // Which support position each query position's max comes from. Zero vectors (outside the mask)
+                                                                 // stay zero (similarity 0, as in the reference) instead of 0/0.
+    let best_index = tch::no_grad(|| {
+        let unit_query =
+            query.detach() / query_norm.detach().clamp_min(f64::from(f32::MIN_POSITIVE));
+        let unit_support = support.detach()
+            / support_norm
+                .detach()
+                .clamp_min(f64::from(f32::MIN_POSITIVE));
+        unit_support.bmm(&unit_query).argmax(1, false) // [B, Nq]
+    });
+    // The selected pairs' cosine, with the reference's formula and eps, with autograd.
+    let picked = support.gather(
+        1,
+        &best_index.unsqueeze(2).expand([-1, -1, channels], false),
+        false,
+    );
+    let picked_norm = support_norm.squeeze_dim(2).gather(1, &best_index, false); // [B, Nq]
+    let dot = (picked * query.permute([0, 2, 1])).sum_dim_intlist(&[2i64][..], false, Kind::Float);
+    let best = dot / (picked_norm * query_norm.squeeze_dim(1) + COSINE_EPS); // [B, Nq]
     let low = best.amin([1], true);
     let high = best.amax([1], true);
     ((best - &low) / (high - &low + COSINE_EPS)).reshape([batch, 1, h, w])
@@ -278,6 +316,59 @@ pub fn prior_mask(query_high: &Tensor, support_high: &Tensor, mask: &Tensor) -> 
 mod tests {
     use super::*;
     use tch::Device;
+
+    /// The reference's prior as written (full similarity matrix with autograd): what
+    /// [`prior_mask`] is tested against.
+    fn prior_mask_reference(query_high: &Tensor, support_high: &Tensor, mask: &Tensor) -> Tensor {
+        let [h, w] = spatial_size(query_high);
+        let size = query_high.size();
+        let (batch, channels) = (size[0], size[1]);
+        let support = support_high * resize(mask, spatial_size(support_high));
+        let query = query_high.reshape([batch, channels, -1]);
+        let support = support.reshape([batch, channels, -1]).permute([0, 2, 1]);
+        let query_norm = query.norm_scalaropt_dim(2, [1], true);
+        let support_norm = support.norm_scalaropt_dim(2, [2], true);
+        let similarity = support.bmm(&query) / (support_norm.bmm(&query_norm) + COSINE_EPS);
+        let best = similarity.amax([1], false);
+        let low = best.amin([1], true);
+        let high = best.amax([1], true);
+        ((best - &low) / (high - &low + COSINE_EPS)).reshape([batch, 1, h, w])
+    }
+
+    #[test]
+    fn fast_prior_matches_the_reference_formula_in_values_and_gradients() {
+        tch::manual_seed(7);
+        // PFENet-like: ReLU features, a support mask at a finer resolution, two batch items, a
+        // query grid different from the support's.
+        for (channels, side_q, side_s) in [(64, 12, 12), (32, 9, 7)] {
+            let query = Tensor::randn([2, channels, side_q, side_q], OPTS).relu();
+            let support = Tensor::randn([2, channels, side_s, side_s], OPTS).relu();
+            let mask = Tensor::rand([2, 1, 4 * side_s, 4 * side_s], OPTS)
+                .gt(0.6)
+                .to_kind(Kind::Float);
+            let weights = Tensor::randn([2, 1, side_q, side_q], OPTS);
+            let run = |f: fn(&Tensor, &Tensor, &Tensor) -> Tensor| {
+                let q = query.copy().set_requires_grad(true);
+                let s = support.copy().set_requires_grad(true);
+                let prior = f(&q, &s, &mask);
+                (&prior * &weights).sum(Kind::Float).backward();
+                (prior.detach(), q.grad(), s.grad())
+            };
+            let (fast, fast_dq, fast_ds) = run(prior_mask);
+            let (reference, ref_dq, ref_ds) = run(prior_mask_reference);
+            assert!(max_abs_diff(&fast, &reference) < 1e-6, "values");
+            let scale = ref_dq.abs().max().double_value(&[]);
+            assert!(
+                max_abs_diff(&fast_dq, &ref_dq) < 1e-5 * scale,
+                "query gradient"
+            );
+            let scale = ref_ds.abs().max().double_value(&[]);
+            assert!(
+                max_abs_diff(&fast_ds, &ref_ds) < 1e-5 * scale,
+                "support gradient"
+            );
+        }
+    }
 
     const OPTS: (Kind, Device) = (Kind::Float, Device::Cpu);
 
