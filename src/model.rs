@@ -199,9 +199,18 @@ fn cross_entropy(logits: &Tensor, label: &Tensor) -> Tensor {
 /// [`svf::is_trainable`] names. Every other variable of `vs` is
 /// frozen (`requires_grad` off), so autograd never computes a gradient it would throw away.
 pub fn freeze_all_but_trainable(vs: &nn::VarStore, svf_enabled: bool) -> Vec<(String, Tensor)> {
+    freeze_all_but(vs, |name| svf::is_trainable(name, svf_enabled))
+}
+
+/// Freezes every variable of `vs` but those `trainable` names and returns those, by name in name
+/// order (the one freezing mechanism of PFENet and BAM).
+pub fn freeze_all_but(
+    vs: &nn::VarStore,
+    trainable_name: impl Fn(&str) -> bool,
+) -> Vec<(String, Tensor)> {
     let mut trainable = Vec::new();
     for (name, tensor) in model_weights(vs) {
-        if svf::is_trainable(&name, svf_enabled) {
+        if trainable_name(&name) {
             trainable.push((name, tensor.set_requires_grad(true)));
         } else if tensor.requires_grad() {
             let _ = tensor.set_requires_grad(false);

@@ -554,15 +554,7 @@ pub fn is_trainable(name: &str, svf_enabled: bool) -> bool {
 
 /// Freezes every variable of `vs` but those [`is_trainable`] names and returns those, by name.
 pub fn freeze_all_but_trainable(vs: &nn::VarStore, svf_enabled: bool) -> Vec<(String, Tensor)> {
-    let mut trainable = Vec::new();
-    for (name, tensor) in crate::model::model_weights(vs) {
-        if is_trainable(&name, svf_enabled) {
-            trainable.push((name, tensor.set_requires_grad(true)));
-        } else if tensor.requires_grad() {
-            let _ = tensor.set_requires_grad(false);
-        }
-    }
-    trainable
+    super::freeze_all_but(vs, |name| is_trainable(name, svf_enabled))
 }
 
 #[cfg(test)]
