@@ -74,6 +74,29 @@ pub enum DilationPattern {
     Torchvision,
 }
 
+/// Which few-shot model a run trains and evaluates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// PFENet (+ SVF with `svf: true`).
+    #[default]
+    Pfenet,
+    /// BAM: a PSPNet base learner (stage `base`) and a meta learner with the ensemble (stage
+    /// `meta`); + SVF with `svf: true` (the paper's best rows).
+    Bam,
+}
+
+/// Which of BAM's two training stages a `method: bam` run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// The few-shot model (PFENet, or BAM's meta learner on a trained base learner).
+    #[default]
+    Meta,
+    /// BAM's first stage: the PSPNet base learner, supervised on the fold's base classes.
+    Base,
+}
+
 /// Every key of a run. Field names are PFENet's where PFENet has the key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -117,6 +140,13 @@ pub struct Config {
     pub ori_resize: bool,
 
     // --- model ---
+    /// `pfenet` or `bam`.
+    pub method: Method,
+    /// `meta` (the few-shot model) or `base` (BAM's base learner; `method: bam` only).
+    pub stage: Stage,
+    /// BAM's meta stage: the trained base learner, a base-stage run directory (its `best`
+    /// checkpoint, else `last`) or a weights file (e.g. BAM's released one, converted).
+    pub base_learner: Option<PathBuf>,
     /// ResNet depth: 18 or 34 (basic blocks, for tests and the CPU demo), 50 or 101 (PSPNet v2).
     pub layers: usize,
     /// VGG16-BN backbone instead of ResNet.
@@ -211,6 +241,9 @@ impl Default for Config {
             train_episodes: None,
             val_episodes: 1000,
             ori_resize: true,
+            method: Method::Pfenet,
+            stage: Stage::Meta,
+            base_learner: None,
             layers: 50,
             vgg: false,
             backbone_width: 1.0,
@@ -316,6 +349,12 @@ impl Config {
                     format!("{value} must satisfy ({key} - 1) % 8 == 0 and be at least 9, e.g. 473 or 233"),
                 );
             }
+        }
+        if self.stage == Stage::Base && self.method != Method::Bam {
+            return fail(
+                "stage",
+                "`base` trains BAM's base learner and needs method: bam; PFENet has one stage (stage: meta)".into(),
+            );
         }
         if self.split > 3 {
             return fail("split", format!("{} must be in 0..=3", self.split));
