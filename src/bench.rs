@@ -14,11 +14,12 @@ use serde::Serialize;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::amp;
-use crate::backbone::{self, Backbone, BackboneError};
+use crate::backbone::{self, Backbone, BackboneError, Init};
 use crate::config::Config;
+use crate::data::segmentation::BaseClassMap;
 use crate::data::{DataError, EpisodeLoader, FewShotDataset, Split};
 use crate::inference::InferenceError;
-use crate::model::{ModelError, PfeNet};
+use crate::model::{FewShotModel, ModelError};
 use crate::svf::{self, SvfOptions};
 use crate::train;
 
@@ -267,7 +268,7 @@ pub fn train_step_throughput(
     let setup = Instant::now();
     tch::manual_seed(config.manual_seed as i64);
     let vs = nn::VarStore::new(options.device);
-    let net = PfeNet::new(&vs.root(), config)?;
+    let net = FewShotModel::new(&vs.root(), config, Init::Random)?;
     let mut sgd = train::optimiser(&vs, config);
     if options.track_frozen {
         for (name, variable) in vs.variables() {
@@ -290,11 +291,14 @@ pub fn train_step_throughput(
         let [query, query_label, supports, support_labels] =
             synthetic_episodes(batch, shot, size, options.device);
         reset_peak_rss();
+        // Training episodes are of base classes (BAM's ensemble leaves the class's channel out).
+        let class_ids = vec![BaseClassMap::of(config).base[0]; batch];
         let inputs = train::StepInputs {
             query_image: &query,
             query_label: &query_label,
             support_images: &supports,
             support_labels: &support_labels,
+            class_ids: &class_ids,
         };
         let timing = Timing::measure(options, || {
             let no_map: Option<fn(Tensor) -> Tensor> = None;
@@ -332,7 +336,7 @@ pub struct EvalThroughput {
 /// A model loaded for evaluation, with the seconds [`inference::load_model`] took.
 struct EvalModel {
     _vs: nn::VarStore,
-    net: PfeNet,
+    net: FewShotModel,
     setup_s: f64,
 }
 
@@ -435,7 +439,7 @@ pub fn eval_throughput(
 fn write_random_weights(config: &Config, path: &Path) -> Result<(), BenchError> {
     tch::manual_seed(config.manual_seed as i64);
     let vs = nn::VarStore::new(Device::Cpu);
-    PfeNet::new(&vs.root(), config)?;
+    FewShotModel::new(&vs.root(), config, Init::Random)?;
     Tensor::write_safetensors(&crate::model::model_weights(&vs), path).map_err(|source| {
         BenchError::Weights {
             path: path.to_path_buf(),

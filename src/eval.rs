@@ -16,7 +16,7 @@ use crate::data::rng::EpisodeRng;
 use crate::data::{DataError, EpisodeBatch, EpisodeLoader, FewShotDataset, Split};
 use crate::inference::{inference_logits, original_resolution};
 use crate::metrics::IoUAccumulator;
-use crate::model::PfeNet;
+use crate::model::FewShotModel;
 use crate::results::{EvalResult, EvalSetting, ResultError, SeedResult};
 use crate::visual::{self, VisualError};
 
@@ -112,7 +112,7 @@ impl EvalOptions {
 /// Evaluates `model` on the novel classes of `config`'s fold (validation list), once per seed.
 /// The model runs in eval mode (no dropout, BatchNorm running statistics) without autograd.
 pub fn evaluate(
-    model: &PfeNet,
+    model: &FewShotModel,
     config: &Config,
     device: Device,
     options: &EvalOptions,
@@ -129,7 +129,7 @@ pub fn evaluate(
 /// [`evaluate`] on a dataset already opened (training validates every epoch on the same one).
 /// `dataset` must be the validation split with `options.shot` supports.
 pub fn evaluate_on(
-    model: &PfeNet,
+    model: &FewShotModel,
     dataset: &Arc<FewShotDataset>,
     config: &Config,
     device: Device,

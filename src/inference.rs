@@ -12,7 +12,7 @@ use crate::backbone::Init;
 use crate::checkpoint::{self, CheckpointError, CheckpointFiles};
 use crate::config::Config;
 use crate::data::IGNORE_LABEL;
-use crate::model::{ModelError, PfeNet};
+use crate::model::{FewShotModel, ModelError};
 
 /// Why a model could not be loaded for inference.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +32,7 @@ pub enum InferenceError {
 /// The logits `[B, 2, H, W]` of `model` for inference (svf-eval, validation, svf-predict): eval
 /// mode, no autograd, under the config's `amp`, returned in float32 for the metrics.
 pub fn inference_logits(
-    model: &PfeNet,
+    model: &FewShotModel,
     config: &Config,
     query: &Tensor,
     supports: &Tensor,
@@ -40,9 +40,8 @@ pub fn inference_logits(
 ) -> Tensor {
     tch::no_grad(|| {
         amp::autocast(config, query.device(), || {
-            model.forward(query, supports, support_labels, false)
+            model.logits(query, supports, support_labels)
         })
-        .logits
         .to_kind(Kind::Float)
     })
 }
@@ -69,16 +68,17 @@ pub fn resolve_weights(path: &Path) -> Result<PathBuf, InferenceError> {
 }
 
 /// A model for inference with the weights of `weights` (a checkpoint or any state dict of the
-/// config's model, strictly matched). With `fuse` and an SVF config, the model is [`fuse`]d.
+/// config's model, strictly matched; for BAM also BAM's released naming). With `fuse` and an SVF
+/// config, the model is [`fuse`]d.
 pub fn load_model(
     config: &Config,
     weights: &Path,
     device: Device,
     fuse: bool,
-) -> Result<(nn::VarStore, PfeNet), InferenceError> {
+) -> Result<(nn::VarStore, FewShotModel), InferenceError> {
     let vs = nn::VarStore::new(device);
-    let model = PfeNet::with_backbone_init(&vs.root(), config, Init::Zeros)?;
-    crate::model::load_weights(&vs, weights)?;
+    let model = FewShotModel::new(&vs.root(), config, Init::Zeros)?;
+    model.load_weights(&vs, weights, config.svf)?;
     if fuse && config.svf {
         Ok(self::fuse(&vs, config)?)
     } else {
@@ -88,15 +88,15 @@ pub fn load_model(
 
 /// The SVF model held in `vs` with its SVD convolutions folded back into full-rank weights
 /// (`svf::recompose`), built full-rank on the same device: the same function, one convolution
-/// per layer instead of two, for inference.
-pub fn fuse(vs: &nn::VarStore, config: &Config) -> Result<(nn::VarStore, PfeNet), ModelError> {
+/// per layer instead of two, for inference. For BAM+SVF the meta branch's copy is folded; the
+/// base learner is full-rank already.
+pub fn fuse(
+    vs: &nn::VarStore,
+    config: &Config,
+) -> Result<(nn::VarStore, FewShotModel), ModelError> {
     let full: Vec<(String, Tensor)> = crate::svf::recompose(&vs.variables()).into_iter().collect();
-    let full_config = Config {
-        svf: false,
-        ..config.clone()
-    };
     let fused_vs = nn::VarStore::new(vs.device());
-    let fused = PfeNet::with_backbone_init(&fused_vs.root(), &full_config, Init::Zeros)?;
+    let fused = FewShotModel::fused(&fused_vs.root(), config)?;
     crate::model::copy_into(&fused_vs, &full, Path::new("the recomposed model"))
         .expect("recomposing an SVF model gives exactly the full-rank model's variables");
     Ok((fused_vs, fused))

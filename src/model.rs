@@ -2,10 +2,12 @@
 //! ([`PfeHead`]) in one variable tree, named like PFENet's PyTorch `state_dict`.
 
 pub mod bam;
+mod few_shot;
 mod head;
 pub mod pspnet;
 mod weights;
 
+pub use few_shot::FewShotModel;
 pub use head::{
     is_head_parameter, prior_mask, weighted_gap, HeadOutput, PfeHead, QueryFeatures,
     SupportFeatures, HEAD_MODULES,

@@ -16,7 +16,7 @@ use crate::data::raster::{self, LabelMap};
 use crate::data::transform::{normalise_into, val_resize};
 use crate::data::DataError;
 use crate::inference::{inference_logits, original_resolution};
-use crate::model::PfeNet;
+use crate::model::FewShotModel;
 use crate::visual::{mask_image, overlay, write_png, VisualError, MASK_COLOUR};
 
 /// Why a prediction could not be made or written.
@@ -62,7 +62,7 @@ pub struct Prediction {
 
 /// Segments each query's object of the supports' class, writing its mask and overlay into `out`.
 pub fn predict(
-    model: &PfeNet,
+    model: &FewShotModel,
     config: &Config,
     device: Device,
     supports: &[SupportExample],

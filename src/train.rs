@@ -18,12 +18,12 @@
 //! without a new best; the count is part of [`TrainState`], so a resumed run continues it and a
 //! run that stopped early stays stopped.
 
-pub mod bam;
 pub mod base;
 mod metrics_log;
 mod schedule;
 mod sgd;
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,10 +39,12 @@ pub use sgd::{Sgd, SgdStateError};
 use crate::amp;
 use crate::backbone::{self, BackboneError, Init};
 use crate::checkpoint::{self, CheckpointError, CheckpointFiles, BEST, LAST};
-use crate::config::{Config, ConfigError, LrScheduleKind};
-use crate::data::{DataError, EpisodeLoader, FewShotDataset, Split};
+use crate::config::{Config, ConfigError, LrScheduleKind, Method, Stage};
+use crate::data::{DataError, EpisodeBatch, EpisodeLoader, FewShotDataset, Split};
 use crate::eval::{self, EvalError, EvalOptions};
-use crate::model::{self, ModelError, PfeNet};
+use crate::model::{self, FewShotModel, ModelError};
+
+use base::{BaseLearnerMeta, BaseTask};
 
 /// The resolved configuration inside a run directory.
 pub const CONFIG_FILE: &str = "config.yaml";
@@ -73,12 +75,18 @@ pub enum TrainError {
     },
     #[error("run directory {dir} already holds a checkpoint; continue it with `svf-train --resume {dir}` or set another save_path (--set save_path=...)")]
     RunExists { dir: PathBuf },
-    #[error("base learner {path} does not fit this config: {detail}; train the base stage for this dataset and fold, or point at its run directory")]
+    #[error("base learner {path} does not fit this config: {detail}; train the base stage for this dataset and fold (configs/bam/*_base.yaml), or point `base_learner` at its run directory")]
     BaseLearner { path: PathBuf, detail: String },
+    #[error("config key `base_learner` is not set: BAM's meta stage needs a trained base learner; train it first (svf-train --config configs/bam/<dataset>_split<N>_base.yaml) and set base_learner to its run directory, or set `weight` to a whole BAM checkpoint")]
+    NoBaseLearner,
     #[error("cannot resume the run in {dir}: {reason}")]
     CannotResume { dir: PathBuf, reason: String },
-    #[error("the training split has {episodes} episodes per epoch, fewer than batch_size {batch_size}: lower batch_size or raise train_episodes")]
-    EpochTooShort { episodes: usize, batch_size: usize },
+    #[error("the training split gives {items} {unit} per epoch, fewer than batch_size {batch_size}: lower batch_size or raise train_episodes")]
+    EpochTooShort {
+        items: usize,
+        unit: &'static str,
+        batch_size: usize,
+    },
     #[error("iteration {iteration} (epoch {epoch}) failed inside libtorch: {message}. The weights of the last completed iteration are saved in {saved}; continue with `svf-train --resume {dir}`. If it ran out of memory, lower `batch_size`, set `amp: bf16` (CUDA), or lower `train_h`/`train_w`")]
     StepFailed {
         iteration: u64,
@@ -116,6 +124,9 @@ pub struct TrainState {
     pub epochs_without_improvement: usize,
     /// The base LR of the last iteration done.
     pub lr: f64,
+    /// BAM's base stage: what the base learner was trained for (the meta stage checks it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_learner: Option<BaseLearnerMeta>,
 }
 
 impl TrainState {
@@ -176,58 +187,205 @@ fn step_seed(seed: u64, iteration: u64) -> i64 {
     crate::data::rng::EpisodeRng::new(seed, STEP_SEED_STREAM, iteration).next_u64() as i64
 }
 
-/// The model with its variable store, built and initialised as the config says.
-struct Model {
-    vs: nn::VarStore,
-    net: PfeNet,
+/// What a run trains, behind one interface, so that the run directory, resume, progress,
+/// metrics, validation and stopping are written once: the few-shot model on episodes
+/// ([`EpisodicTask`]) or BAM's base learner on whole images ([`BaseTask`]).
+trait TrainingTask {
+    type Batch;
+    /// What one training item is, in messages (`episodes`, `images`).
+    const ITEMS: &'static str;
+    /// Training items per epoch.
+    fn items_per_epoch(&self) -> usize;
+    /// The variables checkpoints hold.
+    fn vs(&self) -> &nn::VarStore;
+    /// Freezes everything but the trained parameters and returns those with their LR scale.
+    fn trainable(&self) -> Vec<(String, Tensor, f64)>;
+    /// The batches of items `items` (0-based within epoch `epoch`).
+    fn batches(
+        &self,
+        epoch: usize,
+        items: Range<u64>,
+    ) -> Box<dyn Iterator<Item = Result<Self::Batch, DataError>>>;
+    /// One optimiser step at `lr` (none when the loss is not finite).
+    fn step(
+        &self,
+        batch: &Self::Batch,
+        sgd: &mut Sgd,
+        lr: f64,
+        map_loss: Option<&mut dyn FnMut(Tensor) -> Tensor>,
+    ) -> Losses;
+    /// `(mIoU, FB-IoU)` of the current weights on the validation data.
+    fn validate(&self) -> Result<(f64, f64), TrainError>;
 }
 
-impl Model {
-    /// `initialise`: load `backbone_weights` and `weight` (a resumed run loads its checkpoint instead).
-    fn new(config: &Config, device: Device, initialise: bool) -> Result<Model, TrainError> {
-        tch::manual_seed(config.manual_seed as i64);
-        let vs = nn::VarStore::new(device);
-        // A backbone loaded next (pretrained, `weight` or the checkpoint) needs no random start.
-        let init = if initialise && config.backbone_weights.is_none() && config.weight.is_none() {
-            Init::Random
-        } else {
-            Init::Zeros
+/// The few-shot model (PFENet, or BAM's meta stage) trained on episodes.
+struct EpisodicTask<'a> {
+    config: &'a Config,
+    device: Device,
+    vs: nn::VarStore,
+    net: FewShotModel,
+    train: Arc<FewShotDataset>,
+    /// The validation split, opened once (`None` when `val_freq` is 0).
+    val: Option<Arc<FewShotDataset>>,
+}
+
+impl<'a> EpisodicTask<'a> {
+    /// `initialise`: load `backbone_weights`/`weight`/`base_learner` (a resumed run loads its
+    /// checkpoint instead). Everything that can fail on the data fails here, before training.
+    fn open(config: &'a Config, device: Device, initialise: bool) -> Result<Self, TrainError> {
+        let train = Arc::new(FewShotDataset::open(config, Split::Train)?);
+        let val = match config.val_freq {
+            0 => None,
+            _ => Some(Arc::new(FewShotDataset::open(config, Split::Val)?)),
         };
-        let net = PfeNet::with_backbone_init(&vs.root(), config, init)?;
-        if !initialise {
-            return Ok(Model { vs, net });
+        let (vs, net) = build_model(config, device, initialise)?;
+        Ok(EpisodicTask {
+            config,
+            device,
+            vs,
+            net,
+            train,
+            val,
+        })
+    }
+}
+
+/// The model of `config` with its variable store; see [`EpisodicTask::open`] for `initialise`.
+fn build_model(
+    config: &Config,
+    device: Device,
+    initialise: bool,
+) -> Result<(nn::VarStore, FewShotModel), TrainError> {
+    tch::manual_seed(config.manual_seed as i64);
+    let vs = nn::VarStore::new(device);
+    // A backbone loaded next (pretrained, `weight`, the base learner or the checkpoint) needs no
+    // random start.
+    let loaded = !initialise
+        || config.backbone_weights.is_some()
+        || config.weight.is_some()
+        || config.method == Method::Bam;
+    let init = if loaded { Init::Zeros } else { Init::Random };
+    let net = FewShotModel::new(&vs.root(), config, init)?;
+    if !initialise {
+        return Ok((vs, net));
+    }
+    if let Some(path) = &config.weight {
+        net.load_weights(&vs, path, config.svf)?;
+        tracing::info!("model weights from {}", path.display());
+        return Ok((vs, net));
+    }
+    match &net {
+        FewShotModel::Pfenet(_) => {
+            if let Some(path) = &config.backbone_weights {
+                let report = backbone::load_pretrained(&vs, path, config)?;
+                tracing::info!("backbone weights from {}: {report}", path.display());
+            }
         }
-        if let Some(path) = &config.backbone_weights {
-            let report = backbone::load_pretrained(&vs, path, config)?;
-            tracing::info!("backbone weights from {}: {report}", path.display());
+        FewShotModel::Bam(bam) => {
+            let path = config
+                .base_learner
+                .as_deref()
+                .ok_or(TrainError::NoBaseLearner)?;
+            base::load_base_learner(&vs, config, path)?;
+            bam.decompose_base_into_meta(&vs, config);
         }
-        if let Some(path) = &config.weight {
-            crate::model::load_weights(&vs, path)?;
-            tracing::info!("model weights from {}", path.display());
-        }
-        Ok(Model { vs, net })
+    }
+    Ok((vs, net))
+}
+
+impl TrainingTask for EpisodicTask<'_> {
+    type Batch = EpisodeBatch;
+    const ITEMS: &'static str = "episodes";
+
+    fn items_per_epoch(&self) -> usize {
+        self.train.episodes_per_epoch()
+    }
+
+    fn vs(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    fn trainable(&self) -> Vec<(String, Tensor, f64)> {
+        trainable_parameters(&self.vs, self.config)
+    }
+
+    fn batches(
+        &self,
+        epoch: usize,
+        items: Range<u64>,
+    ) -> Box<dyn Iterator<Item = Result<EpisodeBatch, DataError>>> {
+        // Epoch e is the data's epoch e (episodes e·E..), less the incomplete last batch.
+        let start = epoch as u64 * self.train.episodes_per_epoch() as u64;
+        Box::new(EpisodeLoader::for_device(
+            self.train.clone(),
+            self.config.manual_seed,
+            start + items.start..start + items.end,
+            self.config.batch_size,
+            self.config.workers,
+            self.device,
+        ))
+    }
+
+    fn step(
+        &self,
+        batch: &EpisodeBatch,
+        sgd: &mut Sgd,
+        lr: f64,
+        map_loss: Option<&mut dyn FnMut(Tensor) -> Tensor>,
+    ) -> Losses {
+        let inputs = StepInputs {
+            query_image: &batch.query_image,
+            query_label: &batch.query_label,
+            support_images: &batch.support_images,
+            support_labels: &batch.support_labels,
+            class_ids: &batch.class_ids,
+        };
+        train_step(
+            &self.net,
+            sgd,
+            self.config,
+            self.device,
+            &inputs,
+            lr,
+            map_loss,
+        )
+    }
+
+    fn validate(&self) -> Result<(f64, f64), TrainError> {
+        let val = self
+            .val
+            .as_ref()
+            .expect("validation is due only with val_freq > 0");
+        let options = EvalOptions::for_validation(self.config);
+        // Validate as svf-eval evaluates: SVD convolutions folded, a fifth less work per episode.
+        let fused = if self.config.svf {
+            Some(crate::inference::fuse(&self.vs, self.config)?)
+        } else {
+            None
+        };
+        let model = fused.as_ref().map_or(&self.net, |(_, net)| net);
+        let result = eval::evaluate_on(model, val, self.config, self.device, &options)?;
+        Ok((result.miou.mean, result.fb_iou.mean))
     }
 }
 
 /// Everything one run keeps while training.
-struct Run<'a> {
+struct Run<'a, T: TrainingTask> {
     config: &'a Config,
-    device: Device,
     dir: PathBuf,
-    model: Model,
+    task: T,
     sgd: Sgd,
     schedule: LrSchedule,
     state: TrainState,
     metrics: MetricsLog,
-    /// The validation split, opened once (`None` when `val_freq` is 0).
-    val_data: Option<Arc<FewShotDataset>>,
     /// The iteration at which `last` was last written (for error messages).
     last_saved: Option<u64>,
     untrained_miou: Option<f64>,
 }
 
-/// Trains `config` on `device`; `resume`: continue the run in that directory (its config must be
-/// `config`, see [`resume_config`]). `hooks.interrupt` is how a binary passes Ctrl-C in.
+/// Trains `config` on `device`: the few-shot model, or with `method: bam` and `stage: base` BAM's
+/// base learner. `resume`: continue the run in that directory (its config must be `config`, see
+/// [`resume_config`]). `hooks.interrupt` is how a binary passes Ctrl-C in.
 pub fn train(
     config: &Config,
     device: Device,
@@ -240,37 +398,51 @@ pub fn train(
     if resume.is_none() && checkpoint::exists(&dir, LAST)? {
         return Err(TrainError::RunExists { dir });
     }
-    // Everything that can fail on the config or the data fails here, before any training.
-    let dataset = Arc::new(FewShotDataset::open(config, Split::Train)?);
-    let val_data = match config.val_freq {
-        0 => None,
-        _ => Some(Arc::new(FewShotDataset::open(config, Split::Val)?)),
-    };
-    let episodes_per_epoch = dataset.episodes_per_epoch();
-    let iterations_per_epoch = (episodes_per_epoch / config.batch_size) as u64;
+    match config.stage {
+        Stage::Meta => {
+            let task = EpisodicTask::open(config, device, resume.is_none())?;
+            run(task, config, dir, resume.is_some(), &mut hooks)
+        }
+        Stage::Base => {
+            let task = BaseTask::open(config, device)?;
+            run(task, config, dir, resume.is_some(), &mut hooks)
+        }
+    }
+}
+
+/// Trains `task` in `dir`, continuing its `last` checkpoint when `resume`.
+fn run<T: TrainingTask>(
+    task: T,
+    config: &Config,
+    dir: PathBuf,
+    resume: bool,
+    hooks: &mut TrainHooks,
+) -> Result<TrainSummary, TrainError> {
+    let items_per_epoch = task.items_per_epoch();
+    let iterations_per_epoch = (items_per_epoch / config.batch_size) as u64;
     if iterations_per_epoch == 0 {
         return Err(TrainError::EpochTooShort {
-            episodes: episodes_per_epoch,
+            items: items_per_epoch,
+            unit: T::ITEMS,
             batch_size: config.batch_size,
         });
     }
-    let model = Model::new(config, device, resume.is_none())?;
-    let mut sgd = optimiser(&model.vs, config);
-    let state = match resume {
-        Some(dir) => restore(dir, &model.vs, &mut sgd, iterations_per_epoch)?,
-        None => {
-            let path = dir.join(CONFIG_FILE);
-            std::fs::write(&path, config.to_yaml()).map_err(run_dir_error(&path))?;
-            TrainState {
-                iteration: 0,
-                iterations_per_epoch,
-                validated_epoch: None,
-                validated_iteration: None,
-                best_miou: None,
-                best_epoch: None,
-                epochs_without_improvement: 0,
-                lr: 0.0,
-            }
+    let mut sgd = optimiser_over(task.trainable(), config);
+    let state = if resume {
+        restore(&dir, task.vs(), &mut sgd, iterations_per_epoch)?
+    } else {
+        let path = dir.join(CONFIG_FILE);
+        std::fs::write(&path, config.to_yaml()).map_err(run_dir_error(&path))?;
+        TrainState {
+            iteration: 0,
+            iterations_per_epoch,
+            validated_epoch: None,
+            validated_iteration: None,
+            best_miou: None,
+            best_epoch: None,
+            epochs_without_improvement: 0,
+            lr: 0.0,
+            base_learner: (config.stage == Stage::Base).then(|| BaseLearnerMeta::of(config)),
         }
     };
     // On resume, records written after the checkpoint (then lost) are dropped.
@@ -283,25 +455,23 @@ pub fn train(
         } => state.validated_iteration.is_some_and(|v| *iteration <= v),
         MetricsRecord::Val { epoch, .. } => state.validated_epoch.is_some_and(|v| *epoch <= v),
     };
-    let keep = resume.map(|_| &covered as &dyn Fn(&MetricsRecord) -> bool);
+    let keep = resume.then_some(&covered as &dyn Fn(&MetricsRecord) -> bool);
     let metrics =
         MetricsLog::open(&dir, keep).map_err(run_dir_error(&dir.join(MetricsLog::FILE_NAME)))?;
     let schedule = LrSchedule::from_config(config, iterations_per_epoch);
     log_learning_rates(&sgd, &schedule, config.weight_decay, state.iteration + 1);
     let mut run = Run {
         config,
-        device,
         schedule,
-        last_saved: resume.map(|_| state.iteration),
+        last_saved: resume.then_some(state.iteration),
         state,
         dir,
-        model,
+        task,
         sgd,
         metrics,
-        val_data,
         untrained_miou: None,
     };
-    run.train_epochs(&dataset, &mut hooks)
+    run.train_epochs(hooks)
 }
 
 fn run_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError {
@@ -309,23 +479,23 @@ fn run_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError {
     move |source| TrainError::RunDir { path, source }
 }
 
-/// The LR multiplier of trainable parameter `name`: `head_lr_scale` for the head, else
-/// `backbone_lr_scale` (the backbone's `vector_S`; the SVF paper trains them at a tenth of the
-/// head's rate, PFENet's recipe at the base rate).
+/// The LR multiplier of trainable parameter `name`: `backbone_lr_scale` for the backbone's
+/// (`layer0.`..`layer4.`: SVF's `vector_S`, which the SVF paper trains at a tenth of the head's
+/// rate; every backbone parameter in BAM's base stage), else `head_lr_scale` (PFENet's head, BAM's
+/// meta modules, the base learner's pyramid and classifier).
 pub fn lr_scale(config: &Config, name: &str) -> f64 {
-    if model::is_head_parameter(name) {
-        config.head_lr_scale
-    } else {
-        config.backbone_lr_scale
+    match lr_group(name) {
+        "backbone" => config.backbone_lr_scale,
+        _ => config.head_lr_scale,
     }
 }
 
 /// The name of the LR group of parameter `name` in logs.
 fn lr_group(name: &str) -> &'static str {
-    if model::is_head_parameter(name) {
-        "head"
-    } else {
+    if name.starts_with("layer") {
         "backbone"
+    } else {
+        "head"
     }
 }
 
@@ -356,24 +526,46 @@ fn log_learning_rates(sgd: &Sgd, schedule: &LrSchedule, weight_decay: f64, itera
     }
 }
 
-/// The trainer's optimiser: SGD over exactly the trainable set (everything else of `vs` is frozen,
-/// see [`model::freeze_all_but_trainable`]), each parameter at [`lr_scale`] times the base LR.
-pub fn optimiser(vs: &nn::VarStore, config: &Config) -> Sgd {
-    let trainable = model::freeze_all_but_trainable(vs, config.svf);
-    let parameter_count: i64 = trainable.iter().map(|(_, t)| t.numel() as i64).sum();
-    tracing::info!(
-        tensors = trainable.len(),
-        parameters = parameter_count,
-        svf = config.svf,
-        "trainable set"
-    );
-    let parameters = trainable
+/// The few-shot model's trained parameters in `vs` (everything else is frozen: PFENet's head and
+/// BAM's meta modules, + layer2..4 `vector_S` with SVF; never BAM's base learner), each with its
+/// [`lr_scale`].
+pub fn trainable_parameters(vs: &nn::VarStore, config: &Config) -> Vec<(String, Tensor, f64)> {
+    let trainable = match config.method {
+        Method::Pfenet => model::freeze_all_but_trainable(vs, config.svf),
+        Method::Bam => model::bam::freeze_all_but_trainable(vs, config.svf),
+    };
+    with_lr_scales(trainable, config)
+}
+
+/// `parameters` with their [`lr_scale`].
+fn with_lr_scales(
+    parameters: Vec<(String, Tensor)>,
+    config: &Config,
+) -> Vec<(String, Tensor, f64)> {
+    parameters
         .into_iter()
         .map(|(name, tensor)| {
             let scale = lr_scale(config, &name);
             (name, tensor, scale)
         })
-        .collect();
+        .collect()
+}
+
+/// The trainer's optimiser for the few-shot model in `vs`: SGD over exactly
+/// [`trainable_parameters`].
+pub fn optimiser(vs: &nn::VarStore, config: &Config) -> Sgd {
+    optimiser_over(trainable_parameters(vs, config), config)
+}
+
+/// SGD over `parameters` (name, tensor, LR scale), logged.
+fn optimiser_over(parameters: Vec<(String, Tensor, f64)>, config: &Config) -> Sgd {
+    let parameter_count: i64 = parameters.iter().map(|(_, t, _)| t.numel() as i64).sum();
+    tracing::info!(
+        tensors = parameters.len(),
+        parameters = parameter_count,
+        svf = config.svf,
+        "trainable set"
+    );
     Sgd::new(parameters, config.momentum, config.weight_decay)
 }
 
@@ -427,12 +619,8 @@ struct Throughput {
     seconds: f64,
 }
 
-impl Run<'_> {
-    fn train_epochs(
-        &mut self,
-        dataset: &Arc<FewShotDataset>,
-        hooks: &mut TrainHooks,
-    ) -> Result<TrainSummary, TrainError> {
+impl<T: TrainingTask> Run<'_, T> {
+    fn train_epochs(&mut self, hooks: &mut TrainHooks) -> Result<TrainSummary, TrainError> {
         // Validation before training (epoch 0), or of an epoch whose run stopped between its last
         // iteration and its validation.
         if self.validate_if_due(self.state.epochs_done())? {
@@ -445,7 +633,7 @@ impl Run<'_> {
             if self.stop_interval_reached() {
                 return Ok(self.summary(false, last_epoch_loss, &throughput));
             }
-            match self.train_epoch(dataset, epoch, hooks, &mut throughput)? {
+            match self.train_epoch(epoch, hooks, &mut throughput)? {
                 EpochEnd::Stopped => {
                     return Ok(self.summary(true, last_epoch_loss, &throughput));
                 }
@@ -477,7 +665,6 @@ impl Run<'_> {
     /// The rest of epoch `epoch` (0-based) from the current iteration.
     fn train_epoch(
         &mut self,
-        dataset: &Arc<FewShotDataset>,
         epoch: usize,
         hooks: &mut TrainHooks,
         throughput: &mut Throughput,
@@ -487,16 +674,6 @@ impl Run<'_> {
         let total = per_epoch * config.epochs as u64;
         let batch = config.batch_size as u64;
         let first = self.state.iteration - epoch as u64 * per_epoch;
-        // Epoch e is the data's epoch e (episodes e·E..), less the incomplete last batch.
-        let epoch_start = epoch as u64 * dataset.episodes_per_epoch() as u64;
-        let loader = EpisodeLoader::for_device(
-            dataset.clone(),
-            config.manual_seed,
-            epoch_start + first * batch..epoch_start + per_epoch * batch,
-            config.batch_size,
-            config.workers,
-            self.device,
-        );
         let bar = crate::logging::progress_bar(
             per_epoch * batch,
             &format!("epoch {}/{}", epoch + 1, config.epochs),
@@ -506,8 +683,8 @@ impl Run<'_> {
         self.validate_mid_epoch_if_due(epoch)?;
         let started = Instant::now();
         let (mut loss_sum, mut steps) = (0.0, 0u64);
-        for episode_batch in loader {
-            let losses = self.guarded_step(&episode_batch?, epoch, hooks)?;
+        for next in self.task.batches(epoch, first * batch..per_epoch * batch) {
+            let losses = self.guarded_step(&next?, epoch, hooks)?;
             loss_sum += losses.total;
             steps += 1;
             self.validate_mid_epoch_if_due(epoch)?;
@@ -548,12 +725,13 @@ impl Run<'_> {
         throughput.seconds += seconds;
         let mean_loss = loss_sum / steps.max(1) as f64;
         tracing::info!(
-            "epoch {}/{}: loss {:.4}, lr {:.2e}, {:.2} episodes/s",
+            "epoch {}/{}: loss {:.4}, lr {:.2e}, {:.2} {}/s",
             epoch + 1,
             config.epochs,
             mean_loss,
             self.state.lr,
-            (steps * batch) as f64 / seconds
+            (steps * batch) as f64 / seconds,
+            T::ITEMS
         );
         Ok(EpochEnd::Finished { mean_loss })
     }
@@ -582,7 +760,7 @@ impl Run<'_> {
     /// user sees the one error message instead of a panic report.
     fn guarded_step(
         &mut self,
-        batch: &crate::data::EpisodeBatch,
+        batch: &T::Batch,
         epoch: usize,
         hooks: &mut TrainHooks,
     ) -> Result<Losses, TrainError> {
@@ -621,31 +799,24 @@ impl Run<'_> {
     /// One optimiser step on a batch; the loss is checked before the weights change.
     fn step(
         &mut self,
-        batch: &crate::data::EpisodeBatch,
+        batch: &T::Batch,
         epoch: usize,
         hooks: &mut TrainHooks,
     ) -> Result<Losses, TrainError> {
         let iteration = self.state.iteration + 1;
         tch::manual_seed(step_seed(self.config.manual_seed, self.state.iteration));
         let lr = self.schedule.lr(iteration);
-        let map_loss = hooks
+        let mut map_loss = hooks
             .map_loss
             .as_mut()
             .map(|map| move |loss: Tensor| map(iteration, loss));
-        let inputs = StepInputs {
-            query_image: &batch.query_image,
-            query_label: &batch.query_label,
-            support_images: &batch.support_images,
-            support_labels: &batch.support_labels,
-        };
-        let losses = train_step(
-            &self.model.net,
+        let losses = self.task.step(
+            batch,
             &mut self.sgd,
-            self.config,
-            self.device,
-            &inputs,
             lr,
-            map_loss,
+            map_loss
+                .as_mut()
+                .map(|map| map as &mut dyn FnMut(Tensor) -> Tensor),
         );
         if !losses.total.is_finite() {
             let last_good = match self.last_saved {
@@ -714,7 +885,7 @@ impl Run<'_> {
     /// Whether the end of epoch `epoch` (1-based; 0 = before training) is a validation point.
     fn validates_after(&self, epoch: usize) -> bool {
         let config = self.config;
-        self.val_data.is_some() && (epoch.is_multiple_of(config.val_freq) || epoch == config.epochs)
+        config.val_freq > 0 && (epoch.is_multiple_of(config.val_freq) || epoch == config.epochs)
     }
 
     /// With `val_half_epoch`, validates at the middle iteration of epoch `epoch` (0-based) of an
@@ -737,20 +908,7 @@ impl Run<'_> {
     /// Validates now, as of epoch `epoch` (the epochs done, or for `mid_epoch` the epoch in
     /// progress, 1-based), keeps the best checkpoint and updates the early-stopping count.
     fn validate(&mut self, epoch: usize, mid_epoch: bool) -> Result<(), TrainError> {
-        let config = self.config;
-        let Some(val_data) = &self.val_data else {
-            return Ok(());
-        };
-        let options = EvalOptions::for_validation(config);
-        // Validate as svf-eval evaluates: SVD convolutions folded, a fifth less work per episode.
-        let fused = if config.svf {
-            Some(crate::inference::fuse(&self.model.vs, config)?)
-        } else {
-            None
-        };
-        let model = fused.as_ref().map_or(&self.model.net, |(_, net)| net);
-        let result = eval::evaluate_on(model, val_data, config, self.device, &options)?;
-        let (miou, fb_iou) = (result.miou.mean, result.fb_iou.mean);
+        let (miou, fb_iou) = self.task.validate()?;
         let best = self.state.best_miou.is_none_or(|b| miou > b);
         if epoch == 0 {
             self.untrained_miou = Some(miou);
@@ -774,7 +932,7 @@ impl Run<'_> {
             self.state.best_miou = Some(miou);
             self.state.best_epoch = Some(epoch);
             self.state.epochs_without_improvement = 0;
-            let weights = crate::model::model_weights(&self.model.vs);
+            let weights = crate::model::model_weights(self.task.vs());
             checkpoint::save(&self.dir, BEST, &weights, None, &self.state)?;
         } else if !mid_epoch {
             self.state.epochs_without_improvement =
@@ -805,7 +963,7 @@ impl Run<'_> {
     }
 
     fn save_last(&mut self) -> Result<(), TrainError> {
-        let weights = crate::model::model_weights(&self.model.vs);
+        let weights = crate::model::model_weights(self.task.vs());
         let buffers = self.sgd.state();
         checkpoint::save(&self.dir, LAST, &weights, Some(&buffers), &self.state)?;
         self.last_saved = Some(self.state.iteration);
@@ -827,6 +985,8 @@ pub struct StepInputs<'a> {
     pub query_label: &'a Tensor,
     pub support_images: &'a Tensor,
     pub support_labels: &'a Tensor,
+    /// Each episode's class (BAM's ensemble leaves its base-learner channel out in training).
+    pub class_ids: &'a [usize],
 }
 
 /// One training iteration, as `svf-train` runs it and `svf-bench` times it: inputs copied to
@@ -838,7 +998,7 @@ pub struct StepInputs<'a> {
 /// The one host synchronisation is the loss read back after `backward()` (as the reference's
 /// `loss.item()` after its backward): the device never drains between forward and backward.
 pub fn train_step(
-    net: &PfeNet,
+    net: &FewShotModel,
     sgd: &mut Sgd,
     config: &Config,
     device: Device,
@@ -846,18 +1006,36 @@ pub fn train_step(
     lr: f64,
     map_loss: Option<impl FnOnce(Tensor) -> Tensor>,
 ) -> Losses {
-    let upload = |t: &Tensor| t.to_device_(device, t.kind(), true, false);
-    let query_label = upload(inputs.query_label);
+    let query_label = upload(inputs.query_label, device);
     let (main, aux) = amp::autocast(config, device, || {
-        let out = net.forward(
-            &upload(inputs.query_image),
-            &upload(inputs.support_images),
-            &upload(inputs.support_labels),
-            true,
-        );
-        net.loss_terms(&out, &query_label)
+        net.loss_terms(
+            &upload(inputs.query_image, device),
+            &upload(inputs.support_images, device),
+            &upload(inputs.support_labels, device),
+            inputs.class_ids,
+            &query_label,
+        )
     });
-    let mut loss = &main + &aux * config.aux_weight;
+    optimise(sgd, main, aux, config.aux_weight, lr, map_loss)
+}
+
+/// A (pinned) host tensor copied to `device` without waiting for the copy.
+fn upload(t: &Tensor, device: Device) -> Tensor {
+    t.to_device_(device, t.kind(), true, false)
+}
+
+/// The update of every training step: loss `main + aux_weight·aux` (then `map_loss`), backward,
+/// the three values read back once after `backward()`, and the optimiser step at `lr` only when
+/// the loss is finite.
+fn optimise(
+    sgd: &mut Sgd,
+    main: Tensor,
+    aux: Tensor,
+    aux_weight: f64,
+    lr: f64,
+    map_loss: Option<impl FnOnce(Tensor) -> Tensor>,
+) -> Losses {
+    let mut loss = &main + &aux * aux_weight;
     if let Some(map) = map_loss {
         loss = map(loss);
     }

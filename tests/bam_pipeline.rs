@@ -1,18 +1,20 @@
-//! BAM's stages end to end on the synthetic dataset on the CPU: the base stage (PSPNet on whole
-//! images, base-class labels) learns the base classes and writes checkpoints that record the fold,
-//! BAM+SVF's meta stage on it learns the novel classes, and a base learner of another fold is
-//! refused. `BAM_TEST_SEED` picks another seed (the thresholds were set from several).
+//! BAM's stages end to end on the synthetic dataset on the CPU, through the same entry points as
+//! `svf-train` and `svf-eval`: the base stage (`method: bam`, `stage: base`: PSPNet on whole
+//! images, base-class labels) learns the base classes, resumes exactly after an interruption and
+//! records its fold; BAM+SVF's meta stage on it learns the novel classes; `svf-eval`'s loading and
+//! fusing of the meta checkpoint scores what training's validation scored; a base learner of
+//! another fold is refused. `BAM_TEST_SEED` picks another seed (the thresholds were set from
+//! several).
 
 mod common;
 
-use svf::checkpoint;
-use svf::config::Config;
-use svf::data::segmentation::SegmentationDataset;
-use svf::data::Split;
-use svf::train::bam::{load_meta_model, novel_miou, train_meta, BAM_LAST};
-use svf::train::base::{base_miou, train_base, BaseLearnerMeta, BASE_BEST, BASE_LAST};
+use svf::checkpoint::{self, BEST, LAST};
+use svf::config::{Config, LrScheduleKind, Method, Stage};
+use svf::eval::{self, EvalOptions};
+use svf::train::{self, TrainHooks, TrainState};
 use tch::Device;
 
+const BASE_EPOCHS: usize = 12;
 const META_EPOCHS: usize = 8;
 
 fn seed() -> u64 {
@@ -21,16 +23,38 @@ fn seed() -> u64 {
 
 fn base_config(name: &str, seed: u64) -> Config {
     Config {
+        method: Method::Bam,
+        stage: Stage::Base,
         manual_seed: seed,
-        epochs: 12,
+        epochs: BASE_EPOCHS,
         batch_size: 4,
         base_lr: 0.01,
         // Validation shows whole 112-pixel images shrunk onto the 65-pixel canvas: train near that scale.
         scale_min: 0.5,
         scale_max: 0.7,
         head_lr_scale: 1.0,
-        lr_schedule: svf::config::LrScheduleKind::Constant,
-        val_freq: 12,
+        lr_schedule: LrScheduleKind::Constant,
+        val_freq: BASE_EPOCHS,
+        batch_size_val: 8,
+        print_freq: 1000,
+        ..common::tiny_config(common::scratch(name))
+    }
+}
+
+fn meta_config(name: &str, base_learner: &std::path::Path) -> Config {
+    Config {
+        method: Method::Bam,
+        base_learner: Some(base_learner.to_path_buf()),
+        manual_seed: seed(),
+        svf: true,
+        epochs: META_EPOCHS,
+        train_episodes: Some(48),
+        base_lr: 0.005,
+        head_lr_scale: 10.0,
+        backbone_lr_scale: 0.1,
+        lr_schedule: LrScheduleKind::Constant,
+        val_freq: META_EPOCHS,
+        val_episodes: 48,
         batch_size_val: 8,
         print_freq: 1000,
         ..common::tiny_config(common::scratch(name))
@@ -39,51 +63,28 @@ fn base_config(name: &str, seed: u64) -> Config {
 
 #[test]
 fn base_stage_then_bam_svf_meta_stage_end_to_end() {
-    let config = base_config("base-stage", seed());
-    let summary = train_base(&config, Device::Cpu).unwrap();
-    let best = summary.best_miou.unwrap();
-    let saved = checkpoint::load::<BaseLearnerMeta>(&summary.dir, BASE_BEST).unwrap();
-    assert_eq!(saved.state.fold, 0);
-    assert_eq!(saved.state.dataset, "pascal");
-    assert_eq!(saved.state.base_classes, (6..=20).collect::<Vec<_>>());
-    assert!(checkpoint::exists(&summary.dir, BASE_LAST).unwrap());
-    // A second run into the same directory is refused, not overwritten.
-    assert!(train_base(&config, Device::Cpu).is_err());
-    // The untrained model on the same validation images.
-    tch::manual_seed(seed() as i64);
-    let vs = tch::nn::VarStore::new(Device::Cpu);
-    let untrained =
-        svf::model::pspnet::PspNet::new(&vs.root(), &config, 16, svf::backbone::Init::Random)
-            .unwrap();
-    let val = SegmentationDataset::open(&config, Split::Val).unwrap();
-    let before = base_miou(&untrained, &val, 8, Device::Cpu).unwrap();
+    let base = base_config("base-stage", seed());
+    let summary = train::train(&base, Device::Cpu, None, TrainHooks::default()).unwrap();
+    let (before, best) = (
+        summary.untrained_miou.unwrap(),
+        summary.state.best_miou.unwrap(),
+    );
     eprintln!("base-class mIoU untrained {before:.4} trained {best:.4}");
+    let saved = checkpoint::load::<TrainState>(&summary.run_dir, BEST).unwrap();
+    let learner = saved.state.base_learner.unwrap();
+    assert_eq!((learner.fold, learner.dataset.as_str()), (0, "pascal"));
+    assert_eq!(learner.base_classes, (6..=20).collect::<Vec<_>>());
+    assert_eq!(summary.state.iteration, 15 * BASE_EPOCHS as u64);
+    // A second run into the same directory is refused, not overwritten.
+    assert!(train::train(&base, Device::Cpu, None, TrainHooks::default()).is_err());
 
-    // Stage 2, BAM+SVF, on the base learner just trained.
-    let meta = Config {
-        manual_seed: seed(),
-        svf: true,
-        epochs: META_EPOCHS,
-        train_episodes: Some(48),
-        base_lr: 0.005,
-        head_lr_scale: 10.0,
-        backbone_lr_scale: 0.1,
-        lr_schedule: svf::config::LrScheduleKind::Constant,
-        batch_size_val: 8,
-        print_freq: 1000,
-        ..common::tiny_config(common::scratch("meta-stage"))
-    };
-    let (_, untrained) = load_meta_model(&meta, &summary.dir, BASE_BEST, Device::Cpu).unwrap();
-    let novel_before = novel_miou(&untrained, &meta, 48, 321, Device::Cpu).unwrap();
-    let run = train_meta(&meta, &summary.dir, BASE_BEST, Device::Cpu).unwrap();
-    let (vs, trained) = load_meta_model(&meta, &summary.dir, BASE_BEST, Device::Cpu).unwrap();
-    let last = checkpoint::load::<serde_json::Value>(&run.dir, BAM_LAST).unwrap();
-    svf::model::copy_into(&vs, &last.weights, &run.dir.join(BAM_LAST)).unwrap();
-    let novel_after = novel_miou(&trained, &meta, 48, 321, Device::Cpu).unwrap();
+    // Stage 2, BAM+SVF, on the base learner just trained (its run directory: `best`).
+    let meta = meta_config("meta-stage", &summary.run_dir);
+    let run = train::train(&meta, Device::Cpu, None, TrainHooks::default()).unwrap();
+    let novel_before = run.untrained_miou.unwrap();
+    let novel_after = run.state.best_miou.unwrap();
     eprintln!("novel-class mIoU untrained {novel_before:.4} trained {novel_after:.4}");
-    // Measured over seeds 321, 1, 2: base-class mIoU 0.003..0.006 untrained, 0.15..0.18 trained;
-    // novel-class mIoU 0 or 0.27 untrained (all background or all foreground), 0.34..0.37
-    // trained.
+    // Measured over seeds 321, 1, 2 (see the note at the end of the file).
     assert!(
         best > 0.08 && best > before + 0.05,
         "base classes: untrained {before}, trained {best}"
@@ -92,16 +93,92 @@ fn base_stage_then_bam_svf_meta_stage_end_to_end() {
         novel_after > 0.30 && novel_after > novel_before + 0.05,
         "novel classes: untrained {novel_before}, trained {novel_after}"
     );
-    assert!(run.iterations == 12 * META_EPOCHS as u64 && run.last_loss.is_finite());
+    assert_eq!(run.state.iteration, 12 * META_EPOCHS as u64);
+
+    // svf-eval's path: the run's best checkpoint loaded (strictly) and fused scores as the
+    // validation inside training did.
+    let weights = svf::inference::resolve_weights(&run.run_dir).unwrap();
+    let (fused_vs, fused) = svf::inference::load_model(&meta, &weights, Device::Cpu, true).unwrap();
+    assert!(fused_vs.variables().keys().all(|n| !n.contains("vector_S")));
+    let evaluated = eval::evaluate(
+        &fused,
+        &meta,
+        Device::Cpu,
+        &EvalOptions::for_validation(&meta),
+    )
+    .unwrap();
+    assert!(
+        (evaluated.miou.mean - novel_after).abs() < 1e-9,
+        "svf-eval {} vs validation {novel_after}",
+        evaluated.miou.mean
+    );
 
     // A base learner of another fold is refused, naming the checkpoint and the fold.
-    let other_fold = Config { split: 1, ..meta };
-    let message = match load_meta_model(&other_fold, &summary.dir, BASE_BEST, Device::Cpu) {
+    let other_fold = Config {
+        split: 1,
+        ..meta_config("other-fold", &summary.run_dir)
+    };
+    let message = match train::train(&other_fold, Device::Cpu, None, TrainHooks::default()) {
         Err(e) => e.to_string(),
         Ok(_) => panic!("fold 0's base learner loaded for fold 1"),
     };
     assert!(
-        message.contains(BASE_BEST) && message.contains("fold 0"),
+        message.contains("best.safetensors") && message.contains("fold 0"),
         "{message}"
     );
+    // And a meta stage without a base learner says which key to set.
+    let missing = Config {
+        base_learner: None,
+        ..meta_config("no-base", &summary.run_dir)
+    };
+    let message = train::train(&missing, Device::Cpu, None, TrainHooks::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("base_learner"), "{message}");
 }
+
+#[test]
+fn base_stage_resumes_to_the_same_weights() {
+    let config = |name: &str| Config {
+        epochs: 2,
+        val_freq: 1,
+        ..base_config(name, 5)
+    };
+    let whole = config("base-whole");
+    train::train(&whole, Device::Cpu, None, TrainHooks::default()).unwrap();
+    let parted = config("base-parted");
+    let stopped = train::train(
+        &parted,
+        Device::Cpu,
+        None,
+        TrainHooks {
+            stop_after: Some(20),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(stopped.interrupted && stopped.state.iteration == 20);
+    let resumed = train::resume_config(&parted.save_path).unwrap();
+    train::train(
+        &resumed,
+        Device::Cpu,
+        Some(&parted.save_path),
+        TrainHooks::default(),
+    )
+    .unwrap();
+    let a = checkpoint::load::<TrainState>(&whole.save_path, LAST).unwrap();
+    let b = checkpoint::load::<TrainState>(&parted.save_path, LAST).unwrap();
+    assert_eq!(a.state.iteration, 30);
+    assert_eq!(a.state, b.state);
+    let resumed: std::collections::HashMap<_, _> = b.weights.into_iter().collect();
+    assert_eq!(a.weights.len(), resumed.len());
+    for (name, x) in &a.weights {
+        assert!(x.equal(&resumed[name]), "{name} differs after resume");
+    }
+}
+
+// Thresholds: measured over seeds 321, 1, 2 — base-class mIoU untrained ~0.003..0.006, trained
+// 0.15..0.18; novel-class mIoU untrained 0 or ~0.27 (all background or all foreground), trained
+// 0.34..0.37 (values of the library-level test this one replaces; re-measured in the note of the
+// commit that introduced it).

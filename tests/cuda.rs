@@ -4,8 +4,9 @@
 
 mod common;
 
+use svf::backbone::Init;
 use svf::config::{Amp, Config};
-use svf::model::{prior_mask, PfeNet};
+use svf::model::{prior_mask, FewShotModel};
 use svf::train::{self, StepInputs};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -73,7 +74,7 @@ fn train_step_on_cuda_float32_and_bf16() {
         };
         tch::manual_seed(3);
         let vs = nn::VarStore::new(CUDA);
-        let net = PfeNet::new(&vs.root(), &config).unwrap();
+        let net = FewShotModel::new(&vs.root(), &config, Init::Random).unwrap();
         let mut sgd = train::optimiser(&vs, &config);
         let before = vs.variables()["layer3.0.conv1.vector_S"].to_device(Device::Cpu);
         tch::manual_seed(4);
@@ -87,6 +88,7 @@ fn train_step_on_cuda_float32_and_bf16() {
             query_label: &label.pin_memory(CUDA),
             support_images: &supports.pin_memory(CUDA),
             support_labels: &support_labels.pin_memory(CUDA),
+            class_ids: &[6],
         };
         let no_map: Option<fn(Tensor) -> Tensor> = None;
         tch::manual_seed(5);

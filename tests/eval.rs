@@ -111,8 +111,8 @@ fn fused_svf_model_scores_as_the_decomposed_one() {
     let query = Tensor::randn([1, 3, 65, 65], (Kind::Float, Device::Cpu));
     let supports = Tensor::randn([1, 1, 3, 65, 65], (Kind::Float, Device::Cpu));
     let labels = Tensor::randint(2, [1, 1, 65, 65], (Kind::Int64, Device::Cpu));
-    let logits = |model: &svf::model::PfeNet| {
-        tch::no_grad(|| model.forward(&query, &supports, &labels, false).logits)
+    let logits = |model: &svf::model::FewShotModel| {
+        tch::no_grad(|| model.logits(&query, &supports, &labels))
     };
     let (a, b) = (logits(&decomposed), logits(&fused));
     let scale = f64::try_from(a.abs().max()).unwrap();

@@ -1,4 +1,4 @@
-//! `svf-train`: episodic training of PFENet (+ SVF) from a YAML config.
+//! `svf-train`: training of PFENet or BAM (+ SVF) from a YAML config, BAM's base stage included.
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -6,7 +6,8 @@ use std::sync::Arc;
 use clap::Parser;
 use svf::cli::{ConfigArgs, RuntimeArgs};
 
-/// Train a few-shot segmentation model (PFENet, optionally with Singular Value Fine-tuning).
+/// Train a few-shot segmentation model (PFENet or BAM, optionally with Singular Value
+/// Fine-tuning), or BAM's base learner (`method: bam`, `stage: base`).
 ///
 /// The run directory (`save_path`) receives config.yaml, log.txt, metrics.jsonl and the `last` /
 /// `best` checkpoints. Ctrl-C saves `last` and exits; `--resume RUN_DIR` continues exactly there.
@@ -63,10 +64,14 @@ fn main() -> anyhow::Result<()> {
             );
         }
         println!(
-            "trained {} epochs ({} iterations, {:.2} episodes/s); mIoU untrained {} -> best {} (epoch {}); checkpoints in {}",
+            "trained {} epochs ({} iterations, {:.2} {}/s); mIoU untrained {} -> best {} (epoch {}); checkpoints in {}",
             state.epochs_done(),
             state.iteration,
             summary.episodes_per_second,
+            match config.stage {
+                svf::config::Stage::Base => "images",
+                svf::config::Stage::Meta => "episodes",
+            },
             percent(summary.untrained_miou),
             percent(state.best_miou),
             state.best_epoch.map_or("-".to_string(), |e| e.to_string()),

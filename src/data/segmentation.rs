@@ -140,18 +140,38 @@ impl SegmentationDataset {
         })
     }
 
-    /// Items `indices` as one batch; training draw `draw_base + i` for the i-th.
+    /// Items `indices` as one batch, decoded and augmented on up to `workers` threads; training
+    /// draw `draw_base + i` for the i-th (so the batch does not depend on `workers`).
     pub fn batch(
         &self,
         indices: &[usize],
         seed: u64,
         draw_base: u64,
+        workers: usize,
     ) -> Result<SegmentationBatch, DataError> {
-        let items = indices
-            .iter()
-            .enumerate()
-            .map(|(i, &index)| self.load(index, seed, draw_base + i as u64))
-            .collect::<Result<Vec<_>, _>>()?;
+        let per_thread = indices.len().div_ceil(workers.max(1)).max(1);
+        let items = std::thread::scope(|scope| {
+            let handles: Vec<_> = indices
+                .chunks(per_thread)
+                .enumerate()
+                .map(|(c, chunk)| {
+                    scope.spawn(move || {
+                        chunk
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &index)| {
+                                self.load(index, seed, draw_base + (c * per_thread + i) as u64)
+                            })
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("an image loader thread panicked"))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        let items: Vec<_> = items.into_iter().flatten().collect();
         Ok(to_batch(&items))
     }
 

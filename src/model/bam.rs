@@ -26,6 +26,7 @@ use tch::{Kind, Reduction, Tensor};
 
 use crate::backbone::{Backbone, Init};
 use crate::config::Config;
+use crate::data::segmentation::BaseClassMap;
 use crate::data::IGNORE_LABEL;
 
 use super::head::{conv, prior_mask, resize, weighted_gap};
@@ -270,6 +271,19 @@ pub struct Bam {
     cls_merge: nn::Conv2D,
     kshot: Option<KShotReweighting>,
     aux_weight: f64,
+    /// The fold's base classes, for the episode class's channel that training leaves out.
+    base_classes: BaseClassMap,
+}
+
+/// What the meta branch reads its features from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MetaCopy {
+    /// The base learner's backbone (plain BAM).
+    Shared,
+    /// Its own SVD-decomposed copy (BAM+SVF, training).
+    Decomposed,
+    /// Its own full-rank copy: BAM+SVF's copy with the SVD convolutions folded, for inference.
+    FullRank,
 }
 
 impl Bam {
@@ -277,16 +291,48 @@ impl Bam {
     /// ([`Init::Zeros`] when the base learner's weights are loaded next; the SVF copy is then
     /// decomposed from them by [`crate::backbone::decompose_pretrained`]).
     pub fn new(root: &nn::Path, config: &Config, init: Init) -> Result<Bam, ModelError> {
+        let copy = if config.svf {
+            MetaCopy::Decomposed
+        } else {
+            MetaCopy::Shared
+        };
+        Bam::build(root, config, init, copy)
+    }
+
+    /// BAM+SVF for inference: the meta copy full-rank (`layer0.*`.. as
+    /// [`crate::svf::recompose`] names the folded SVD convolutions), to be loaded next; plain BAM
+    /// as [`Bam::new`].
+    pub fn fused(root: &nn::Path, config: &Config) -> Result<Bam, ModelError> {
+        let copy = if config.svf {
+            MetaCopy::FullRank
+        } else {
+            MetaCopy::Shared
+        };
+        Bam::build(root, config, Init::Zeros, copy)
+    }
+
+    fn build(
+        root: &nn::Path,
+        config: &Config,
+        init: Init,
+        copy: MetaCopy,
+    ) -> Result<Bam, ModelError> {
         let base = PspNet::new(
             &(root / BASE_LEARNER),
             config,
             base_learner_classes(config),
             init,
         )?;
-        let meta_backbone = if config.svf {
-            Some(Backbone::with_init(root, config, init)?)
-        } else {
-            None
+        let meta_backbone = match copy {
+            MetaCopy::Shared => None,
+            MetaCopy::Decomposed => Some(Backbone::with_init(root, config, init)?),
+            MetaCopy::FullRank => {
+                let full_rank = Config {
+                    svf: false,
+                    ..config.clone()
+                };
+                Some(Backbone::with_init(root, &full_rank, init)?)
+            }
         };
         let channels = base.backbone.out_channels();
         let (mid, d) = (channels[3] + channels[2], config.reduce_dim);
@@ -310,7 +356,38 @@ impl Bam {
             kshot: (shots > 1)
                 .then(|| KShotReweighting::new(root / "kshot_rw", shots, KSHOT_TRANS_DIM)),
             aux_weight: config.aux_weight,
+            base_classes: BaseClassMap::of(config),
         })
+    }
+
+    /// Copies a base learner's weights (a base stage's checkpoint: PSPNet names, no prefix) into
+    /// this model's base learner in `vs`, strictly; `origin` names the file in errors.
+    pub fn load_base_learner(
+        vs: &nn::VarStore,
+        weights: Vec<(String, Tensor)>,
+        origin: &std::path::Path,
+    ) -> Result<(), ModelError> {
+        let prefix = format!("{BASE_LEARNER}.");
+        let prefixed: Vec<(String, Tensor)> = weights
+            .into_iter()
+            .map(|(name, t)| (format!("{prefix}{name}"), t))
+            .collect();
+        super::weights::copy_into_part(vs, &prefixed, origin, |name| name.starts_with(&prefix))
+    }
+
+    /// The base learner's channel of each episode class (1-based among the fold's base classes),
+    /// `[B]` on `device`: BAM leaves it out of the base evidence in training, where every episode
+    /// class is a base class.
+    pub fn exclude_channels(&self, class_ids: &[usize], device: tch::Device) -> Tensor {
+        let channels: Vec<i64> = class_ids
+            .iter()
+            .map(|&c| {
+                self.base_classes.channel(c).unwrap_or_else(|| {
+                    panic!("training episode class {c} is not a base class of the fold")
+                }) as i64
+            })
+            .collect();
+        Tensor::from_slice(&channels).to_device(device)
     }
 
     /// BAM+SVF: sets the meta branch's decomposed backbone to the SVD of the base learner's
@@ -506,6 +583,12 @@ impl Bam {
     /// BAM's loss `CE(ensemble) + aux_weight1 · CE(meta)`, ignoring label 255. (The base learner's
     /// term is left out: it carries no gradient while the base learner is frozen.)
     pub fn loss(&self, out: &BamOutput, query_label: &Tensor) -> Tensor {
+        let (main, aux) = self.loss_terms(out, query_label);
+        main + aux * self.aux_weight
+    }
+
+    /// The two terms of [`Bam::loss`]: the ensemble's cross-entropy and the meta learner's.
+    pub fn loss_terms(&self, out: &BamOutput, query_label: &Tensor) -> (Tensor, Tensor) {
         let ce = |logits: &Tensor| {
             let size = query_label.size();
             resize(logits, [size[1], size[2]]).cross_entropy_loss::<Tensor>(
@@ -516,7 +599,7 @@ impl Bam {
                 0.0,
             )
         };
-        ce(&out.logits) + ce(&out.meta_logits) * self.aux_weight
+        (ce(&out.logits), ce(&out.meta_logits))
     }
 }
 
@@ -526,7 +609,7 @@ impl Bam {
 /// (the pyramid pooling) and `learner_base.1.*` (the classifier); here they live under `base.` with
 /// PSPNet's names. The meta modules keep their names. With `svf` (the SVF authors' BAM+SVF
 /// checkpoints) the full-rank originals are `layer0p.*`.. and map likewise, while the decomposed
-/// copy `layer0.*`.. stays at the root. (Not yet used by a loader: no command reads BAM models.)
+/// copy `layer0.*`.. stays at the root.
 pub fn from_released_name(name: &str, svf: bool) -> String {
     if let Some(rest) = name.strip_prefix("learner_base.0.") {
         return format!("{BASE_LEARNER}.ppm.{rest}");
@@ -544,6 +627,15 @@ pub fn from_released_name(name: &str, svf: bool) -> String {
         }
     }
     name.to_string()
+}
+
+/// Whether a state dict uses the naming of BAM's released checkpoints (`learner_base.*`, or the
+/// SVF authors' full-rank originals `layer0p.*`..) rather than ours.
+pub fn is_released_naming(weights: &[(String, Tensor)]) -> bool {
+    weights.iter().any(|(name, _)| {
+        name.starts_with("learner_base.")
+            || (0..5).any(|stage| name.starts_with(&format!("layer{stage}p.")))
+    })
 }
 
 /// Whether a BAM variable is trained in the meta stage: never the base learner (`base.`), the

@@ -24,7 +24,19 @@ pub fn copy_into(
     weights: &[(String, Tensor)],
     origin: &Path,
 ) -> Result<(), ModelError> {
+    copy_into_part(vs, weights, origin, |_| true)
+}
+
+/// [`copy_into`] for the part of `vs` whose variable names `part` holds for (BAM's base learner
+/// inside BAM): `weights` must match exactly those variables.
+pub fn copy_into_part(
+    vs: &nn::VarStore,
+    weights: &[(String, Tensor)],
+    origin: &Path,
+    part: impl Fn(&str) -> bool,
+) -> Result<(), ModelError> {
     let mut variables = vs.variables();
+    variables.retain(|name, _| part(name));
     let given = weights
         .iter()
         .map(|(n, t)| (n.clone(), t.shallow_clone()))

@@ -1,39 +1,37 @@
 //! BAM's first stage (`train_base.py`): the PSPNet base learner trained by ordinary supervised
 //! segmentation on whole training images, labels mapped to the fold's base classes
-//! ([`crate::data::segmentation`]). BatchNorm trains in this stage, as in BAM; the backbone at the
-//! base rate (`backbone_lr_scale`), `ppm` and `cls` at `head_lr_scale` (BAM's `index_split: 0`:
-//! 10×). Validation: mIoU over the base classes (background excluded), every `val_freq` epochs.
+//! ([`crate::data::segmentation`]), as a [`TrainingTask`] of the common run (same run directory,
+//! checkpoints `last`/`best`, resume, progress, metrics, validation and stopping as episodic
+//! training). BatchNorm trains in this stage, as in BAM; the backbone at `backbone_lr_scale`,
+//! `ppm` and `cls` at `head_lr_scale` (BAM's `index_split: 0`: 10×). Validation: mIoU over the
+//! base classes (background excluded).
 //!
-//! The run directory holds `config.yaml`, the checkpoints `base_last` and `base_best` whose
-//! metadata ([`BaseLearnerMeta`]) records the dataset, fold and base classes: BAM's meta stage
-//! checks them ([`BaseLearnerMeta::check_against`]).
-//!
-//! Not yet: resume, the progress bar and metrics log of episodic training (a run directory with a
-//! `base_last` checkpoint is refused rather than overwritten).
+//! The checkpoints' state records the dataset, fold and base classes ([`BaseLearnerMeta`]); BAM's
+//! meta stage checks them when it loads the base learner ([`load_base_learner`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::amp;
 use crate::backbone::{self, Init};
-use crate::checkpoint;
+use crate::checkpoint::{self, CheckpointFiles};
 use crate::config::Config;
 use crate::data::rng::EpisodeRng;
-use crate::data::segmentation::{BaseClassMap, SegmentationDataset};
-use crate::data::Split;
+use crate::data::segmentation::{BaseClassMap, SegmentationBatch, SegmentationDataset};
+use crate::data::{DataError, Split};
 use crate::metrics::IoUAccumulator;
+use crate::model::bam::Bam;
 use crate::model::pspnet::PspNet;
 
-use super::{LrSchedule, Sgd, TrainError};
+use super::{optimise, upload, with_lr_scales, Losses, Sgd, TrainError, TrainState, TrainingTask};
 
-/// Checkpoint names of the base stage.
-pub const BASE_LAST: &str = "base_last";
-pub const BASE_BEST: &str = "base_best";
 /// RNG stream of the per-epoch image order.
 const ORDER_STREAM: u64 = 0xBA5E_0001;
 
-/// What a base learner checkpoint says about itself.
+/// What a base learner checkpoint says it was trained for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BaseLearnerMeta {
     /// `pascal` or `coco`.
@@ -42,28 +40,22 @@ pub struct BaseLearnerMeta {
     pub fold: usize,
     /// The fold's base classes (dataset ids) in channel order (channel i + 1).
     pub base_classes: Vec<usize>,
-    pub iteration: u64,
-    pub epoch: usize,
-    /// Validation mIoU over the base classes at this checkpoint, if validated.
-    pub val_miou: Option<f64>,
 }
 
 impl BaseLearnerMeta {
-    fn of(config: &Config) -> BaseLearnerMeta {
+    /// The base learner `config` trains.
+    pub fn of(config: &Config) -> BaseLearnerMeta {
         BaseLearnerMeta {
             dataset: dataset_name(config).into(),
             use_split_coco: config.use_split_coco,
             fold: config.split,
             base_classes: BaseClassMap::of(config).base,
-            iteration: 0,
-            epoch: 0,
-            val_miou: None,
         }
     }
 
     /// `Err(message)` naming `path` and every difference when this base learner was trained for
     /// another dataset, COCO split scheme or fold than `config`'s.
-    pub fn check_against(&self, config: &Config, path: &Path) -> Result<(), String> {
+    pub fn check_against(&self, config: &Config) -> Result<(), String> {
         let want = BaseLearnerMeta::of(config);
         let mut differences = Vec::new();
         if self.dataset != want.dataset {
@@ -93,11 +85,7 @@ impl BaseLearnerMeta {
         if differences.is_empty() {
             return Ok(());
         }
-        Err(format!(
-            "base learner {} was trained for {}; train the base stage for this fold (configs/bam/*_base.yaml) or point at the right checkpoint",
-            path.display(),
-            differences.join(", ")
-        ))
+        Err(format!("it was trained for {}", differences.join(", ")))
     }
 }
 
@@ -109,28 +97,21 @@ fn dataset_name(config: &Config) -> &'static str {
     }
 }
 
-/// How a base-stage run ended.
-#[derive(Debug)]
-pub struct BaseSummary {
-    pub iterations: u64,
-    pub last_loss: f64,
-    /// The best validation mIoU over the base classes (when validated).
-    pub best_miou: Option<f64>,
-    pub dir: PathBuf,
-}
-
-/// Validation mIoU over the base classes of `model` on `data` (batches of `batch_size`).
+/// Validation `(mIoU over the base classes, FB-IoU)` of `model` on `data` (batches of
+/// `batch_size`). Each base class is scored as a binary map, so FB-IoU is the mean of the
+/// background and foreground IoU over those maps.
 pub fn base_miou(
     model: &PspNet,
     data: &SegmentationDataset,
     batch_size: usize,
+    workers: usize,
     device: Device,
-) -> Result<f64, TrainError> {
+) -> Result<(f64, f64), DataError> {
     let map = data.class_map();
     let mut iou = IoUAccumulator::new(&map.base);
     let indices: Vec<usize> = (0..data.len()).collect();
     for chunk in indices.chunks(batch_size) {
-        let batch = data.batch(chunk, 0, 0)?;
+        let batch = data.batch(chunk, 0, 0, workers)?;
         let labels = batch.labels.to_device(device);
         let pred =
             tch::no_grad(|| model.forward(&batch.images.to_device(device), false)).argmax(1, false);
@@ -144,143 +125,177 @@ pub fn base_miou(
             iou.add(&pred.eq(channel).to_kind(Kind::Int64), &binary_label, class);
         }
     }
-    Ok(iou.miou())
+    Ok((iou.miou(), iou.fb_iou()))
 }
 
-/// Trains the base learner of `config` on `device` into `config.save_path`.
-pub fn train_base(config: &Config, device: Device) -> Result<BaseSummary, TrainError> {
-    let dir = config.save_path.clone();
-    std::fs::create_dir_all(&dir).map_err(super::run_dir_error(&dir))?;
-    if checkpoint::exists(&dir, BASE_LAST)? {
-        return Err(TrainError::RunExists { dir });
-    }
-    let data = SegmentationDataset::open(config, Split::Train)?;
-    let val = match config.val_freq {
-        0 => None,
-        _ => Some(SegmentationDataset::open(config, Split::Val)?),
-    };
-    let per_epoch = (data.len() / config.batch_size) as u64;
-    if per_epoch == 0 {
-        return Err(TrainError::EpochTooShort {
-            episodes: data.len(),
-            batch_size: config.batch_size,
-        });
-    }
-    let path = dir.join(super::CONFIG_FILE);
-    std::fs::write(&path, config.to_yaml()).map_err(super::run_dir_error(&path))?;
+/// BAM's base stage: the PSPNet base learner on whole images.
+pub(super) struct BaseTask<'a> {
+    config: &'a Config,
+    device: Device,
+    vs: nn::VarStore,
+    net: PspNet,
+    train: Arc<SegmentationDataset>,
+    val: Option<SegmentationDataset>,
+}
 
-    tch::manual_seed(config.manual_seed as i64);
-    let vs = nn::VarStore::new(device);
-    let full_rank = Config {
-        svf: false,
-        ..config.clone()
-    };
-    let init = if config.backbone_weights.is_some() {
-        Init::Zeros
-    } else {
-        Init::Random
-    };
-    let model = PspNet::new(
-        &vs.root(),
-        &full_rank,
-        data.class_map().classes() as i64,
-        init,
-    )?;
-    if let Some(path) = &config.backbone_weights {
-        let report = backbone::load_pretrained(&vs, path, &full_rank)?;
-        tracing::info!("backbone weights from {}: {report}", path.display());
-    }
-    let mut sgd = Sgd::new(
-        trainable_parameters(&vs, config),
-        config.momentum,
-        config.weight_decay,
-    );
-    let schedule = LrSchedule::from_config(config, per_epoch);
-    let mut meta = BaseLearnerMeta::of(config);
-    let (mut iteration, mut last_loss, mut best) = (0u64, f64::NAN, None::<f64>);
-    for epoch in 0..config.epochs {
-        let order = shuffled(data.len(), config.manual_seed, epoch as u64);
-        for step in 0..per_epoch as usize {
-            let indices = &order[step * config.batch_size..(step + 1) * config.batch_size];
-            let batch = data.batch(
-                indices,
-                config.manual_seed,
-                iteration * config.batch_size as u64,
-            )?;
-            iteration += 1;
-            let logits = model.forward(&batch.images.to_device(device), true);
-            let loss = PspNet::loss(&logits, &batch.labels.to_device(device));
-            sgd.zero_grad();
-            loss.backward();
-            sgd.step(schedule.lr(iteration));
-            last_loss = loss.double_value(&[]);
-            if iteration % config.print_freq as u64 == 0 {
-                tracing::info!(
-                    "base stage epoch {} iteration {iteration}: loss {last_loss:.4}",
-                    epoch + 1
-                );
-            }
-        }
-        meta.iteration = iteration;
-        meta.epoch = epoch + 1;
-        meta.val_miou = None;
-        if let Some(val) = &val {
-            if (epoch + 1) % config.val_freq == 0 {
-                let miou = base_miou(&model, val, config.batch_size_val, device)?;
-                tracing::info!(
-                    "base stage epoch {}: validation mIoU over the base classes {:.2}",
-                    epoch + 1,
-                    100.0 * miou
-                );
-                meta.val_miou = Some(miou);
-                if best.is_none_or(|b| miou > b) {
-                    best = Some(miou);
-                    checkpoint::save(
-                        &dir,
-                        BASE_BEST,
-                        &crate::model::model_weights(&vs),
-                        None,
-                        &meta,
-                    )?;
-                }
-            }
-        }
-        checkpoint::save(
-            &dir,
-            BASE_LAST,
-            &crate::model::model_weights(&vs),
-            None,
-            &meta,
+impl<'a> BaseTask<'a> {
+    /// The base learner of `config` (its backbone from `backbone_weights`; a resumed run loads its
+    /// checkpoint over it) and the fold's data.
+    pub(super) fn open(config: &'a Config, device: Device) -> Result<Self, TrainError> {
+        let train = Arc::new(SegmentationDataset::open(config, Split::Train)?);
+        let val = match config.val_freq {
+            0 => None,
+            _ => Some(SegmentationDataset::open(config, Split::Val)?),
+        };
+        tch::manual_seed(config.manual_seed as i64);
+        let vs = nn::VarStore::new(device);
+        let full_rank = Config {
+            svf: false,
+            ..config.clone()
+        };
+        let init = if config.backbone_weights.is_some() {
+            Init::Zeros
+        } else {
+            Init::Random
+        };
+        let net = PspNet::new(
+            &vs.root(),
+            &full_rank,
+            train.class_map().classes() as i64,
+            init,
         )?;
+        if let Some(path) = &config.backbone_weights {
+            let report = backbone::load_pretrained(&vs, path, &full_rank)?;
+            tracing::info!("backbone weights from {}: {report}", path.display());
+        }
+        Ok(BaseTask {
+            config,
+            device,
+            vs,
+            net,
+            train,
+            val,
+        })
     }
-    Ok(BaseSummary {
-        iterations: iteration,
-        last_loss,
-        best_miou: best,
-        dir,
-    })
 }
 
-/// Every parameter (BatchNorm statistics aside) with its LR multiplier: the backbone's
-/// `backbone_lr_scale`, `ppm` and `cls` `head_lr_scale`.
-fn trainable_parameters(vs: &nn::VarStore, config: &Config) -> Vec<(String, Tensor, f64)> {
-    crate::model::model_weights(vs)
-        .into_iter()
-        .filter(|(name, _)| {
+impl TrainingTask for BaseTask<'_> {
+    type Batch = SegmentationBatch;
+    const ITEMS: &'static str = "images";
+
+    fn items_per_epoch(&self) -> usize {
+        self.train.len()
+    }
+
+    fn vs(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    /// Every parameter (BatchNorm statistics aside).
+    fn trainable(&self) -> Vec<(String, Tensor, f64)> {
+        let parameters = crate::model::freeze_all_but(&self.vs, |name| {
             !["running_mean", "running_var", "num_batches_tracked"]
                 .iter()
                 .any(|b| name.ends_with(b))
-        })
-        .map(|(name, tensor)| {
-            let scale = if name.starts_with("layer") {
-                config.backbone_lr_scale
-            } else {
-                config.head_lr_scale
-            };
-            let tensor = tensor.set_requires_grad(true);
-            (name, tensor, scale)
-        })
-        .collect()
+        });
+        with_lr_scales(parameters, self.config)
+    }
+
+    /// Epoch `epoch` shows every image once in a seeded order; image `j` of the epoch gets the
+    /// augmentation draw `epoch · len + j`, so a resumed run sees the same crops.
+    fn batches(
+        &self,
+        epoch: usize,
+        items: std::ops::Range<u64>,
+    ) -> Box<dyn Iterator<Item = Result<SegmentationBatch, DataError>>> {
+        let (data, config) = (self.train.clone(), self.config);
+        let (seed, batch, workers) = (config.manual_seed, config.batch_size, config.workers);
+        let order = shuffled(data.len(), seed, epoch as u64);
+        let epoch_start = (epoch * data.len()) as u64;
+        let starts = (items.start..items.end).step_by(batch);
+        Box::new(starts.map(move |start| {
+            let end = (start + batch as u64).min(items.end);
+            let indices = &order[start as usize..end as usize];
+            data.batch(indices, seed, epoch_start + start, workers)
+        }))
+    }
+
+    fn step(
+        &self,
+        batch: &SegmentationBatch,
+        sgd: &mut Sgd,
+        lr: f64,
+        map_loss: Option<&mut dyn FnMut(Tensor) -> Tensor>,
+    ) -> Losses {
+        let labels = upload(&batch.labels, self.device);
+        let loss = amp::autocast(self.config, self.device, || {
+            let logits = self.net.forward(&upload(&batch.images, self.device), true);
+            PspNet::loss(&logits, &labels)
+        });
+        let no_aux = loss.zeros_like();
+        optimise(sgd, loss, no_aux, 0.0, lr, map_loss)
+    }
+
+    fn validate(&self) -> Result<(f64, f64), TrainError> {
+        let val = self
+            .val
+            .as_ref()
+            .expect("validation is due only with val_freq > 0");
+        Ok(base_miou(
+            &self.net,
+            val,
+            self.config.batch_size_val,
+            self.config.workers,
+            self.device,
+        )?)
+    }
+}
+
+/// Loads the base learner `path` names (a base stage's run directory: its `best` checkpoint, else
+/// `last`; or a weights file) into BAM's base learner in `vs`. A checkpoint of ours must have been
+/// trained for `config`'s dataset, COCO split scheme, fold and base classes; a file without our
+/// state (BAM's released base learners) is taken with a warning, its classifier's size checked.
+pub fn load_base_learner(
+    vs: &nn::VarStore,
+    config: &Config,
+    path: &Path,
+) -> Result<(), TrainError> {
+    let weights_path =
+        crate::inference::resolve_weights(path).map_err(|e| TrainError::BaseLearner {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    let refused = |detail: String| TrainError::BaseLearner {
+        path: weights_path.clone(),
+        detail,
+    };
+    let state_path = weights_path.with_extension("json");
+    let weights = if state_path.is_file() {
+        let dir = weights_path.parent().unwrap_or(Path::new("."));
+        let name = weights_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let saved = checkpoint::load::<TrainState>(dir, &name)?;
+        let meta = saved.state.base_learner.ok_or_else(|| {
+            refused(format!(
+                "{} is not a base stage's checkpoint (no base learner record); point at a run of configs/bam/*_base.yaml",
+                CheckpointFiles::new(dir, &name).state.display()
+            ))
+        })?;
+        meta.check_against(config).map_err(refused)?;
+        saved.weights
+    } else {
+        tracing::warn!(
+            "{} has no checkpoint state beside it (a released or converted base learner): its fold cannot be checked; make sure it was trained for fold {}",
+            weights_path.display(),
+            config.split
+        );
+        checkpoint::read_tensors(&weights_path)?
+    };
+    Bam::load_base_learner(vs, weights, &weights_path).map_err(|e| refused(e.to_string()))?;
+    tracing::info!("base learner from {}", weights_path.display());
+    Ok(())
 }
 
 /// A permutation of `0..len` for epoch `epoch` (Fisher–Yates on the run's seed).
@@ -299,19 +314,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn meta_check_names_file_and_every_difference() {
+    fn meta_check_names_every_difference() {
         let config = Config::default();
         let meta = BaseLearnerMeta::of(&config);
-        meta.check_against(&config, Path::new("x")).unwrap();
+        meta.check_against(&config).unwrap();
         let other = Config {
             use_coco: true,
             split: 2,
             ..Config::default()
         };
-        let message = meta
-            .check_against(&other, Path::new("runs/b/base_best"))
-            .unwrap_err();
-        assert!(message.contains("runs/b/base_best"), "{message}");
+        let message = meta.check_against(&other).unwrap_err();
         assert!(
             message.contains("dataset pascal") && message.contains("fold 0"),
             "{message}"
