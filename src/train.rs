@@ -603,6 +603,29 @@ fn restore(
     Ok(saved.state)
 }
 
+thread_local! {
+    /// Whether a panic on this thread is reported by [`silencing_panics`]'s caller instead.
+    static PANICS_SILENCED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the panic hook silent for panics on this thread only (the caller turns them into
+/// an error); other threads' panics, e.g. other runs in the same process, are still reported.
+fn silencing_panics<R>(f: impl FnOnce() -> R) -> R {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !PANICS_SILENCED.with(|s| s.get()) {
+                previous(info);
+            }
+        }));
+    });
+    PANICS_SILENCED.with(|s| s.set(true));
+    let result = f();
+    PANICS_SILENCED.with(|s| s.set(false));
+    result
+}
+
 /// How an epoch ended.
 enum EpochEnd {
     Finished {
@@ -756,20 +779,19 @@ impl<T: TrainingTask> Run<'_, T> {
 
     /// [`Run::step`], turning a libtorch error inside it (out of memory, a device fault), which
     /// tch raises as a panic, into [`TrainError::StepFailed`] after saving `last`: the work since
-    /// the last checkpoint is kept. While the step runs, the panic hook is silenced so that the
-    /// user sees the one error message instead of a panic report.
+    /// the last checkpoint is kept. While the step runs, panics on this thread are not reported by
+    /// the panic hook, so that the user sees the one error message instead of a panic report.
     fn guarded_step(
         &mut self,
         batch: &T::Batch,
         epoch: usize,
         hooks: &mut TrainHooks,
     ) -> Result<Losses, TrainError> {
-        let previous_hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.step(batch, epoch, hooks)
-        }));
-        std::panic::set_hook(previous_hook);
+        let outcome = silencing_panics(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.step(batch, epoch, hooks)
+            }))
+        });
         let panic = match outcome {
             Ok(result) => return result,
             Err(panic) => panic,

@@ -354,3 +354,85 @@ fn svf_copy_starts_equal_to_the_base_backbone() {
     let err = (&ours - &base).abs().max().double_value(&[]) / base.abs().max().double_value(&[]);
     assert!(err < 1e-4, "relative error {err}");
 }
+
+/// A BAM+SVF model with random meta modules and a trained-looking (non-unit) `vector_S`, and its
+/// weights written to `dir/weights.safetensors`.
+fn random_bam_svf(dir: &std::path::Path) -> (Config, std::path::PathBuf) {
+    tch::manual_seed(8);
+    let config = Config {
+        method: svf::config::Method::Bam,
+        ..tiny(2, true)
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = Bam::new(&vs.root(), &config, Init::Random).unwrap();
+    model.decompose_base_into_meta(&vs, &config);
+    randomize_heads(&vs);
+    tch::no_grad(|| {
+        for (name, var) in vs.variables() {
+            if name.ends_with("vector_S") {
+                let _ = var
+                    .shallow_clone()
+                    .g_mul_(&(Tensor::rand(var.size(), CPU_F32) + 0.5));
+            }
+        }
+    });
+    let path = dir.join("weights.safetensors");
+    Tensor::write_safetensors(&svf::model::model_weights(&vs), &path).unwrap();
+    (config, path)
+}
+
+fn episode_logits(model: &svf::model::FewShotModel) -> Tensor {
+    tch::manual_seed(9);
+    let query = Tensor::randn([1, 3, 65, 65], CPU_F32);
+    let supports = Tensor::randn([1, 2, 3, 65, 65], CPU_F32);
+    let labels = Tensor::randint(2, [1, 2, 65, 65], (Kind::Int64, Device::Cpu));
+    tch::no_grad(|| model.logits(&query, &supports, &labels))
+}
+
+#[test]
+fn fused_bam_svf_computes_what_the_decomposed_copy_computes() {
+    let dir = common::scratch("bam-fused");
+    let (config, path) = random_bam_svf(&dir);
+    let (_, decomposed) = svf::inference::load_model(&config, &path, Device::Cpu, false).unwrap();
+    let (fused_vs, fused) = svf::inference::load_model(&config, &path, Device::Cpu, true).unwrap();
+    let names: Vec<String> = fused_vs.variables().into_keys().collect();
+    assert!(names.iter().all(|n| !n.contains("vector_S")));
+    // The fused copy is at the root, full-rank, beside the base learner.
+    assert!(names.contains(&"layer4.1.conv2.weight".to_string()));
+    assert!(names.contains(&"base.layer4.1.conv2.weight".to_string()));
+    let (a, b) = (episode_logits(&decomposed), episode_logits(&fused));
+    let diff = (&a - &b).abs().max().double_value(&[]);
+    assert!(diff < 1e-5, "fused logits differ by {diff}");
+}
+
+#[test]
+fn released_bam_naming_loads_the_same_model() {
+    let dir = common::scratch("bam-released");
+    let (config, path) = random_bam_svf(&dir);
+    // The SVF authors' BAM+SVF naming: the base learner's backbone as `layer{i}p.*`, its head as
+    // `learner_base.{0,1}.*`; the decomposed copy and the meta modules as ours.
+    let released: Vec<(String, Tensor)> = svf::checkpoint::read_tensors(&path)
+        .unwrap()
+        .into_iter()
+        .map(|(name, t)| {
+            let name = if let Some(rest) = name.strip_prefix("base.ppm.") {
+                format!("learner_base.0.{rest}")
+            } else if let Some(rest) = name.strip_prefix("base.cls.") {
+                format!("learner_base.1.{rest}")
+            } else if let Some(rest) = name.strip_prefix("base.layer") {
+                let (stage, rest) = rest.split_once('.').unwrap();
+                format!("layer{stage}p.{rest}")
+            } else {
+                name
+            };
+            (name, t)
+        })
+        .collect();
+    assert!(bam::is_released_naming(&released));
+    let released_path = dir.join("released.safetensors");
+    Tensor::write_safetensors(&released, &released_path).unwrap();
+    let (_, ours) = svf::inference::load_model(&config, &path, Device::Cpu, false).unwrap();
+    let (_, theirs) =
+        svf::inference::load_model(&config, &released_path, Device::Cpu, false).unwrap();
+    assert!(episode_logits(&ours).equal(&episode_logits(&theirs)));
+}

@@ -15,7 +15,7 @@ use svf::train::{self, TrainHooks, TrainState};
 use tch::Device;
 
 const BASE_EPOCHS: usize = 12;
-const META_EPOCHS: usize = 8;
+const META_EPOCHS: usize = 16;
 
 fn seed() -> u64 {
     std::env::var("BAM_TEST_SEED").map_or(321, |s| s.parse().unwrap())
@@ -53,7 +53,7 @@ fn meta_config(name: &str, base_learner: &std::path::Path) -> Config {
         head_lr_scale: 10.0,
         backbone_lr_scale: 0.1,
         lr_schedule: LrScheduleKind::Constant,
-        val_freq: META_EPOCHS,
+        val_freq: 4,
         val_episodes: 48,
         batch_size_val: 8,
         print_freq: 1000,
@@ -63,6 +63,7 @@ fn meta_config(name: &str, base_learner: &std::path::Path) -> Config {
 
 #[test]
 fn base_stage_then_bam_svf_meta_stage_end_to_end() {
+    let _torch = common::exclusive_torch();
     let base = base_config("base-stage", seed());
     let summary = train::train(&base, Device::Cpu, None, TrainHooks::default()).unwrap();
     let (before, best) = (
@@ -84,7 +85,7 @@ fn base_stage_then_bam_svf_meta_stage_end_to_end() {
     let novel_before = run.untrained_miou.unwrap();
     let novel_after = run.state.best_miou.unwrap();
     eprintln!("novel-class mIoU untrained {novel_before:.4} trained {novel_after:.4}");
-    // Measured over seeds 321, 1, 2 (see the note at the end of the file).
+    // Measured over seeds 321, 1, 2, 3, 4 (see the note at the end of the file).
     assert!(
         best > 0.08 && best > before + 0.05,
         "base classes: untrained {before}, trained {best}"
@@ -140,6 +141,7 @@ fn base_stage_then_bam_svf_meta_stage_end_to_end() {
 
 #[test]
 fn base_stage_resumes_to_the_same_weights() {
+    let _torch = common::exclusive_torch();
     let config = |name: &str| Config {
         epochs: 2,
         val_freq: 1,
@@ -178,7 +180,6 @@ fn base_stage_resumes_to_the_same_weights() {
     }
 }
 
-// Thresholds: measured over seeds 321, 1, 2 — base-class mIoU untrained ~0.003..0.006, trained
-// 0.15..0.18; novel-class mIoU untrained 0 or ~0.27 (all background or all foreground), trained
-// 0.34..0.37 (values of the library-level test this one replaces; re-measured in the note of the
-// commit that introduced it).
+// Thresholds: measured with BAM_TEST_SEED=321, 1, 2, 3, 4 (base stage 12 epochs, meta stage 16):
+// base-class mIoU untrained 0.003..0.006, trained 0.09..0.19; novel-class mIoU untrained
+// 0.27..0.31 (near all-foreground), best 0.42..0.54.

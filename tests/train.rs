@@ -5,12 +5,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::scratch;
+use common::{exclusive_torch, scratch};
 use svf::checkpoint;
 use svf::config::Config;
 use svf::data::synth::{write_dataset, SynthOptions};
@@ -19,16 +18,6 @@ use svf::train::{self, read_metrics, MetricsRecord, TrainError, TrainHooks};
 use tch::{nn, Device, Kind, Tensor};
 
 const OPTS: (Kind, Device) = (Kind::Float, Device::Cpu);
-
-/// libtorch's generator is process-global: tests that initialise or train a model in this process
-/// take turns, so that each sees exactly the random numbers its seeds ask for. One intra-op thread
-/// each: on a shared 2-core machine, OpenMP's spinning threads slow tiny models down twentyfold.
-fn exclusive_torch() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    let guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    tch::set_num_threads(1);
-    guard
-}
 
 /// `svf-train` in a child process, with one intra-op thread like the tests in this process.
 fn svf_train() -> Command {

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use svf::config::Config;
 use svf::data::synth::{write_dataset, SynthOptions};
@@ -117,4 +117,14 @@ pub fn run_ok(command: &mut std::process::Command) -> std::process::Output {
         String::from_utf8_lossy(&output.stderr)
     );
     output
+}
+
+/// libtorch's generator is process-global: tests that initialise or train a model in this process
+/// take turns, so that each sees exactly the random numbers its seeds ask for. One intra-op thread
+/// each: on a shared 2-core machine, OpenMP's spinning threads slow tiny models down twentyfold.
+pub fn exclusive_torch() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    tch::set_num_threads(1);
+    guard
 }
