@@ -3,7 +3,8 @@
 
 The Rust side reads only safetensors; names are kept as they are (the loader maps PSPNet,
 torchvision VGG and PFENet names itself), except DataParallel's `module.` prefix, which is
-stripped. Run it with the set-up venv's python:
+stripped, and a tensor held under two names is written under each (the loader drops BAM's
+`encoder.*` aliases). Run it with the set-up venv's python:
 
     ~/.cache/svf/torch-2.11.0/bin/python scripts/convert_weights.py IN.pth OUT.safetensors
 
@@ -40,7 +41,9 @@ def main():
         name = name.removeprefix("module.")
         if name in tensors:
             sys.exit(f"{args.input}: {name!r} appears twice once `module.` is stripped")
-        tensors[name] = value.detach().contiguous()
+        # A copy each: checkpoints may hold one tensor under two names (BAM's PSPNet registers its
+        # backbone as `layer{i}` and `encoder.{i}`), which safetensors refuses to write as shared.
+        tensors[name] = value.detach().clone().contiguous()
     save_file(tensors, args.output)
     print(f"wrote {len(tensors)} tensors to {args.output}")
 

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Reproduces the paper's tables. Two grids:
 #
-#   --recipe paper (default): the SVF paper's rows (REFERENCE §7) under the authors' recipe (§8),
-#     one config per (dataset, fold, backbone, method) in configs/paper/: PASCAL-5i and COCO-20i,
-#     folds 0-3, 1- and 5-shot, PFENet† with and without SVF, ResNet-50 and VGG-16 (64 runs).
+#   --recipe paper (default): the SVF paper's rows (REFERENCE §7): PASCAL-5i and COCO-20i, folds
+#     0-3, 1- and 5-shot, ResNet-50 and VGG-16, each method with and without SVF.
+#       PFENet† and PFENet†+SVF under the authors' recipe (§8), configs/paper/ (64 runs).
+#       BAM† (BAM's recipe) and BAM†+SVF (the authors' recipe), configs/bam/ (64 runs), after BAM's
+#       base stage, one run per dataset, fold and backbone (16 runs, OUT/<dataset>/split<F>/
+#       <backbone>/base), trained before the first meta run that needs it and not evaluated.
 #     Evaluation: `svf-eval --protocol paper` (1000 episodes for each of the seeds 510, 365, 382,
 #     322, 988; the mean is reported).
 #   --recipe pfenet: PFENet's own recipe from configs/{pascal,coco}_split{F}.yaml, ResNet-50, with
@@ -28,6 +31,8 @@ Usage: scripts/reproduce_tables.sh [options]
   --out DIR              output folder, one run directory per run (default: $SVF_TABLES_OUT or
                          runs/tables, runs/tables-pfenet for --recipe pfenet)
   --config-dir DIR       configs folder (default: configs/paper; configs for --recipe pfenet)
+  --bam-config-dir DIR   BAM's configs folder (default: configs/bam)
+  --methods "LIST"       paper recipe: subset of "pfenet bam"
   --bin-dir DIR          folder holding svf-train, svf-eval, svf-report (default: cargo build --release)
   --datasets "LIST"      subset of "pascal coco"
   --folds "LIST"         subset of "0 1 2 3"
@@ -45,6 +50,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 recipe=paper
 out=""
 config_dir=""
+bam_config_dir="$root/configs/bam"
+methods="pfenet bam"
 bin_dir=""
 datasets="pascal coco"
 folds="0 1 2 3"
@@ -66,6 +73,8 @@ while [[ $# -gt 0 ]]; do
         --only) only="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --config-dir) config_dir="$2"; shift 2 ;;
+        --bam-config-dir) bam_config_dir="$2"; shift 2 ;;
+        --methods) methods="$2"; shift 2 ;;
         --bin-dir) bin_dir="$2"; shift 2 ;;
         --datasets) datasets="$2"; shift 2 ;;
         --folds) folds="$2"; shift 2 ;;
@@ -88,7 +97,8 @@ case "$recipe" in
     pfenet)
         config_dir="${config_dir:-$root/configs}"
         out="${out:-${SVF_TABLES_OUT:-runs/tables-pfenet}}"
-        backbones="resnet50" ;;
+        backbones="resnet50"
+        methods="pfenet" ;;
     *) echo "reproduce_tables.sh: --recipe must be paper or pfenet, not $recipe" >&2; exit 2 ;;
 esac
 
@@ -105,66 +115,107 @@ show() {
     printf '\n'
 }
 
+# Trains run directory $1 with the training command that follows, or resumes it, unless it finished
+# (a `train_done` mark).
+train_run() {
+    local dir="$1" name="$2"
+    shift 2
+    if [[ -f "$dir/train_done" ]]; then
+        echo "== $name: already trained"
+    elif [[ -f "$dir/last.safetensors" ]]; then
+        echo "== $name: resuming training"
+        "$bin_dir/svf-train" --resume "$dir" --device "$device"
+        touch "$dir/train_done"
+    else
+        echo "== $name: training"
+        "$@"
+        touch "$dir/train_done"
+    fi
+}
+
 runs=0
+bases=0
 for dataset in $datasets; do
     for fold in $folds; do
         for backbone in $backbones; do
-            for shot in $shots; do
-                for svf in $svf_modes; do
-                    if [[ "$recipe" == paper ]]; then
-                        if [[ "$svf" == true ]]; then variant=svf; else variant=pfenet; fi
-                        name="$dataset/split$fold/$backbone/${shot}shot/$variant"
-                        config="$config_dir/${dataset}_split${fold}_${backbone}_${variant}.yaml"
-                        variant_sets=()
-                        eval_protocol=(--protocol paper)
-                        if [[ -n "$episodes" ]]; then eval_protocol+=(--episodes "$episodes"); fi
-                    else
-                        if [[ "$svf" == true ]]; then variant=svf; else variant=baseline; fi
-                        name="$dataset/split$fold/${shot}shot/$variant"
-                        config="$config_dir/${dataset}_split${fold}.yaml"
-                        variant_sets=(--set "svf=$svf")
-                        eval_protocol=(--episodes "${episodes:-1000}" --master-seed "$master_seed"
-                                       --seed-count "$seed_count")
-                    fi
-                    # shellcheck disable=SC2053 # PATTERN may hold a glob on purpose.
-                    if [[ -n "$only" && "$name" != *$only* ]]; then
-                        continue
-                    fi
-                    if [[ $dry_run -eq 0 && ! -f "$config" ]]; then
-                        echo "reproduce_tables.sh: missing config $config; pass --config-dir" >&2
-                        exit 1
-                    fi
-                    dir="$out/$name"
-                    runs=$((runs + 1))
-                    common=(--config "$config" ${variant_sets[@]+"${variant_sets[@]}"}
-                            --set "shot=$shot" --set "save_path=$dir"
-                            ${sets[@]+"${sets[@]}"} --device "$device")
-                    train=("$bin_dir/svf-train" "${common[@]}")
-                    evaluate=("$bin_dir/svf-eval" "${common[@]}" --weights "$dir"
-                              "${eval_protocol[@]}" --out "$dir")
-                    if [[ $dry_run -eq 1 ]]; then
-                        echo "run $runs: $name"
-                        echo "  $(show "${train[@]}")"
-                        echo "  $(show "${evaluate[@]}")"
-                        continue
-                    fi
-                    if [[ -f "$dir/eval.json" ]]; then
-                        echo "== $name: eval.json exists, skipped"
-                        continue
-                    fi
-                    if [[ -f "$dir/train_done" ]]; then
-                        echo "== $name: already trained"
-                    elif [[ -f "$dir/last.safetensors" ]]; then
-                        echo "== $name: resuming training"
-                        "$bin_dir/svf-train" --resume "$dir" --device "$device"
-                        touch "$dir/train_done"
-                    else
-                        echo "== $name: training"
-                        "${train[@]}"
-                        touch "$dir/train_done"
-                    fi
-                    echo "== $name: evaluating"
-                    "${evaluate[@]}"
+            for method in $methods; do
+                # BAM's base learner of this dataset, fold and backbone: its run directory, and
+                # whether it has been listed or trained in this invocation.
+                base_dir="$out/$dataset/split$fold/$backbone/base"
+                base_ready=0
+                if [[ "$backbone" == vgg16 ]]; then bam_suffix=_vgg16; else bam_suffix=""; fi
+                for shot in $shots; do
+                    for svf in $svf_modes; do
+                        if [[ "$recipe" == pfenet ]]; then
+                            if [[ "$svf" == true ]]; then variant=svf; else variant=baseline; fi
+                            name="$dataset/split$fold/${shot}shot/$variant"
+                            config="$config_dir/${dataset}_split${fold}.yaml"
+                            variant_sets=(--set "svf=$svf")
+                            eval_protocol=(--episodes "${episodes:-1000}" --master-seed "$master_seed"
+                                           --seed-count "$seed_count")
+                        else
+                            if [[ "$method" == bam ]]; then
+                                if [[ "$svf" == true ]]; then variant=bam_svf; file=svf; else variant=bam; file=bam; fi
+                                config="$bam_config_dir/${dataset}_split${fold}${bam_suffix}_${file}.yaml"
+                                variant_sets=(--set "base_learner=$base_dir")
+                            else
+                                if [[ "$svf" == true ]]; then variant=svf; else variant=pfenet; fi
+                                config="$config_dir/${dataset}_split${fold}_${backbone}_${variant}.yaml"
+                                variant_sets=()
+                            fi
+                            name="$dataset/split$fold/$backbone/${shot}shot/$variant"
+                            eval_protocol=(--protocol paper)
+                            if [[ -n "$episodes" ]]; then eval_protocol+=(--episodes "$episodes"); fi
+                        fi
+                        # shellcheck disable=SC2053 # PATTERN may hold a glob on purpose.
+                        if [[ -n "$only" && "$name" != *$only* ]]; then
+                            continue
+                        fi
+                        if [[ $dry_run -eq 0 && ! -f "$config" ]]; then
+                            echo "reproduce_tables.sh: missing config $config; pass --config-dir or --bam-config-dir" >&2
+                            exit 1
+                        fi
+                        dir="$out/$name"
+                        runs=$((runs + 1))
+                        common=(--config "$config" ${variant_sets[@]+"${variant_sets[@]}"}
+                                --set "shot=$shot" --set "save_path=$dir"
+                                ${sets[@]+"${sets[@]}"} --device "$device")
+                        train=("$bin_dir/svf-train" "${common[@]}")
+                        evaluate=("$bin_dir/svf-eval" "${common[@]}" --weights "$dir"
+                                  "${eval_protocol[@]}" --out "$dir")
+                        if [[ "$method" == bam && $base_ready -eq 0 && ! -f "$dir/eval.json" ]]; then
+                            base_name="$dataset/split$fold/$backbone/base"
+                            base_config="$bam_config_dir/${dataset}_split${fold}${bam_suffix}_base.yaml"
+                            base_train=("$bin_dir/svf-train" --config "$base_config"
+                                        --set "save_path=$base_dir"
+                                        ${sets[@]+"${sets[@]}"} --device "$device")
+                            bases=$((bases + 1))
+                            base_ready=1
+                            if [[ $dry_run -eq 1 ]]; then
+                                echo "base $bases: $base_name"
+                                echo "  $(show "${base_train[@]}")"
+                            else
+                                if [[ ! -f "$base_config" ]]; then
+                                    echo "reproduce_tables.sh: missing config $base_config; pass --bam-config-dir" >&2
+                                    exit 1
+                                fi
+                                train_run "$base_dir" "$base_name" "${base_train[@]}"
+                            fi
+                        fi
+                        if [[ $dry_run -eq 1 ]]; then
+                            echo "run $runs: $name"
+                            echo "  $(show "${train[@]}")"
+                            echo "  $(show "${evaluate[@]}")"
+                            continue
+                        fi
+                        if [[ -f "$dir/eval.json" ]]; then
+                            echo "== $name: eval.json exists, skipped"
+                            continue
+                        fi
+                        train_run "$dir" "$name" "${train[@]}"
+                        echo "== $name: evaluating"
+                        "${evaluate[@]}"
+                    done
                 done
             done
         done
@@ -177,7 +228,7 @@ if [[ $runs -eq 0 ]]; then
 fi
 report=("$bin_dir/svf-report" "$out" --out "$out/tables.md")
 if [[ $dry_run -eq 1 ]]; then
-    echo "$runs runs; then: $(show "${report[@]}")"
+    echo "$runs runs ($bases base stages); then: $(show "${report[@]}")"
     exit 0
 fi
 "${report[@]}"

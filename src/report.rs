@@ -60,7 +60,7 @@ const R50: &str = "ResNet-50";
 const VGG: &str = "VGG-16";
 
 /// REFERENCE §7: the SVF paper's Tables 1 and 2 (mIoU). † = trained on BAM's filtered lists
-/// (`train_filter: bam`); BAM rows are there for reference, this project trains PFENet only.
+/// (`train_filter: bam`).
 pub const PUBLISHED: &[Published] = &[
     published(
         PASCAL,
@@ -531,6 +531,22 @@ mod tests {
         assert!(
             md.contains("| PFENet†+SVF | ResNet-50 | 1 | 40.00 / 46.88 (-6.88) | 42.00 / 50.86 (-8.86) | 44.00 / 47.69 (-3.69) | 46.00 / 46.64 (-0.64) | 43.00 / 48.02 (-5.02) |"),
             "{md}"
+        );
+        // A BAM+SVF result lands on the paper's BAM†+SVF row (PASCAL R50 1-shot fold 0: 69.38).
+        let bam = Config {
+            method: crate::config::Method::Bam,
+            train_filter: crate::config::TrainFilter::Bam,
+            svf: true,
+            ..Config::default()
+        };
+        let bam_result = EvalResult {
+            setting: EvalSetting::new(&bam, 1, 1000, true),
+            ..result(false, true, 1, 0, 0.70)
+        };
+        let md_bam = paper_tables(std::slice::from_ref(&bam_result));
+        assert!(
+            md_bam.contains("| BAM†+SVF | ResNet-50 | 1 | 70.00 / 69.38 (+0.62) | – / 74.51 |"),
+            "{md_bam}"
         );
         // PASCAL PFENet with only fold 2: partial mean, marked.
         assert!(

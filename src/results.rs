@@ -39,8 +39,8 @@ pub struct EvalSetting {
     pub dataset: String,
     pub fold: usize,
     pub shot: usize,
-    /// `PFENet` or `PFENet+SVF`; `PFENet†`, `PFENet†+SVF` when trained on BAM's lists
-    /// (`train_filter: bam`), as the paper names those rows.
+    /// `PFENet`, `PFENet+SVF`, `BAM` or `BAM+SVF`, with † after the method when trained on BAM's
+    /// lists (`train_filter: bam`: `PFENet†+SVF`, `BAM†`), as the paper names those rows.
     pub method: String,
     /// `ResNet-50`, `VGG-16`, ... (with the width when reduced).
     pub backbone: String,
@@ -61,7 +61,11 @@ impl EvalSetting {
         };
         // † marks training on BAM's filtered lists, as the paper's tables do.
         let method = format!(
-            "PFENet{}{}",
+            "{}{}{}",
+            match config.method {
+                crate::config::Method::Pfenet => "PFENet",
+                crate::config::Method::Bam => "BAM",
+            },
             if config.train_filter == crate::config::TrainFilter::Bam {
                 "†"
             } else {
@@ -298,6 +302,25 @@ mod tests {
             12.5,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn methods_are_named_as_the_papers_rows() {
+        use crate::config::{Method, TrainFilter};
+        let name = |method, train_filter, svf| {
+            let config = Config {
+                method,
+                train_filter,
+                svf,
+                ..Config::default()
+            };
+            EvalSetting::new(&config, 1, 1000, true).method
+        };
+        assert_eq!(name(Method::Pfenet, TrainFilter::Pfenet, false), "PFENet");
+        assert_eq!(name(Method::Pfenet, TrainFilter::Bam, true), "PFENet†+SVF");
+        assert_eq!(name(Method::Bam, TrainFilter::Bam, false), "BAM†");
+        assert_eq!(name(Method::Bam, TrainFilter::Bam, true), "BAM†+SVF");
+        assert_eq!(name(Method::Bam, TrainFilter::Pfenet, true), "BAM+SVF");
     }
 
     #[test]

@@ -436,3 +436,217 @@ fn released_bam_naming_loads_the_same_model() {
         svf::inference::load_model(&config, &released_path, Device::Cpu, false).unwrap();
     assert!(episode_logits(&ours).equal(&episode_logits(&theirs)));
 }
+
+/// What BAM's code would have saved for `ours` (our BAM weights): its `train_base.py`'s PSPNet
+/// base learner (the backbone under both `layer{i}` and `encoder.{i}`, `ppm`, `cls`) and its
+/// `train.py`'s BAM (backbone `layer{i}`, base head `learner_base.{0,1}`, meta modules), as
+/// multi-GPU checkpoints (`module.` prefix, under `state_dict`), then converted by
+/// scripts/convert_weights.py into `pspnet.safetensors` and `bam.safetensors`.
+const BAM_RELEASED: &str = r#"
+import subprocess, sys, torch
+from safetensors.torch import load_file
+ours, out, convert = load_file(sys.argv[1]), sys.argv[2], sys.argv[3]
+pspnet, bam = {}, {}
+for name, t in ours.items():
+    if name.startswith('base.'):
+        rest = name[len('base.'):]
+        pspnet['module.' + rest] = t
+        if rest.startswith('layer'):
+            stage, tail = rest[len('layer'):].split('.', 1)
+            pspnet['module.encoder.%s.%s' % (stage, tail)] = t
+            bam['module.' + rest] = t
+        elif rest.startswith('ppm.'):
+            bam['module.learner_base.0.' + rest[len('ppm.'):]] = t
+        else:
+            bam['module.learner_base.1.' + rest[len('cls.'):]] = t
+    else:
+        bam['module.' + name] = t
+for stem, sd in (('pspnet', pspnet), ('bam', bam)):
+    torch.save({'epoch': 7, 'state_dict': sd}, '%s/%s.pth' % (out, stem))
+    subprocess.run([sys.executable, convert, '%s/%s.pth' % (out, stem),
+                    '%s/%s.safetensors' % (out, stem)], check=True)
+"#;
+
+#[test]
+fn released_bam_checkpoints_load_after_convert_weights() {
+    let _torch = common::exclusive_torch();
+    let dir = common::scratch("bam-converted");
+    tch::manual_seed(10);
+    let config = Config {
+        method: svf::config::Method::Bam,
+        ..tiny(2, false)
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _model = Bam::new(&vs.root(), &config, Init::Random).unwrap();
+    randomize_heads(&vs);
+    let ours = dir.join("ours.safetensors");
+    Tensor::write_safetensors(&svf::model::model_weights(&vs), &ours).unwrap();
+    let convert =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/convert_weights.py");
+    common::run_python(BAM_RELEASED, &[&ours, &dir, &convert]);
+
+    // The base learner, as a meta stage's `base_learner`: every base variable as ours.
+    let loaded = nn::VarStore::new(Device::Cpu);
+    let _bam = Bam::new(&loaded.root(), &config, Init::Zeros).unwrap();
+    svf::train::base::load_base_learner(&loaded, &config, &dir.join("pspnet.safetensors")).unwrap();
+    let expected = vs.variables();
+    let mut compared = 0;
+    for (name, var) in loaded.variables() {
+        if name.starts_with("base.") {
+            assert!(var.equal(&expected[&name]), "{name}");
+            compared += 1;
+        }
+    }
+    assert!(compared > 100, "{compared}");
+
+    // The whole BAM, as svf-eval's `--weights`: the same predictions as ours.
+    let (_, from_ours) = svf::inference::load_model(&config, &ours, Device::Cpu, false).unwrap();
+    let released = dir.join("bam.safetensors");
+    let (_, from_released) =
+        svf::inference::load_model(&config, &released, Device::Cpu, false).unwrap();
+    let (a, b) = (episode_logits(&from_ours), episode_logits(&from_released));
+    assert!(a.equal(&b));
+}
+
+/// `configs/bam/`: BAM's base-stage and meta-stage recipes (chunbolang/BAM's configs and
+/// `train_base.py` / `train.py`) and the SVF paper's for BAM+SVF (REFERENCE §8), one file per
+/// dataset, fold, backbone and stage; every meta stage loads its own fold's base learner run.
+#[test]
+fn bam_configs_encode_the_recipes() {
+    use svf::config::{DilationPattern, LrScheduleKind, Method, Stage, TrainFilter};
+    use svf::train::lr_scale;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/bam");
+    let mut files = 0;
+    for dataset in ["pascal", "coco"] {
+        let coco = dataset == "coco";
+        for fold in 0..4 {
+            for vgg in [false, true] {
+                let (suffix, backbone) = if vgg {
+                    ("_vgg16", "vgg16")
+                } else {
+                    ("", "resnet50")
+                };
+                let load = |stage: &str| {
+                    let name = format!("{dataset}_split{fold}{suffix}_{stage}.yaml");
+                    (Config::load(&dir.join(&name), &[]).unwrap(), name)
+                };
+                let (base, name) = load("base");
+                files += 1;
+                assert_eq!(
+                    (base.method, base.stage),
+                    (Method::Bam, Stage::Base),
+                    "{name}"
+                );
+                assert_eq!(
+                    (base.split, base.use_coco, base.vgg),
+                    (fold, coco, vgg),
+                    "{name}"
+                );
+                assert_eq!(base.use_split_coco, coco, "{name}");
+                assert_eq!((base.train_h, base.train_w, base.val_size), (417, 417, 417));
+                assert_eq!((base.scale_min, base.scale_max), (0.5, 2.0), "{name}");
+                assert_eq!((base.rotate_min, base.rotate_max), (-10.0, 10.0), "{name}");
+                assert_eq!((base.batch_size, base.base_lr), (12, 2.5e-4), "{name}");
+                assert_eq!((base.lr_schedule, base.power), (LrScheduleKind::Poly, 0.9));
+                // BAM's index_split: 0 on PASCAL (backbone at base_lr, the rest 10x), -1 on COCO
+                // (everything 10x).
+                assert_eq!(lr_scale(&base, "ppm.0.1.weight"), 10.0, "{name}");
+                assert_eq!(lr_scale(&base, "cls.4.weight"), 10.0, "{name}");
+                let backbone_scale = if coco { 10.0 } else { 1.0 };
+                assert_eq!(lr_scale(&base, "layer3.0.conv2.weight"), backbone_scale);
+                assert_eq!(base.epochs, if coco { 20 } else { 100 }, "{name}");
+                let batch_size_val = match (coco, vgg) {
+                    (false, false) => 6,
+                    (false, true) => 10,
+                    (true, false) => 4,
+                    (true, true) => 8,
+                };
+                assert_eq!(base.batch_size_val, batch_size_val, "{name}");
+                assert!(!base.ori_resize && !base.svf, "{name}");
+                assert_eq!((base.stop_interval, base.val_freq), (75, 1), "{name}");
+                assert_eq!(base.dilation, DilationPattern::Pfenet, "{name}");
+                let pretrained = if vgg { "vgg16_bn" } else { "resnet50_v2" };
+                assert_eq!(
+                    base.backbone_weights.as_deref(),
+                    Some(std::path::Path::new(&format!(
+                        "initmodel/{pretrained}.safetensors"
+                    )))
+                );
+                let base_run = format!("runs/bam/{dataset}/split{fold}/{backbone}/base");
+                assert_eq!(base.save_path, std::path::Path::new(&base_run), "{name}");
+
+                for variant in ["bam", "svf"] {
+                    let (meta, name) = load(variant);
+                    files += 1;
+                    let svf = variant == "svf";
+                    assert_eq!(
+                        (meta.method, meta.stage),
+                        (Method::Bam, Stage::Meta),
+                        "{name}"
+                    );
+                    assert_eq!((meta.split, meta.use_coco, meta.vgg), (fold, coco, vgg));
+                    assert_eq!(meta.use_split_coco, coco, "{name}");
+                    // The base learner of this dataset, fold and backbone, built alike.
+                    assert_eq!(
+                        meta.base_learner.as_deref(),
+                        Some(std::path::Path::new(&base_run)),
+                        "{name}"
+                    );
+                    assert_eq!(meta.dilation, base.dilation, "{name}");
+                    assert_eq!(meta.layers, base.layers, "{name}");
+                    assert_eq!(meta.svf, svf, "{name}");
+                    assert_eq!(meta.train_filter, TrainFilter::Bam, "{name}");
+                    let crop = if coco { 641 } else { 473 };
+                    assert_eq!(
+                        (meta.train_h, meta.train_w, meta.val_size),
+                        (crop, crop, crop)
+                    );
+                    let scales = if coco { (0.8, 1.25) } else { (0.9, 1.1) };
+                    assert_eq!((meta.scale_min, meta.scale_max), scales, "{name}");
+                    assert_eq!((meta.batch_size, meta.batch_size_val), (8, 1), "{name}");
+                    assert_eq!(meta.epochs, if coco { 50 } else { 200 }, "{name}");
+                    assert_eq!(meta.val_half_epoch, coco, "{name}");
+                    assert_eq!((meta.val_freq, meta.val_episodes), (1, 1000), "{name}");
+                    assert_eq!((meta.stop_interval, meta.shot), (75, 1), "{name}");
+                    assert!(meta.fix_bn && meta.ori_resize, "{name}");
+                    assert_eq!(meta.ppm_scales, [60, 30, 15, 8], "{name}");
+                    assert_eq!(meta.aux_weight, 1.0, "{name}");
+                    let meta_lr = lr_scale(&meta, "cls_merge.weight") * meta.base_lr;
+                    assert_eq!(
+                        lr_scale(&meta, "down_query.0.weight"),
+                        lr_scale(&meta, "kshot_rw.0.weight")
+                    );
+                    if svf {
+                        // The paper's recipe: meta learner at 0.015, vector_S at 0.0015, constant.
+                        let vector_s = lr_scale(&meta, "layer3.2.conv2.vector_S") * meta.base_lr;
+                        assert!((meta_lr - 0.015).abs() < 1e-12, "{name}: {meta_lr}");
+                        assert!((vector_s - 0.0015).abs() < 1e-12, "{name}: {vector_s}");
+                        assert_eq!(meta.lr_schedule, LrScheduleKind::Constant, "{name}");
+                    } else {
+                        // BAM's: 10 x base_lr 0.005 (index_split: -1), poly 0.9.
+                        assert!((meta_lr - 0.05).abs() < 1e-12, "{name}: {meta_lr}");
+                        assert_eq!(meta.lr_schedule, LrScheduleKind::Poly, "{name}");
+                    }
+                    let run = format!("runs/bam/{dataset}/split{fold}/{backbone}/{variant}");
+                    assert_eq!(meta.save_path, std::path::Path::new(&run), "{name}");
+                }
+            }
+        }
+    }
+    // Nothing else in the folder but the shared files the per-run files build on.
+    let shared = [
+        "base",
+        "pascal_base",
+        "coco_base",
+        "meta",
+        "pascal",
+        "coco",
+        "pascal_svf",
+        "coco_svf",
+    ];
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        files + shared.len()
+    );
+    assert_eq!(files, 48);
+}

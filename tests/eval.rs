@@ -189,19 +189,44 @@ fn reproduce_tables_dry_run_lists_the_paper_grid() {
     let output = run_script(&["--dry-run", "--out", "/nonexistent/tables"]);
     let text = String::from_utf8(output.stdout).unwrap();
     let runs: Vec<&str> = text.lines().filter(|l| l.starts_with("run ")).collect();
-    // PASCAL and COCO x folds 0-3 x 1/5-shot x with/without SVF x ResNet-50/VGG-16.
-    assert_eq!(runs.len(), 64, "{text}");
-    assert_eq!(text.lines().count(), 3 * 64 + 1, "{text}");
+    let bases: Vec<&str> = text.lines().filter(|l| l.starts_with("base ")).collect();
+    // PASCAL and COCO x folds 0-3 x ResNet-50/VGG-16 x 1/5-shot x PFENet†/BAM† with/without SVF,
+    // and BAM's base stage once per dataset, fold and backbone.
+    assert_eq!(runs.len(), 128, "{text}");
+    assert_eq!(bases.len(), 16, "{text}");
+    assert_eq!(text.lines().count(), 3 * 128 + 2 * 16 + 1, "{text}");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let index_of = |needle: &str| {
+        text.find(needle)
+            .unwrap_or_else(|| panic!("{needle}: {text}"))
+    };
     for dataset in ["pascal", "coco"] {
         for fold in 0..4 {
             for backbone in ["resnet50", "vgg16"] {
-                for variant in ["pfenet", "svf"] {
-                    // Every run's config exists in configs/paper.
-                    let config = root.join(format!(
-                        "configs/paper/{dataset}_split{fold}_{backbone}_{variant}.yaml"
-                    ));
-                    assert!(config.is_file(), "{}", config.display());
+                let suffix = if backbone == "vgg16" { "_vgg16" } else { "" };
+                // (run name, config file) of every variant; each config exists.
+                let variants = [
+                    (
+                        "pfenet",
+                        format!("paper/{dataset}_split{fold}_{backbone}_pfenet.yaml"),
+                    ),
+                    (
+                        "svf",
+                        format!("paper/{dataset}_split{fold}_{backbone}_svf.yaml"),
+                    ),
+                    ("bam", format!("bam/{dataset}_split{fold}{suffix}_bam.yaml")),
+                    (
+                        "bam_svf",
+                        format!("bam/{dataset}_split{fold}{suffix}_svf.yaml"),
+                    ),
+                ];
+                let base_name = format!("{dataset}/split{fold}/{backbone}/base");
+                let base_config = format!("configs/bam/{dataset}_split{fold}{suffix}_base.yaml");
+                assert!(root.join(&base_config).is_file(), "{base_config}");
+                let base_line = format!(": {base_name}\n");
+                assert_eq!(text.matches(&base_line).count(), 1, "{base_name}: {text}");
+                for (variant, config) in &variants {
+                    assert!(root.join("configs").join(config).is_file(), "{config}");
                     for shot in [1, 5] {
                         let name =
                             format!(": {dataset}/split{fold}/{backbone}/{shot}shot/{variant}");
@@ -210,6 +235,18 @@ fn reproduce_tables_dry_run_lists_the_paper_grid() {
                             1,
                             "{name}"
                         );
+                        if variant.starts_with("bam") {
+                            // Trained on the base stage's run, which comes first.
+                            let run = index_of(&format!("{name}\n"));
+                            assert!(index_of(&base_line) < run, "{name}");
+                            let train = &text[run..run + text[run..].find(" --device").unwrap()];
+                            assert!(
+                                train.contains(&format!(
+                                    "{config} --set base_learner=/nonexistent/tables/{base_name} "
+                                )),
+                                "{train}"
+                            );
+                        }
                     }
                 }
             }
@@ -219,14 +256,25 @@ fn reproduce_tables_dry_run_lists_the_paper_grid() {
         text.contains("paper/coco_split3_vgg16_svf.yaml --set shot=5"),
         "{text}"
     );
-    assert_eq!(text.matches("--protocol paper").count(), 64, "{text}");
-    // --only keeps the matching subset.
+    assert_eq!(text.matches("--protocol paper").count(), 128, "{text}");
+    // --only keeps the matching subset; --methods the chosen methods.
     let output = run_script(&["--dry-run", "--only", "pascal/split2/resnet50"]);
     let text = String::from_utf8(output.stdout).unwrap();
     let runs: Vec<&str> = text.lines().filter(|l| l.starts_with("run ")).collect();
-    assert_eq!(runs.len(), 4, "{text}");
+    assert_eq!(runs.len(), 8, "{text}");
     assert!(
         runs.iter().all(|l| l.contains(": pascal/split2/resnet50/")),
+        "{text}"
+    );
+    let output = run_script(&["--dry-run", "--methods", "pfenet", "--only", "coco/split1"]);
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("run ")).count(),
+        8,
+        "{text}"
+    );
+    assert!(
+        !text.lines().any(|l| l.starts_with("base ")) && !text.contains("bam"),
         "{text}"
     );
 }

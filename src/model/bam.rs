@@ -629,6 +629,27 @@ pub fn from_released_name(name: &str, svf: bool) -> String {
     name.to_string()
 }
 
+/// A base learner saved by BAM's `train_base.py` (converted by `scripts/convert_weights.py`):
+/// its PSPNet registers the backbone twice, as `layer0`..`layer4` and as `encoder.0`..`encoder.4`,
+/// so the state dict holds every backbone tensor under both names. Keeps ours, `layer{i}.*`.
+pub fn without_encoder_aliases(weights: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    let names: std::collections::HashSet<String> =
+        weights.iter().map(|(name, _)| name.clone()).collect();
+    weights
+        .into_iter()
+        .filter_map(|(name, t)| {
+            let Some((stage, rest)) = name
+                .strip_prefix("encoder.")
+                .and_then(|rest| rest.split_once('.'))
+            else {
+                return Some((name, t));
+            };
+            let ours = format!("layer{stage}.{rest}");
+            (!names.contains(&ours)).then_some((ours, t))
+        })
+        .collect()
+}
+
 /// Whether a state dict uses the naming of BAM's released checkpoints (`learner_base.*`, or the
 /// SVF authors' full-rank originals `layer0p.*`..) rather than ours.
 pub fn is_released_naming(weights: &[(String, Tensor)]) -> bool {
@@ -655,6 +676,29 @@ mod tests {
     use tch::Device;
 
     const OPTS: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+    #[test]
+    fn encoder_aliases_of_a_released_base_learner_are_dropped() {
+        let t = |v: f64| Tensor::from_slice(&[v]);
+        let weights = vec![
+            ("layer1.0.conv1.weight".to_string(), t(1.0)),
+            ("encoder.1.0.conv1.weight".to_string(), t(1.0)),
+            ("encoder.2.0.conv1.weight".to_string(), t(2.0)),
+            ("ppm.features.0.1.weight".to_string(), t(3.0)),
+        ];
+        let kept: Vec<(String, f64)> = without_encoder_aliases(weights)
+            .into_iter()
+            .map(|(n, t)| (n, t.double_value(&[0])))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("layer1.0.conv1.weight".to_string(), 1.0),
+                ("layer2.0.conv1.weight".to_string(), 2.0),
+                ("ppm.features.0.1.weight".to_string(), 3.0),
+            ]
+        );
+    }
 
     #[test]
     fn released_names_map_onto_ours_and_cover_the_model() {

@@ -23,7 +23,7 @@ use crate::data::rng::EpisodeRng;
 use crate::data::segmentation::{BaseClassMap, SegmentationBatch, SegmentationDataset};
 use crate::data::{DataError, Split};
 use crate::metrics::IoUAccumulator;
-use crate::model::bam::Bam;
+use crate::model::bam::{without_encoder_aliases, Bam};
 use crate::model::pspnet::PspNet;
 
 use super::{optimise, upload, with_lr_scales, Losses, Sgd, TrainError, TrainState, TrainingTask};
@@ -291,7 +291,7 @@ pub fn load_base_learner(
             weights_path.display(),
             config.split
         );
-        checkpoint::read_tensors(&weights_path)?
+        without_encoder_aliases(checkpoint::read_tensors(&weights_path)?)
     };
     Bam::load_base_learner(vs, weights, &weights_path).map_err(|e| refused(e.to_string()))?;
     tracing::info!("base learner from {}", weights_path.display());
