@@ -451,6 +451,58 @@ fn reproduce_tables_runs_one_paper_cell_into_the_report() {
         tables.contains("| PFENet†+SVF | ResNet-18 x0.125 | 1 |"),
         "{tables}"
     );
+
+    // A BAM†+SVF cell: BAM's base stage first (its own config), then the meta stage on it.
+    let bam_configs = dir.join("bam-configs");
+    std::fs::create_dir_all(&bam_configs).unwrap();
+    let bam = Config {
+        method: svf::config::Method::Bam,
+        ..recipe
+    };
+    std::fs::write(bam_configs.join("recipe.yaml"), bam.to_yaml()).unwrap();
+    std::fs::write(
+        bam_configs.join("pascal_split0_base.yaml"),
+        "base: recipe.yaml\nsplit: 0\nstage: base\n",
+    )
+    .unwrap();
+    std::fs::write(
+        bam_configs.join("pascal_split0_svf.yaml"),
+        "base: recipe.yaml\nsplit: 0\nsvf: true\n",
+    )
+    .unwrap();
+    run_script(&[
+        "--out",
+        out.to_str().unwrap(),
+        "--bam-config-dir",
+        bam_configs.to_str().unwrap(),
+        "--methods",
+        "bam",
+        "--backbones",
+        "tiny",
+        "--only",
+        "pascal/split0/tiny/1shot/bam_svf",
+        "--episodes",
+        "4",
+        "--device",
+        "cpu",
+        "--set",
+        "epochs=1",
+        "--set",
+        "train_episodes=4",
+    ]);
+    let base_run = out.join("pascal/split0/tiny/base");
+    assert!(base_run.join("train_done").is_file() && base_run.join("last.json").is_file());
+    assert!(!base_run.join("eval.json").exists());
+    let result =
+        svf::results::EvalResult::read(&out.join("pascal/split0/tiny/1shot/bam_svf/eval.json"))
+            .unwrap();
+    assert_eq!(result.setting.method, "BAM†+SVF");
+    let tables = std::fs::read_to_string(out.join("tables.md")).unwrap();
+    assert!(
+        tables.contains("| BAM†+SVF | ResNet-18 x0.125 | 1 |")
+            && tables.contains("| PFENet†+SVF | ResNet-18 x0.125 | 1 |"),
+        "{tables}"
+    );
 }
 
 #[test]
