@@ -18,7 +18,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::amp;
 use crate::backbone::{self, Init};
 use crate::checkpoint::{self, CheckpointFiles};
-use crate::config::Config;
+use crate::config::{Config, DilationPattern};
 use crate::data::rng::EpisodeRng;
 use crate::data::segmentation::{BaseClassMap, SegmentationBatch, SegmentationDataset};
 use crate::data::{DataError, Split};
@@ -40,6 +40,11 @@ pub struct BaseLearnerMeta {
     pub fold: usize,
     /// The fold's base classes (dataset ids) in channel order (channel i + 1).
     pub base_classes: Vec<usize>,
+    /// The backbone's dilation: BAM+SVF's copy and BAM's meta features run the base learner's
+    /// layers, which only give its features with its dilation. (Absent in checkpoints written
+    /// before it was recorded: PFENet's, the only pattern then.)
+    #[serde(default)]
+    pub dilation: DilationPattern,
 }
 
 impl BaseLearnerMeta {
@@ -50,6 +55,7 @@ impl BaseLearnerMeta {
             use_split_coco: config.use_split_coco,
             fold: config.split,
             base_classes: BaseClassMap::of(config).base,
+            dilation: config.dilation,
         }
     }
 
@@ -74,6 +80,16 @@ impl BaseLearnerMeta {
             differences.push(format!(
                 "fold {} (the config's split: {})",
                 self.fold, want.fold
+            ));
+        }
+        // VGG-16 has no dilated stages.
+        if self.dilation != want.dilation && !config.vgg {
+            // The YAML words: `pfenet`, `torchvision`.
+            let word = |d: DilationPattern| format!("{d:?}").to_lowercase();
+            differences.push(format!(
+                "dilation {} (the config: {})",
+                word(self.dilation),
+                word(want.dilation)
             ));
         }
         if differences.is_empty() && self.base_classes != want.base_classes {
@@ -328,6 +344,30 @@ mod tests {
             message.contains("dataset pascal") && message.contains("fold 0"),
             "{message}"
         );
+        // The dilation matters for ResNets, not for VGG-16.
+        let torchvision = Config {
+            dilation: DilationPattern::Torchvision,
+            ..Config::default()
+        };
+        let message = meta.check_against(&torchvision).unwrap_err();
+        assert!(
+            message.contains("dilation pfenet (the config: torchvision)"),
+            "{message}"
+        );
+        let vgg = |dilation| Config {
+            vgg: true,
+            dilation,
+            ..Config::default()
+        };
+        BaseLearnerMeta::of(&vgg(DilationPattern::Pfenet))
+            .check_against(&vgg(DilationPattern::Torchvision))
+            .unwrap();
+        // A record written before the dilation was kept reads as PFENet's.
+        let old: BaseLearnerMeta = serde_json::from_str(
+            r#"{"dataset":"pascal","use_split_coco":false,"fold":0,"base_classes":[6,7]}"#,
+        )
+        .unwrap();
+        assert_eq!(old.dilation, DilationPattern::Pfenet);
     }
 
     #[test]
