@@ -15,7 +15,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::amp;
 use crate::backbone::{self, Backbone, BackboneError, Init};
-use crate::config::Config;
+use crate::config::{Config, Method};
 use crate::data::segmentation::BaseClassMap;
 use crate::data::{DataError, EpisodeLoader, FewShotDataset, Split};
 use crate::inference::InferenceError;
@@ -257,37 +257,78 @@ impl EpisodeShape {
     }
 }
 
+/// The config of the model that runs `shot`-shot episodes: BAM's K-shot reweighting is built for
+/// one K, while one PFENet serves every K.
+fn config_for_shot(config: &Config, shot: usize) -> Config {
+    match config.method {
+        Method::Bam => Config {
+            shot,
+            ..config.clone()
+        },
+        Method::Pfenet => config.clone(),
+    }
+}
+
+/// A model being trained by the benchmark, with its optimiser and the seconds they took to build.
+struct TrainModel {
+    vs: nn::VarStore,
+    net: FewShotModel,
+    sgd: train::Sgd,
+    setup_s: f64,
+}
+
+impl TrainModel {
+    fn build(config: &Config, options: &BenchOptions) -> Result<Self, BenchError> {
+        let setup = Instant::now();
+        tch::manual_seed(config.manual_seed as i64);
+        let vs = nn::VarStore::new(options.device);
+        let net = FewShotModel::new(&vs.root(), config, Init::Random)?;
+        let sgd = train::optimiser(&vs, config);
+        if options.track_frozen {
+            for (name, variable) in vs.variables() {
+                let statistic = name.contains(".running_") || name.ends_with("num_batches_tracked");
+                if !statistic {
+                    let _ = variable.set_requires_grad(true);
+                }
+            }
+        }
+        Ok(TrainModel {
+            vs,
+            net,
+            sgd,
+            setup_s: setup.elapsed().as_secs_f64(),
+        })
+    }
+}
+
 /// One training iteration, [`train::train_step`] itself (forward in train mode, loss, backward, the
 /// loss read back, a step of [`train::optimiser`]) on a random batch of
-/// `batch_size` episodes, for each shape. The model is built once.
+/// `batch_size` episodes, for each shape. The model is built once (BAM: once per shot, each
+/// dropped before the next is built).
 pub fn train_step_throughput(
     config: &Config,
     options: &BenchOptions,
     shapes: &[EpisodeShape],
 ) -> Result<Vec<StepThroughput>, BenchError> {
-    let setup = Instant::now();
-    tch::manual_seed(config.manual_seed as i64);
-    let vs = nn::VarStore::new(options.device);
-    let net = FewShotModel::new(&vs.root(), config, Init::Random)?;
-    let mut sgd = train::optimiser(&vs, config);
-    if options.track_frozen {
-        for (name, variable) in vs.variables() {
-            let statistic = name.contains(".running_") || name.ends_with("num_batches_tracked");
-            if !statistic {
-                let _ = variable.set_requires_grad(true);
-            }
-        }
-    }
-    let setup_s = setup.elapsed().as_secs_f64();
-    let tracked: i64 = vs
-        .variables()
-        .values()
-        .filter(|v| v.requires_grad())
-        .map(|v| v.numel() as i64)
-        .sum();
     let batch = config.batch_size;
+    let mut model: Option<(Config, TrainModel)> = None;
     let mut results = Vec::with_capacity(shapes.len());
     for &EpisodeShape { size, shot } in shapes {
+        let model_config = config_for_shot(config, shot);
+        if model.as_ref().map(|(c, _)| c.shot) != Some(model_config.shot) {
+            // The previous model goes first, so that peak memory counts one model.
+            drop(model.take());
+            let built = TrainModel::build(&model_config, options)?;
+            model = Some((model_config, built));
+        }
+        let (model_config, model) = model.as_mut().expect("built above");
+        let tracked: i64 = model
+            .vs
+            .variables()
+            .values()
+            .filter(|v| v.requires_grad())
+            .map(|v| v.numel() as i64)
+            .sum();
         let [query, query_label, supports, support_labels] =
             synthetic_episodes(batch, shot, size, options.device);
         reset_peak_rss();
@@ -303,9 +344,9 @@ pub fn train_step_throughput(
         let timing = Timing::measure(options, || {
             let no_map: Option<fn(Tensor) -> Tensor> = None;
             train::train_step(
-                &net,
-                &mut sgd,
-                config,
+                &model.net,
+                &mut model.sgd,
+                model_config,
                 options.device,
                 &inputs,
                 config.base_lr,
@@ -315,7 +356,7 @@ pub fn train_step_throughput(
         results.push(StepThroughput {
             tracked_parameters: Some(tracked),
             device_mib: cuda_memory_in_use_mib(options.device),
-            ..StepThroughput::new(size, shot, batch, setup_s, timing)
+            ..StepThroughput::new(size, shot, batch, model.setup_s, timing)
         });
     }
     Ok(results)
@@ -382,56 +423,77 @@ impl EvalModel {
     }
 }
 
+/// The models of one shot count loaded for evaluation: unfused and (SVF) fused.
+struct EvalModels {
+    unfused: EvalModel,
+    fused: Option<EvalModel>,
+}
+
+impl EvalModels {
+    /// Loads `config`'s model from random weights written to a temporary file.
+    fn load(config: &Config, options: &BenchOptions) -> Result<Self, BenchError> {
+        let weights = std::env::temp_dir().join(format!(
+            "svf-bench-{}-weights.safetensors",
+            std::process::id()
+        ));
+        let models = write_random_weights(config, &weights).and_then(|()| {
+            let unfused = EvalModel::load(config, &weights, options, false)?;
+            let fused = match config.svf {
+                true => Some(EvalModel::load(config, &weights, options, true)?),
+                false => None,
+            };
+            Ok(EvalModels { unfused, fused })
+        });
+        let _ = std::fs::remove_file(&weights);
+        models
+    }
+}
+
 /// Times one evaluation forward pass of `batch_size_val` random episodes for each shape, for the
 /// model loaded by [`inference::load_model`] without and (SVF) with fusion, from random weights
-/// written to a temporary file. The models are loaded once.
+/// written to a temporary file. The models are loaded once (BAM: once per shot).
 pub fn eval_throughput(
     config: &Config,
     options: &BenchOptions,
     shapes: &[EpisodeShape],
 ) -> Result<Vec<EvalThroughput>, BenchError> {
-    let weights = std::env::temp_dir().join(format!(
-        "svf-bench-{}-weights.safetensors",
-        std::process::id()
-    ));
-    let models = write_random_weights(config, &weights).and_then(|()| {
-        let unfused = EvalModel::load(config, &weights, options, false)?;
-        let fused = match config.svf {
-            true => Some(EvalModel::load(config, &weights, options, true)?),
-            false => None,
-        };
-        Ok((unfused, fused))
-    });
-    let _ = std::fs::remove_file(&weights);
-    let (unfused, fused) = models?;
-    let results = shapes
-        .iter()
-        .map(|&shape| {
-            let episodes = synthetic_episodes(
-                config.batch_size_val,
-                shape.shot,
-                shape.size,
-                options.device,
-            );
-            let (unfused, unfused_logits) = unfused.measure(config, options, &episodes, shape);
-            let (fused, diff) = match &fused {
-                Some(model) => {
-                    let (fused, fused_logits) = model.measure(config, options, &episodes, shape);
-                    let diff = (fused_logits - unfused_logits)
-                        .abs()
-                        .max()
-                        .double_value(&[]);
-                    (Some(fused), Some(diff))
-                }
-                None => (None, None),
-            };
-            EvalThroughput {
-                unfused,
-                fused,
-                fused_max_abs_diff: diff,
+    let mut models: Option<(Config, EvalModels)> = None;
+    let mut results = Vec::with_capacity(shapes.len());
+    for &shape in shapes {
+        let model_config = config_for_shot(config, shape.shot);
+        if models.as_ref().map(|(c, _)| c.shot) != Some(model_config.shot) {
+            drop(models.take());
+            let loaded = EvalModels::load(&model_config, options)?;
+            models = Some((model_config, loaded));
+        }
+        let (model_config, loaded) = models.as_ref().expect("loaded above");
+        let episodes = synthetic_episodes(
+            config.batch_size_val,
+            shape.shot,
+            shape.size,
+            options.device,
+        );
+        let (unfused, unfused_logits) =
+            loaded
+                .unfused
+                .measure(model_config, options, &episodes, shape);
+        let (fused, diff) = match &loaded.fused {
+            Some(model) => {
+                let (fused, fused_logits) = model.measure(model_config, options, &episodes, shape);
+                let diff = (fused_logits - unfused_logits)
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                (Some(fused), Some(diff))
             }
-        })
-        .collect();
+            None => (None, None),
+        };
+        results.push(EvalThroughput {
+            unfused,
+            fused,
+            fused_max_abs_diff: diff,
+        });
+    }
     Ok(results)
 }
 

@@ -33,6 +33,8 @@ pub enum PredictError {
     },
     #[error("no support given: pass at least one --support IMAGE:MASK")]
     NoSupport,
+    #[error("{given} support(s) given, but a BAM model is built for its config's shot ({shot}): its K-shot reweighting takes exactly that many; give {shot} --support/--mask pairs, or use a {given}-shot BAM checkpoint and its config")]
+    BamShot { given: usize, shot: usize },
     #[error("queries {0} and {1} share a file name, so their outputs would collide; rename one")]
     SameName(PathBuf, PathBuf),
     #[error(transparent)]
@@ -71,6 +73,12 @@ pub fn predict(
 ) -> Result<Vec<Prediction>, PredictError> {
     if supports.is_empty() {
         return Err(PredictError::NoSupport);
+    }
+    if matches!(model, FewShotModel::Bam(_)) && supports.len() != config.shot {
+        return Err(PredictError::BamShot {
+            given: supports.len(),
+            shot: config.shot,
+        });
     }
     amp::prepare(config, device);
     let mut names = HashSet::new();

@@ -2,11 +2,13 @@
 //! `svf-train` and `svf-eval`: the base stage (`method: bam`, `stage: base`: PSPNet on whole
 //! images, base-class labels) learns the base classes, resumes exactly after an interruption and
 //! records its fold; BAM+SVF's meta stage on it learns the novel classes; `svf-eval`'s loading and
-//! fusing of the meta checkpoint scores what training's validation scored; a base learner of
-//! another fold is refused. `BAM_TEST_SEED` picks another seed (the thresholds were set from
+//! fusing of the meta checkpoint scores what training's validation scored; `svf-predict` segments
+//! with it; a base learner of another fold is refused. `BAM_TEST_SEED` picks another seed (the thresholds were set from
 //! several).
 
 mod common;
+
+use std::path::PathBuf;
 
 use svf::checkpoint::{self, BEST, LAST};
 use svf::config::{Config, LrScheduleKind, Method, Stage};
@@ -112,6 +114,81 @@ fn base_stage_then_bam_svf_meta_stage_end_to_end() {
         (evaluated.miou.mean - novel_after).abs() < 1e-9,
         "svf-eval {} vs validation {novel_after}",
         evaluated.miou.mean
+    );
+
+    // svf-predict on the trained BAM+SVF run: one support of val image 0's class, query image 20
+    // (the synthetic val list's image n shows class 1 + n % 20, so both show class 1).
+    let data = common::synthetic_dataset();
+    let list = std::fs::read_to_string(data.join("lists/val.txt")).unwrap();
+    let pair = |n: usize| -> (PathBuf, PathBuf) {
+        let mut parts = list.lines().nth(n).unwrap().split_whitespace();
+        (
+            data.join(parts.next().unwrap()),
+            data.join(parts.next().unwrap()),
+        )
+    };
+    let ((support, support_label), (query, _)) = (pair(0), pair(20));
+    let predict_dir = run.run_dir.join("predict");
+    std::fs::create_dir_all(&predict_dir).unwrap();
+    let label = image::open(&support_label).unwrap().to_luma8();
+    let mask = predict_dir.join("support.png");
+    image::GrayImage::from_fn(label.width(), label.height(), |x, y| {
+        image::Luma([u8::from(label.get_pixel(x, y)[0] == 1) * 255])
+    })
+    .save(&mask)
+    .unwrap();
+    let config_file = predict_dir.join("meta.yaml");
+    std::fs::write(&config_file, meta.to_yaml()).unwrap();
+    common::run_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_svf-predict"))
+            .env("OMP_NUM_THREADS", "1")
+            .arg("--config")
+            .arg(&config_file)
+            .arg("--weights")
+            .arg(&run.run_dir)
+            .arg("--support")
+            .arg(&support)
+            .arg("--mask")
+            .arg(&mask)
+            .arg("--query")
+            .arg(&query)
+            .arg("--out")
+            .arg(&predict_dir)
+            .args(["--device", "cpu"]),
+    );
+    let stem = query.file_stem().unwrap().to_str().unwrap();
+    let predicted = image::open(predict_dir.join(format!("{stem}_mask.png"))).unwrap();
+    let query_image = image::open(&query).unwrap();
+    assert_eq!(
+        (predicted.width(), predicted.height()),
+        (query_image.width(), query_image.height())
+    );
+    // Two supports for the 1-shot BAM: one error naming the shot, no panic.
+    let two_shot = std::process::Command::new(env!("CARGO_BIN_EXE_svf-predict"))
+        .arg("--config")
+        .arg(&config_file)
+        .arg("--weights")
+        .arg(&run.run_dir)
+        .arg("--support")
+        .arg(&support)
+        .arg("--mask")
+        .arg(&mask)
+        .arg("--support")
+        .arg(&support)
+        .arg("--mask")
+        .arg(&mask)
+        .arg("--query")
+        .arg(&query)
+        .arg("--out")
+        .arg(&predict_dir)
+        .args(["--device", "cpu"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&two_shot.stderr);
+    assert!(!two_shot.status.success());
+    assert!(
+        stderr.contains("2 support(s) given") && !stderr.contains("panicked"),
+        "{stderr}"
     );
 
     // A base learner of another fold is refused, naming the checkpoint and the fold.

@@ -113,3 +113,41 @@ fn every_section_runs_on_a_tiny_config_and_the_json_line_parses() {
     assert_eq!(report["train"].as_array().unwrap().len(), 1);
     assert!(report["loader"].as_array().unwrap().is_empty());
 }
+
+/// BAM+SVF through the same command: the train step and the fused evaluation (which folds the
+/// meta branch's decomposed copy) for 1 and 2 shots.
+#[test]
+fn bam_svf_train_and_eval_sections_run() {
+    let dir = common::scratch("bam");
+    let config = Config {
+        method: svf::config::Method::Bam,
+        svf: true,
+        batch_size: 2,
+        ..common::tiny_config(dir.join("run"))
+    };
+    let config_path = dir.join("bam.yaml");
+    std::fs::write(&config_path, config.to_yaml()).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_svf-bench"))
+        .env("OMP_NUM_THREADS", "1")
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--device", "cpu", "--threads", "1", "--size", "65"])
+        .args(["--shot", "1,2", "--what", "train,eval"])
+        .args(["--warmup", "0", "--repeats", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "svf-bench failed:\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8(output.stdout).unwrap().trim()).unwrap();
+    assert_eq!(report["method"], "BAM+SVF");
+    assert_eq!(report["train"].as_array().unwrap().len(), 2);
+    let eval = report["eval"].as_array().unwrap();
+    assert_eq!(eval.len(), 2);
+    for e in eval {
+        assert!(e["fused_max_abs_diff"].as_f64().unwrap() < 1e-3, "{e}");
+    }
+    // The 2-shot model adds K-shot reweighting: 2 -> 2 -> 2 channels, 1x1 with biases.
+    let trainable = |i: usize| report["train"][i]["tracked_parameters"].as_i64().unwrap();
+    assert_eq!(trainable(1) - trainable(0), 2 * 2 + 2 + 2 * 2 + 2);
+}

@@ -525,7 +525,16 @@ impl Bam {
         let differences = gram_differences(&query.low, &lows);
         let weights = match &self.kshot {
             Some(k) => k.weights(&differences),
-            None => differences.ones_like(),
+            None => {
+                // BAM's model is built for one K; only the 1-shot one has no reweighting.
+                assert_eq!(
+                    supports.len(),
+                    1,
+                    "a 1-shot BAM given {} supports: build the model for that shot",
+                    supports.len()
+                );
+                differences.ones_like()
+            }
         };
         let estimate = (&weights * &differences).sum_dim_intlist(&[1i64][..], true, Kind::Float);
         let mut prototypes = Vec::new();
