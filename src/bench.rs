@@ -214,21 +214,33 @@ impl StepThroughput {
     }
 }
 
-/// A batch of random episodes on the device: `(query, query_label, supports, support_labels)`
-/// with labels in {0, 1, 255} (about 45 % foreground, 10 % ignored).
+/// A batch of random episodes on the device: `(query, query_label, supports, support_labels)`,
+/// random images and labels in {0, 1, 255}.
 fn synthetic_episodes(batch: usize, shot: usize, size: i64, device: Device) -> [Tensor; 4] {
     let (b, k) = (batch as i64, shot as i64);
     let opts = (Kind::Float, device);
-    let label = |shape: &[i64]| {
-        let u = Tensor::rand(shape, opts);
-        let foreground = u.lt(0.45).to_kind(Kind::Int64);
-        foreground.where_self(&u.lt(0.9), &Tensor::full([], 255, (Kind::Int64, device)))
-    };
+    // One square object of half the side (a quarter of the image), background, and a 4-pixel
+    // ignored band at one edge: the labels of the reference harness (`ref-bench/ref_bench.py`),
+    // shaped like real ones. (Noise labels would make every support position foreground, which
+    // no real label does, and hide what the masked prior saves.)
+    let (start, side) = (size / 4, size / 2);
+    let query_label = Tensor::zeros([b, size, size], (Kind::Int64, device));
+    let _ = query_label
+        .narrow(1, start, side)
+        .narrow(2, (start + 8).min(size - side), side)
+        .fill_(1);
+    let _ = query_label.narrow(2, 0, 4).fill_(255);
+    let support_labels = Tensor::zeros([b, k, size, size], (Kind::Int64, device));
+    let _ = support_labels
+        .narrow(2, (start - 10).max(0), side)
+        .narrow(3, start, side)
+        .fill_(1);
+    let _ = support_labels.narrow(3, size - 4, 4).fill_(255);
     [
         Tensor::randn([b, 3, size, size], opts),
-        label(&[b, size, size]),
+        query_label,
         Tensor::randn([b, k, 3, size, size], opts),
-        label(&[b, k, size, size]),
+        support_labels,
     ]
 }
 
@@ -283,6 +295,8 @@ impl TrainModel {
         tch::manual_seed(config.manual_seed as i64);
         let vs = nn::VarStore::new(options.device);
         let net = FewShotModel::new(&vs.root(), config, Init::Random)?;
+        // As training lays its frozen convolutions out (`train::train`'s model).
+        crate::model::channels_last_on_cpu(&vs, |name| !train::is_trainable(config, name));
         let sgd = train::optimiser(&vs, config);
         if options.track_frozen {
             for (name, variable) in vs.variables() {

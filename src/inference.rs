@@ -82,14 +82,16 @@ pub fn load_model(
     if fuse && config.svf {
         Ok(self::fuse(&vs, config)?)
     } else {
+        crate::model::channels_last_on_cpu(&vs, |_| true);
         Ok((vs, model))
     }
 }
 
 /// The SVF model held in `vs` with its SVD convolutions folded back into full-rank weights
 /// (`svf::recompose`), built full-rank on the same device: the same function, one convolution
-/// per layer instead of two, for inference. For BAM+SVF the meta branch's copy is folded; the
-/// base learner is full-rank already.
+/// per layer instead of two, for inference (channels-last on the CPU, see
+/// [`crate::model::channels_last_on_cpu`]). For BAM+SVF the meta branch's copy is folded; the base learner is
+/// full-rank already.
 pub fn fuse(
     vs: &nn::VarStore,
     config: &Config,
@@ -99,6 +101,7 @@ pub fn fuse(
     let fused = FewShotModel::fused(&fused_vs.root(), config)?;
     crate::model::copy_into(&fused_vs, &full, Path::new("the recomposed model"))
         .expect("recomposing an SVF model gives exactly the full-rank model's variables");
+    crate::model::channels_last_on_cpu(&fused_vs, |_| true);
     Ok((fused_vs, fused))
 }
 
@@ -166,6 +169,55 @@ mod tests {
         }
         assert!((acc.miou() - 1.0).abs() < 1e-9, "{}", acc.miou());
         assert!((acc.fb_iou() - 1.0).abs() < 1e-9, "{}", acc.fb_iou());
+    }
+
+    #[test]
+    fn cpu_inference_models_are_channels_last_and_compute_the_same_logits() {
+        let dir = std::env::temp_dir().join(format!("svf-inference-cl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let opts = (Kind::Float, Device::Cpu);
+        for (method, svf) in [
+            (crate::config::Method::Pfenet, true),
+            (crate::config::Method::Pfenet, false),
+            (crate::config::Method::Bam, true),
+        ] {
+            let config = Config {
+                method,
+                svf,
+                layers: 18,
+                backbone_width: 0.25,
+                reduce_dim: 8,
+                ppm_scales: vec![4, 2],
+                ..Config::default()
+            };
+            tch::manual_seed(3);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let reference = FewShotModel::new(&vs.root(), &config, Init::Random).unwrap();
+            let path = dir.join("weights.safetensors");
+            Tensor::write_safetensors(&crate::model::model_weights(&vs), &path).unwrap();
+            let query = Tensor::randn([1, 3, 65, 65], opts);
+            let supports = Tensor::randn([1, 1, 3, 65, 65], opts);
+            let labels = Tensor::randint(2, [1, 1, 65, 65], (Kind::Int64, Device::Cpu));
+            let expected = inference_logits(&reference, &config, &query, &supports, &labels);
+            for fuse in [false, true] {
+                let (loaded_vs, loaded) = load_model(&config, &path, Device::Cpu, fuse).unwrap();
+                let convs: Vec<Tensor> = loaded_vs
+                    .variables()
+                    .into_values()
+                    .filter(|v| v.dim() == 4 && v.size()[1] > 1 && v.size()[2] > 1)
+                    .collect();
+                assert!(!convs.is_empty());
+                assert!(convs.iter().all(|v| v.stride()[1] == 1), "NHWC strides");
+                let logits = inference_logits(&loaded, &config, &query, &supports, &labels);
+                let scale = expected.abs().max().double_value(&[]);
+                let diff = (&logits - &expected).abs().max().double_value(&[]);
+                assert!(
+                    diff < 1e-5 * scale.max(1.0),
+                    "{method:?} svf {svf} fuse {fuse}: {diff}"
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

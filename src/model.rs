@@ -221,6 +221,29 @@ pub fn freeze_all_but(
     trainable
 }
 
+/// On the CPU, gives every 4-D variable (convolution weight) of `vs` whose name `select` picks
+/// channels-last (NHWC) strides. oneDNN then keeps the activations in that layout from layer to
+/// layer instead of reordering them at every convolution: fused ResNet-50 + SVF evaluation about
+/// 14 % faster at 473 and 5–10 % at 233, the train step (frozen weights converted) 5–10 %, on 2
+/// cores. Names and values are unchanged, the function the same within float rounding; copies
+/// into the variables (loading, resuming) keep the layout and checkpoints are written contiguous.
+/// CUDA keeps the default layout (not measured there).
+pub fn channels_last_on_cpu(vs: &nn::VarStore, select: impl Fn(&str) -> bool) {
+    if vs.device() != tch::Device::Cpu {
+        return;
+    }
+    tch::no_grad(|| {
+        for (name, variable) in vs.variables() {
+            if variable.dim() == 4 && select(&name) {
+                let nhwc = variable.permute([0, 2, 3, 1]).contiguous();
+                variable
+                    .shallow_clone()
+                    .set_data(&nhwc.permute([0, 3, 1, 2]));
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,6 +409,49 @@ mod tests {
             if name.starts_with("layer0.") || name.starts_with("layer1.") {
                 assert!(!tensor.grad().defined(), "{name}");
             }
+        }
+    }
+
+    #[test]
+    fn channels_last_frozen_convolutions_train_the_same() {
+        // Two identical PFENet+SVF models; the second's frozen convolutions channels-last. The
+        // loss and every trainable gradient agree within float rounding (dropout off: eval-mode
+        // forward, as the train step's arithmetic is the same without it).
+        let build = || {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let model = PfeNet::new(&vs.root(), &tiny(true)).unwrap();
+            let trainable = freeze_all_but_trainable(&vs, true);
+            (vs, model, trainable)
+        };
+        let (plain_vs, plain, plain_trainable) = build();
+        let (mut last_vs, last, last_trainable) = build();
+        channels_last_on_cpu(&last_vs, |name| !svf::is_trainable(name, true));
+        // The same weights whatever other tests drew from the global generator meanwhile (the
+        // copy keeps the destination's layout).
+        last_vs.copy(&plain_vs).unwrap();
+        let converted = last_vs
+            .variables()
+            .into_iter()
+            .filter(|(_, v)| v.dim() == 4 && v.size()[1] > 1 && v.size()[2] > 1)
+            .filter(|(_, v)| v.stride()[1] == 1)
+            .count();
+        assert!(converted > 0, "some 3x3 convolution is channels-last");
+        let (query, supports, labels) = episode(2, 1, 65);
+        let mut losses = Vec::new();
+        for model in [&plain, &last] {
+            let out = model.forward(&query, &supports, &labels, false);
+            let loss = model.loss(&out, &labels.select(1, 0));
+            loss.backward();
+            losses.push(loss.double_value(&[]));
+        }
+        assert!(
+            (losses[0] - losses[1]).abs() < 1e-5 * losses[0].abs(),
+            "{losses:?}"
+        );
+        for ((name, a), (_, b)) in plain_trainable.iter().zip(&last_trainable) {
+            let scale = a.grad().abs().max().double_value(&[]).max(1e-12);
+            let diff = (a.grad() - b.grad()).abs().max().double_value(&[]);
+            assert!(diff < 1e-4 * scale, "{name}: {diff} of {scale}");
         }
     }
 }

@@ -266,6 +266,9 @@ fn build_model(
         || config.method == Method::Bam;
     let init = if loaded { Init::Zeros } else { Init::Random };
     let net = FewShotModel::new(&vs.root(), config, init)?;
+    // Frozen convolutions channels-last on the CPU (the trainable ones keep their layout, as do
+    // their gradients and the optimiser's buffers).
+    model::channels_last_on_cpu(&vs, |name| !is_trainable(config, name));
     if !initialise {
         return Ok((vs, net));
     }
@@ -530,11 +533,16 @@ fn log_learning_rates(sgd: &Sgd, schedule: &LrSchedule, weight_decay: f64, itera
 /// BAM's meta modules, + layer2..4 `vector_S` with SVF; never BAM's base learner), each with its
 /// [`lr_scale`].
 pub fn trainable_parameters(vs: &nn::VarStore, config: &Config) -> Vec<(String, Tensor, f64)> {
-    let trainable = match config.method {
-        Method::Pfenet => model::freeze_all_but_trainable(vs, config.svf),
-        Method::Bam => model::bam::freeze_all_but_trainable(vs, config.svf),
-    };
+    let trainable = model::freeze_all_but(vs, |name| is_trainable(config, name));
     with_lr_scales(trainable, config)
+}
+
+/// Whether training updates variable `name` of `config`'s model (PFENet's or BAM's rule).
+pub fn is_trainable(config: &Config, name: &str) -> bool {
+    match config.method {
+        Method::Pfenet => crate::svf::is_trainable(name, config.svf),
+        Method::Bam => model::bam::is_trainable(name, config.svf),
+    }
 }
 
 /// `parameters` with their [`lr_scale`].

@@ -296,7 +296,11 @@ fn prior_mask_f32(query_high: &Tensor, support_high: &Tensor, mask: &Tensor) -> 
             / support_norm
                 .detach()
                 .clamp_min(f64::from(f32::MIN_POSITIVE));
-        unit_support.bmm(&unit_query).argmax(1, false) // [B, Nq]
+        if query.device() == tch::Device::Cpu {
+            best_masked_support(&unit_support, &unit_query, &support_norm.detach())
+        } else {
+            unit_support.bmm(&unit_query).argmax(1, false) // [B, Nq]
+        }
     });
     // The selected pairs' cosine, with the reference's formula and eps, with autograd.
     let picked = support.gather(
@@ -310,6 +314,38 @@ fn prior_mask_f32(query_high: &Tensor, support_high: &Tensor, mask: &Tensor) -> 
     let low = best.amin([1], true);
     let high = best.amax([1], true);
     ((best - &low) / (high - &low + COSINE_EPS)).reshape([batch, 1, h, w])
+}
+
+/// `argmax` over support positions of `unit_support [B, Ns, C] · unit_query [B, C, Nq]`, `[B, Nq]`,
+/// multiplying only the support vectors that are not zero. Outside the mask every support vector
+/// is zero, with similarity exactly 0: a query position whose best masked similarity is negative
+/// picks such a position (value 0, as the full product's max would), and the rest of the product
+/// is never needed. On the CPU only: finding the masked positions reads them back to the host,
+/// which would stall a GPU stream, where the full product is cheap anyway.
+fn best_masked_support(
+    unit_support: &Tensor,
+    unit_query: &Tensor,
+    support_norm: &Tensor,
+) -> Tensor {
+    let picks: Vec<Tensor> = (0..unit_support.size()[0])
+        .map(|b| {
+            let (support, query) = (unit_support.get(b), unit_query.get(b));
+            let nonzero = support_norm.get(b).squeeze_dim(1).gt(0.0);
+            let kept = nonzero.nonzero().squeeze_dim(1); // [n]
+            let positions = nonzero.size()[0];
+            match kept.size()[0] {
+                n if n == positions => support.mm(&query).argmax(0, false),
+                0 => Tensor::zeros([query.size()[1]], (Kind::Int64, query.device())),
+                _ => {
+                    let (best, index) = support.index_select(0, &kept).mm(&query).max_dim(0, false);
+                    let zero_position = nonzero.logical_not().to_kind(Kind::Int64).argmax(0, false);
+                    kept.index_select(0, &index)
+                        .where_self(&best.ge(0.0), &zero_position)
+                }
+            }
+        })
+        .collect();
+    Tensor::stack(&picks, 0)
 }
 
 #[cfg(test)]
@@ -339,13 +375,32 @@ mod tests {
     fn fast_prior_matches_the_reference_formula_in_values_and_gradients() {
         tch::manual_seed(7);
         // PFENet-like: ReLU features, a support mask at a finer resolution, two batch items, a
-        // query grid different from the support's.
-        for (channels, side_q, side_s) in [(64, 12, 12), (32, 9, 7)] {
-            let query = Tensor::randn([2, channels, side_q, side_q], OPTS).relu();
-            let support = Tensor::randn([2, channels, side_s, side_s], OPTS).relu();
-            let mask = Tensor::rand([2, 1, 4 * side_s, 4 * side_s], OPTS)
-                .gt(0.6)
-                .to_kind(Kind::Float);
+        // query grid different from the support's. Masks: scattered pixels (nearly every support
+        // position keeps some), or one object in item 0 and none in item 1 (most positions zero:
+        // the product over the masked positions only); signed features give negative best
+        // similarities, where the masked-out zero vectors win.
+        let cases = [(64, 12, 12, false, false), (32, 9, 7, false, false)]
+            .into_iter()
+            .chain([(64, 12, 12, true, false), (32, 9, 7, true, true)]);
+        for (channels, side_q, side_s, object, signed) in cases {
+            let features = |side: i64| {
+                let x = Tensor::randn([2, channels, side, side], OPTS);
+                if signed {
+                    x
+                } else {
+                    x.relu()
+                }
+            };
+            let (query, support) = (features(side_q), features(side_s));
+            let mask = if object {
+                let mask = Tensor::zeros([2, 1, 4 * side_s, 4 * side_s], OPTS);
+                let _ = mask.get(0).narrow(1, 4, 8).narrow(2, 6, 9).fill_(1.0);
+                mask
+            } else {
+                Tensor::rand([2, 1, 4 * side_s, 4 * side_s], OPTS)
+                    .gt(0.6)
+                    .to_kind(Kind::Float)
+            };
             let weights = Tensor::randn([2, 1, side_q, side_q], OPTS);
             let run = |f: fn(&Tensor, &Tensor, &Tensor) -> Tensor| {
                 let q = query.copy().set_requires_grad(true);
