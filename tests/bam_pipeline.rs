@@ -139,23 +139,28 @@ fn base_stage_then_bam_svf_meta_stage_end_to_end() {
     .unwrap();
     let config_file = predict_dir.join("meta.yaml");
     std::fs::write(&config_file, meta.to_yaml()).unwrap();
-    common::run_ok(
-        std::process::Command::new(env!("CARGO_BIN_EXE_svf-predict"))
-            .env("OMP_NUM_THREADS", "1")
-            .arg("--config")
-            .arg(&config_file)
-            .arg("--weights")
-            .arg(&run.run_dir)
-            .arg("--support")
-            .arg(&support)
-            .arg("--mask")
-            .arg(&mask)
+    // svf-predict with `shots` copies of the support.
+    let predict = |shots: usize| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_svf-predict"));
+        command.env("OMP_NUM_THREADS", "1");
+        command.arg("--config").arg(&config_file);
+        command.arg("--weights").arg(&run.run_dir);
+        for _ in 0..shots {
+            command
+                .arg("--support")
+                .arg(&support)
+                .arg("--mask")
+                .arg(&mask);
+        }
+        command
             .arg("--query")
             .arg(&query)
             .arg("--out")
-            .arg(&predict_dir)
-            .args(["--device", "cpu"]),
-    );
+            .arg(&predict_dir);
+        command.args(["--device", "cpu"]);
+        command
+    };
+    common::run_ok(&mut predict(1));
     let stem = query.file_stem().unwrap().to_str().unwrap();
     let predicted = image::open(predict_dir.join(format!("{stem}_mask.png"))).unwrap();
     let query_image = image::open(&query).unwrap();
@@ -164,26 +169,7 @@ fn base_stage_then_bam_svf_meta_stage_end_to_end() {
         (query_image.width(), query_image.height())
     );
     // Two supports for the 1-shot BAM: one error naming the shot, no panic.
-    let two_shot = std::process::Command::new(env!("CARGO_BIN_EXE_svf-predict"))
-        .arg("--config")
-        .arg(&config_file)
-        .arg("--weights")
-        .arg(&run.run_dir)
-        .arg("--support")
-        .arg(&support)
-        .arg("--mask")
-        .arg(&mask)
-        .arg("--support")
-        .arg(&support)
-        .arg("--mask")
-        .arg(&mask)
-        .arg("--query")
-        .arg(&query)
-        .arg("--out")
-        .arg(&predict_dir)
-        .args(["--device", "cpu"])
-        .output()
-        .unwrap();
+    let two_shot = predict(2).output().unwrap();
     let stderr = String::from_utf8_lossy(&two_shot.stderr);
     assert!(!two_shot.status.success());
     assert!(

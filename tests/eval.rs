@@ -419,24 +419,35 @@ fn reproduce_tables_runs_one_paper_cell_into_the_report() {
     )
     .unwrap();
     let out = dir.join("out");
-    run_script(&[
-        "--out",
-        out.to_str().unwrap(),
+    // One tiny cell into `out`: a one-epoch run of 4 episodes, evaluated on 4 per seed.
+    let run_cell = |config_dir_flag: &str, dir: &Path, only: &str, methods: &str| {
+        run_script(&[
+            "--out",
+            out.to_str().unwrap(),
+            config_dir_flag,
+            dir.to_str().unwrap(),
+            "--methods",
+            methods,
+            "--backbones",
+            "tiny",
+            "--only",
+            only,
+            "--episodes",
+            "4",
+            "--device",
+            "cpu",
+            "--set",
+            "epochs=1",
+            "--set",
+            "train_episodes=4",
+        ])
+    };
+    run_cell(
         "--config-dir",
-        configs.to_str().unwrap(),
-        "--backbones",
-        "tiny",
-        "--only",
+        &configs,
         "pascal/split0/tiny/1shot/svf",
-        "--episodes",
-        "4",
-        "--device",
-        "cpu",
-        "--set",
-        "epochs=1",
-        "--set",
-        "train_episodes=4",
-    ]);
+        "pfenet",
+    );
     let result =
         svf::results::EvalResult::read(&out.join("pascal/split0/tiny/1shot/svf/eval.json"))
             .unwrap();
@@ -470,26 +481,12 @@ fn reproduce_tables_runs_one_paper_cell_into_the_report() {
         "base: recipe.yaml\nsplit: 0\nsvf: true\n",
     )
     .unwrap();
-    run_script(&[
-        "--out",
-        out.to_str().unwrap(),
+    run_cell(
         "--bam-config-dir",
-        bam_configs.to_str().unwrap(),
-        "--methods",
-        "bam",
-        "--backbones",
-        "tiny",
-        "--only",
+        &bam_configs,
         "pascal/split0/tiny/1shot/bam_svf",
-        "--episodes",
-        "4",
-        "--device",
-        "cpu",
-        "--set",
-        "epochs=1",
-        "--set",
-        "train_episodes=4",
-    ]);
+        "bam",
+    );
     let base_run = out.join("pascal/split0/tiny/base");
     assert!(base_run.join("train_done").is_file() && base_run.join("last.json").is_file());
     assert!(!base_run.join("eval.json").exists());
