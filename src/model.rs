@@ -45,7 +45,8 @@ pub enum ModelError {
 pub struct PfeNetOutput {
     /// Main logits `[B, 2, H, W]` at the input size (bilinear, align_corners).
     pub logits: Tensor,
-    /// The pyramid bins' auxiliary logits, `[B, 2, bin, bin]` each, at their bin size.
+    /// The pyramid bins' auxiliary logits, `[B, 2, bin, bin]` each, at their bin size; computed in
+    /// training passes only (`train`), empty otherwise.
     pub aux_logits: Vec<Tensor>,
 }
 
@@ -110,7 +111,10 @@ impl PfeNet {
             mid: query_mid,
             high: query_high,
         };
-        let out = self.head.forward(&query_features, &support_features, train);
+        // The auxiliary classifiers feed only the training loss.
+        let out = self
+            .head
+            .forward(&query_features, &support_features, train, train);
         PfeNetOutput {
             logits: head::resize(&out.logits, [height, width]),
             aux_logits: out.aux_logits,
@@ -290,6 +294,9 @@ mod tests {
                 let (query, supports, labels) = episode(batch, shots, size);
                 let out = tch::no_grad(|| model.forward(&query, &supports, &labels, false));
                 assert_eq!(out.logits.size(), [batch, 2, size, size]);
+                // The auxiliary classifiers run in training passes only.
+                assert!(out.aux_logits.is_empty());
+                let out = tch::no_grad(|| model.forward(&query, &supports, &labels, true));
                 let aux: Vec<Vec<i64>> = out.aux_logits.iter().map(Tensor::size).collect();
                 assert_eq!(aux, [vec![batch, 2, 8, 8], vec![batch, 2, 4, 4]]);
             }
@@ -415,8 +422,9 @@ mod tests {
     #[test]
     fn channels_last_frozen_convolutions_train_the_same() {
         // Two identical PFENet+SVF models; the second's frozen convolutions channels-last. The
-        // loss and every trainable gradient agree within float rounding (dropout off: eval-mode
-        // forward, as the train step's arithmetic is the same without it).
+        // main loss and every trainable gradient agree within float rounding (dropout off:
+        // eval-mode forward, as the train step's arithmetic is the same without it; the auxiliary
+        // classifiers, which eval mode skips, are plain convolutions of the head).
         let build = || {
             let vs = nn::VarStore::new(Device::Cpu);
             let model = PfeNet::new(&vs.root(), &tiny(true)).unwrap();
@@ -440,7 +448,7 @@ mod tests {
         let mut losses = Vec::new();
         for model in [&plain, &last] {
             let out = model.forward(&query, &supports, &labels, false);
-            let loss = model.loss(&out, &labels.select(1, 0));
+            let loss = cross_entropy(&out.logits, &labels.select(1, 0));
             loss.backward();
             losses.push(loss.double_value(&[]));
         }
@@ -449,6 +457,11 @@ mod tests {
             "{losses:?}"
         );
         for ((name, a), (_, b)) in plain_trainable.iter().zip(&last_trainable) {
+            assert_eq!(a.grad().defined(), b.grad().defined(), "{name}");
+            if !a.grad().defined() {
+                assert!(name.starts_with("inner_cls"), "{name} got no gradient");
+                continue;
+            }
             let scale = a.grad().abs().max().double_value(&[]).max(1e-12);
             let diff = (a.grad() - b.grad()).abs().max().double_value(&[]);
             assert!(diff < 1e-4 * scale, "{name}: {diff} of {scale}");

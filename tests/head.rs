@@ -126,7 +126,7 @@ fn pfenet_head_matches_pytorch() {
             }
         })
         .collect();
-    let ours = tch::no_grad(|| head.forward(&query, &supports, false));
+    let ours = tch::no_grad(|| head.forward(&query, &supports, false, true));
 
     let mut entries: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     entries.push(("q_mid".into(), query.mid.shallow_clone()));

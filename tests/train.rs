@@ -50,12 +50,15 @@ fn snapshot(vs: &nn::VarStore) -> HashMap<String, Tensor> {
         .collect()
 }
 
-/// Loss on a fixed batch without dropout, so that it compares across steps.
+/// The main logits' cross-entropy on a fixed batch without dropout (an eval-mode pass, which
+/// skips the auxiliary classifiers), so that it compares across steps.
 fn eval_loss(model: &PfeNet, batch: &(Tensor, Tensor, Tensor, Tensor)) -> f64 {
     let (query, supports, support_labels, label) = batch;
     tch::no_grad(|| {
         let out = model.forward(query, supports, support_labels, false);
-        model.loss(&out, label).double_value(&[])
+        out.logits
+            .cross_entropy_loss::<Tensor>(label, None, tch::Reduction::Mean, 255, 0.0)
+            .double_value(&[])
     })
 }
 

@@ -57,7 +57,7 @@ pub struct SupportFeatures {
 pub struct HeadOutput {
     /// `[B, 2, h, w]`.
     pub logits: Tensor,
-    /// One `[B, 2, bin, bin]` per pyramid bin (the auxiliary classifiers).
+    /// One `[B, 2, bin, bin]` per pyramid bin (the auxiliary classifiers); empty unless asked for.
     pub aux_logits: Vec<Tensor>,
 }
 
@@ -171,12 +171,15 @@ impl PfeHead {
         }
     }
 
-    /// Segments the query given K ≥ 1 support shots; `train` enables dropout.
+    /// Segments the query given K ≥ 1 support shots; `train` enables dropout. `with_aux` also
+    /// runs the bins' auxiliary classifiers, which only the training loss reads (PFENet runs them
+    /// in evaluation too, for nothing).
     pub fn forward(
         &self,
         query: &QueryFeatures,
         supports: &[SupportFeatures],
         train: bool,
+        with_aux: bool,
     ) -> HeadOutput {
         assert!(
             !supports.is_empty(),
@@ -225,7 +228,9 @@ impl PfeHead {
                     + &merged;
             }
             merged = self.beta_conv[idx].forward(&merged) + &merged;
-            aux_logits.push(self.inner_cls[idx].forward(&merged, train));
+            if with_aux {
+                aux_logits.push(self.inner_cls[idx].forward(&merged, train));
+            }
             pyramid.push(resize(&merged, feat_size));
         }
         let fused = self.res1.forward(&Tensor::cat(&pyramid, 1)).relu();
@@ -545,7 +550,7 @@ mod tests {
             let supports: Vec<SupportFeatures> = (0..shots)
                 .map(|_| random_features(batch, 24, 6, 9, 65).1)
                 .collect();
-            let out = head.forward(&query, &supports, true);
+            let out = head.forward(&query, &supports, true, true);
             assert_eq!(out.logits.size(), [batch, 2, 9, 9]);
             let aux: Vec<Vec<i64>> = out.aux_logits.iter().map(Tensor::size).collect();
             assert_eq!(
@@ -570,10 +575,10 @@ mod tests {
             high: s.high.copy(),
             mask: s.mask.copy(),
         };
-        let one = head.forward(&query, &[copy(&support)], false).logits;
-        let again = head.forward(&query, &[copy(&support)], false).logits;
+        let one = head.forward(&query, &[copy(&support)], false, false).logits;
+        let again = head.forward(&query, &[copy(&support)], false, false).logits;
         let shots: Vec<SupportFeatures> = (0..5).map(|_| copy(&support)).collect();
-        let five = head.forward(&query, &shots, false).logits;
+        let five = head.forward(&query, &shots, false, false).logits;
         assert_eq!(max_abs_diff(&one, &again), 0.0);
         assert!(max_abs_diff(&one, &five) < 1e-5);
     }
