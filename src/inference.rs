@@ -90,8 +90,8 @@ pub fn load_model(
 /// The SVF model held in `vs` with its SVD convolutions folded back into full-rank weights
 /// (`svf::recompose`), built full-rank on the same device: the same function, one convolution
 /// per layer instead of two, for inference (channels-last on the CPU, see
-/// [`crate::model::channels_last_on_cpu`]). For BAM+SVF the meta branch's copy is folded; the base learner is
-/// full-rank already.
+/// [`crate::model::channels_last_on_cpu`]). For BAM+SVF the meta branch's copy is folded; the
+/// base learner is full-rank already.
 pub fn fuse(
     vs: &nn::VarStore,
     config: &Config,

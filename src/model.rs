@@ -19,7 +19,6 @@ use tch::{nn, Kind, Reduction, Tensor};
 use crate::backbone::{self, Backbone, BackboneError, Init};
 use crate::config::Config;
 use crate::data::IGNORE_LABEL;
-use crate::svf;
 
 /// Why a model could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +154,7 @@ impl PfeNet {
     ) -> (Tensor, Tensor, Option<Tensor>) {
         let bn_train = train && self.bn_train_when_training;
         let layer = |index: usize, x: &Tensor| self.backbone.forward_layer(index, x, bn_train);
-        // Frozen weights do not require gradients (see `freeze_all_but_trainable`), so autograd
+        // Frozen weights do not require gradients (see `train::trainable_parameters`), so autograd
         // records nothing before the first trainable `vector_S` (layer2 with SVF; never without
         // it, as PFENet's no_grad backbone) and keeps no activations for layer0..1.
         let feat1 = layer(1, &layer(0, images));
@@ -201,13 +200,6 @@ fn cross_entropy(logits: &Tensor, label: &Tensor) -> Tensor {
     logits.cross_entropy_loss::<Tensor>(label, None, Reduction::Mean, i64::from(IGNORE_LABEL), 0.0)
 }
 
-/// The parameters training updates, by name in name order: the variables that
-/// [`svf::is_trainable`] names. Every other variable of `vs` is
-/// frozen (`requires_grad` off), so autograd never computes a gradient it would throw away.
-pub fn freeze_all_but_trainable(vs: &nn::VarStore, svf_enabled: bool) -> Vec<(String, Tensor)> {
-    freeze_all_but(vs, |name| svf::is_trainable(name, svf_enabled))
-}
-
 /// Freezes every variable of `vs` but those `trainable` names and returns those, by name in name
 /// order (the one freezing mechanism of PFENet and BAM).
 pub fn freeze_all_but(
@@ -227,9 +219,9 @@ pub fn freeze_all_but(
 
 /// On the CPU, gives every 4-D variable (convolution weight) of `vs` whose name `select` picks
 /// channels-last (NHWC) strides. oneDNN then keeps the activations in that layout from layer to
-/// layer instead of reordering them at every convolution: fused ResNet-50 + SVF evaluation about
-/// 14 % faster at 473 and 5–10 % at 233, the train step (frozen weights converted) 5–10 %, on 2
-/// cores. Names and values are unchanged, the function the same within float rounding; copies
+/// layer instead of reordering them at every convolution (ResNet-50 + SVF, 2 cores, svf-bench:
+/// fused evaluation 2.71 → 2.34 s at 473, at 233 within run-to-run noise; the train step with the
+/// frozen weights converted 5.64 → 5.2–5.4 s at 473, 1.72 → 1.53–1.59 s at 233). Names and values are unchanged, the function the same within float rounding; copies
 /// into the variables (loading, resuming) keep the layout and checkpoints are written contiguous.
 /// CUDA keeps the default layout (not measured there).
 pub fn channels_last_on_cpu(vs: &nn::VarStore, select: impl Fn(&str) -> bool) {
@@ -251,6 +243,7 @@ pub fn channels_last_on_cpu(vs: &nn::VarStore, select: impl Fn(&str) -> bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::svf;
     use tch::Device;
 
     const OPTS: (Kind, Device) = (Kind::Float, Device::Cpu);
@@ -361,7 +354,7 @@ mod tests {
         for svf in [false, true] {
             let vs = nn::VarStore::new(Device::Cpu);
             let _model = PfeNet::new(&vs.root(), &tiny(svf)).unwrap();
-            let trainable = freeze_all_but_trainable(&vs, svf);
+            let trainable = freeze_all_but(&vs, |n| svf::is_trainable(n, svf));
             let names: Vec<&str> = trainable.iter().map(|(n, _)| n.as_str()).collect();
             let singular: Vec<&&str> = names.iter().filter(|n| n.ends_with("vector_S")).collect();
             assert_eq!(!singular.is_empty(), svf);
@@ -400,7 +393,7 @@ mod tests {
         tch::manual_seed(2);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = PfeNet::new(&vs.root(), &tiny(true)).unwrap();
-        let trainable = freeze_all_but_trainable(&vs, true);
+        let trainable = freeze_all_but(&vs, |n| svf::is_trainable(n, true));
         let (query, supports, labels) = episode(2, 1, 65);
         let out = model.forward(&query, &supports, &labels, true);
         model.loss(&out, &labels.select(1, 0)).backward();
@@ -428,7 +421,7 @@ mod tests {
         let build = || {
             let vs = nn::VarStore::new(Device::Cpu);
             let model = PfeNet::new(&vs.root(), &tiny(true)).unwrap();
-            let trainable = freeze_all_but_trainable(&vs, true);
+            let trainable = freeze_all_but(&vs, |n| svf::is_trainable(n, true));
             (vs, model, trainable)
         };
         let (plain_vs, plain, plain_trainable) = build();

@@ -289,11 +289,15 @@ fn bam_two_shot_with_training_base_exclusion_matches_pytorch() {
 #[test]
 fn base_learner_gets_no_gradient_and_stays_unchanged_in_the_meta_stage() {
     tch::manual_seed(3);
-    let config = tiny(2, true);
+    let config = Config {
+        method: svf::config::Method::Bam,
+        ..tiny(2, true)
+    };
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Bam::new(&vs.root(), &config, Init::Random).unwrap();
     model.decompose_base_into_meta(&vs, &config);
-    let trainable = bam::freeze_all_but_trainable(&vs, true);
+    // The trainer's own trainable set.
+    let trainable = svf::train::trainable_parameters(&vs, &config);
     let before: HashMap<String, Tensor> = vs
         .variables()
         .into_iter()
@@ -310,7 +314,7 @@ fn base_learner_gets_no_gradient_and_stays_unchanged_in_the_meta_stage() {
     let out = model.forward(&query, &supports, &labels, Some(&exclude), true);
     model.loss(&out, &labels.select(1, 0)).backward();
     let mut singular = 0;
-    for (name, tensor) in &trainable {
+    for (name, tensor, _) in &trainable {
         assert!(!name.starts_with("base."), "{name}");
         let grad = tensor.grad();
         assert!(grad.defined(), "{name} got no gradient");
@@ -355,13 +359,13 @@ fn svf_copy_starts_equal_to_the_base_backbone() {
     assert!(err < 1e-4, "relative error {err}");
 }
 
-/// A BAM+SVF model with random meta modules and a trained-looking (non-unit) `vector_S`, and its
-/// weights written to `dir/weights.safetensors`.
-fn random_bam_svf(dir: &std::path::Path) -> (Config, std::path::PathBuf) {
+/// A 2-shot BAM (+SVF) model with random meta modules and, with SVF, a trained-looking (non-unit)
+/// `vector_S`, and its weights written to `dir/weights.safetensors`.
+fn random_bam(dir: &std::path::Path, svf: bool) -> (Config, std::path::PathBuf) {
     tch::manual_seed(8);
     let config = Config {
         method: svf::config::Method::Bam,
-        ..tiny(2, true)
+        ..tiny(2, svf)
     };
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Bam::new(&vs.root(), &config, Init::Random).unwrap();
@@ -392,7 +396,7 @@ fn episode_logits(model: &svf::model::FewShotModel) -> Tensor {
 #[test]
 fn fused_bam_svf_computes_what_the_decomposed_copy_computes() {
     let dir = common::scratch("bam-fused");
-    let (config, path) = random_bam_svf(&dir);
+    let (config, path) = random_bam(&dir, true);
     let (_, decomposed) = svf::inference::load_model(&config, &path, Device::Cpu, false).unwrap();
     let (fused_vs, fused) = svf::inference::load_model(&config, &path, Device::Cpu, true).unwrap();
     let names: Vec<String> = fused_vs.variables().into_keys().collect();
@@ -408,7 +412,7 @@ fn fused_bam_svf_computes_what_the_decomposed_copy_computes() {
 #[test]
 fn released_bam_naming_loads_the_same_model() {
     let dir = common::scratch("bam-released");
-    let (config, path) = random_bam_svf(&dir);
+    let (config, path) = random_bam(&dir, true);
     // The SVF authors' BAM+SVF naming: the base learner's backbone as `layer{i}p.*`, its head as
     // `learner_base.{0,1}.*`; the decomposed copy and the meta modules as ours.
     let released: Vec<(String, Tensor)> = svf::checkpoint::read_tensors(&path)
@@ -471,16 +475,11 @@ for stem, sd in (('pspnet', pspnet), ('bam', bam)):
 fn released_bam_checkpoints_load_after_convert_weights() {
     let _torch = common::exclusive_torch();
     let dir = common::scratch("bam-converted");
-    tch::manual_seed(10);
-    let config = Config {
-        method: svf::config::Method::Bam,
-        ..tiny(2, false)
-    };
-    let vs = nn::VarStore::new(Device::Cpu);
-    let _model = Bam::new(&vs.root(), &config, Init::Random).unwrap();
-    randomize_heads(&vs);
-    let ours = dir.join("ours.safetensors");
-    Tensor::write_safetensors(&svf::model::model_weights(&vs), &ours).unwrap();
+    let (config, ours) = random_bam(&dir, false);
+    let expected: HashMap<String, Tensor> = svf::checkpoint::read_tensors(&ours)
+        .unwrap()
+        .into_iter()
+        .collect();
     let convert =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/convert_weights.py");
     common::run_python(BAM_RELEASED, &[&ours, &dir, &convert]);
@@ -489,7 +488,6 @@ fn released_bam_checkpoints_load_after_convert_weights() {
     let loaded = nn::VarStore::new(Device::Cpu);
     let _bam = Bam::new(&loaded.root(), &config, Init::Zeros).unwrap();
     svf::train::base::load_base_learner(&loaded, &config, &dir.join("pspnet.safetensors")).unwrap();
-    let expected = vs.variables();
     let mut compared = 0;
     for (name, var) in loaded.variables() {
         if name.starts_with("base.") {

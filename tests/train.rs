@@ -13,7 +13,7 @@ use common::{exclusive_torch, scratch};
 use svf::checkpoint;
 use svf::config::Config;
 use svf::data::synth::{write_dataset, SynthOptions};
-use svf::model::{freeze_all_but_trainable, is_head_parameter, PfeNet};
+use svf::model::{is_head_parameter, PfeNet};
 use svf::train::{self, read_metrics, MetricsRecord, TrainError, TrainHooks};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -87,9 +87,9 @@ fn optimiser_steps_move_exactly_the_trainable_set() {
         tch::manual_seed(3);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = PfeNet::new(&vs.root(), &config).unwrap();
-        let names: Vec<String> = freeze_all_but_trainable(&vs, svf)
+        let names: Vec<String> = train::trainable_parameters(&vs, &config)
             .into_iter()
-            .map(|(n, _)| n)
+            .map(|(n, _, _)| n)
             .collect();
         // The trainer's own optimiser (head at head_lr_scale, momentum, weight decay).
         let mut sgd = train::optimiser(&vs, &config);
@@ -143,7 +143,7 @@ fn without_fix_bn_training_updates_the_batch_norm_statistics_only() {
     };
     let vs = nn::VarStore::new(Device::Cpu);
     let model = PfeNet::new(&vs.root(), &config).unwrap();
-    let _trainable = freeze_all_but_trainable(&vs, true);
+    let _trainable = train::trainable_parameters(&vs, &config);
     let before = snapshot(&vs);
     let (query, supports, support_labels, _) = fixed_batch();
     tch::no_grad(|| model.forward(&query, &supports, &support_labels, true));

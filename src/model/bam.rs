@@ -674,11 +674,6 @@ pub fn is_trainable(name: &str, svf_enabled: bool) -> bool {
     !name.starts_with(&format!("{BASE_LEARNER}.")) && crate::svf::is_trainable(name, svf_enabled)
 }
 
-/// Freezes every variable of `vs` but those [`is_trainable`] names and returns those, by name.
-pub fn freeze_all_but_trainable(vs: &nn::VarStore, svf_enabled: bool) -> Vec<(String, Tensor)> {
-    super::freeze_all_but(vs, |name| is_trainable(name, svf_enabled))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

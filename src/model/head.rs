@@ -380,14 +380,24 @@ mod tests {
     fn fast_prior_matches_the_reference_formula_in_values_and_gradients() {
         tch::manual_seed(7);
         // PFENet-like: ReLU features, a support mask at a finer resolution, two batch items, a
-        // query grid different from the support's. Masks: scattered pixels (nearly every support
-        // position keeps some), or one object in item 0 and none in item 1 (most positions zero:
-        // the product over the masked positions only); signed features give negative best
-        // similarities, where the masked-out zero vectors win.
-        let cases = [(64, 12, 12, false, false), (32, 9, 7, false, false)]
-            .into_iter()
-            .chain([(64, 12, 12, true, false), (32, 9, 7, true, true)]);
-        for (channels, side_q, side_s, object, signed) in cases {
+        // query grid different from the support's. Masks: scattered pixels (most support
+        // positions keep some), one object in item 0 and none in item 1 (most positions zero: the
+        // product over the masked positions only), or everything (no zero position at all);
+        // signed features give negative best similarities, where masked-out zero vectors win.
+        #[derive(Clone, Copy)]
+        enum Mask {
+            Scattered,
+            Object,
+            Full,
+        }
+        let cases = [
+            (64, 12, 12, Mask::Scattered, false),
+            (32, 9, 7, Mask::Scattered, false),
+            (64, 12, 12, Mask::Object, false),
+            (32, 9, 7, Mask::Object, true),
+            (32, 9, 7, Mask::Full, true),
+        ];
+        for (channels, side_q, side_s, mask_kind, signed) in cases {
             let features = |side: i64| {
                 let x = Tensor::randn([2, channels, side, side], OPTS);
                 if signed {
@@ -397,14 +407,15 @@ mod tests {
                 }
             };
             let (query, support) = (features(side_q), features(side_s));
-            let mask = if object {
-                let mask = Tensor::zeros([2, 1, 4 * side_s, 4 * side_s], OPTS);
-                let _ = mask.get(0).narrow(1, 4, 8).narrow(2, 6, 9).fill_(1.0);
-                mask
-            } else {
-                Tensor::rand([2, 1, 4 * side_s, 4 * side_s], OPTS)
-                    .gt(0.6)
-                    .to_kind(Kind::Float)
+            let shape = [2, 1, 4 * side_s, 4 * side_s];
+            let mask = match mask_kind {
+                Mask::Scattered => Tensor::rand(shape, OPTS).gt(0.6).to_kind(Kind::Float),
+                Mask::Object => {
+                    let mask = Tensor::zeros(shape, OPTS);
+                    let _ = mask.get(0).narrow(1, 4, 8).narrow(2, 6, 9).fill_(1.0);
+                    mask
+                }
+                Mask::Full => Tensor::ones(shape, OPTS),
             };
             let weights = Tensor::randn([2, 1, side_q, side_q], OPTS);
             let run = |f: fn(&Tensor, &Tensor, &Tensor) -> Tensor| {
