@@ -28,6 +28,7 @@ impl RuntimeArgs {
     /// `log.txt`), `--threads`, `--device` resolved, and the start-up line.
     pub fn start(&self, log_dir: Option<&std::path::Path>) -> anyhow::Result<tch::Device> {
         crate::logging::init(self.verbose, log_dir)?;
+        crate::device::keep_freed_host_memory();
         if let Some(threads) = self.threads {
             tch::set_num_threads(threads);
         }

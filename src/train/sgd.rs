@@ -67,17 +67,22 @@ impl Sgd {
 
     /// One update at base learning rate `lr` (each parameter uses `lr * lr_scale`):
     /// `d = g + wd * p; buf = momentum * buf + d` (the first step `buf = d`); `p -= lr * buf`.
-    /// Parameters without a gradient are skipped, as in PyTorch.
+    /// Parameters without a gradient are skipped, as in PyTorch. `d` is formed in the gradient's
+    /// storage and `p` updated by one fused multiply-add, without temporaries (the update streams
+    /// each head weight three times fewer; the gradient is consumed, as the next step zeroes it).
     pub fn step(&mut self, lr: f64) {
         let (momentum, weight_decay) = (self.momentum, self.weight_decay);
         tch::no_grad(|| {
             for parameter in &mut self.parameters {
-                let grad = parameter.tensor.grad();
+                let mut grad = parameter.tensor.grad();
                 if !grad.defined() {
                     continue;
                 }
+                // A 0-dim tensor on the parameter's device (a kernel argument, no host copy).
+                let options = (grad.kind(), grad.device());
+                let scalar = |value: f64| Tensor::full([], value, options);
                 let direction = if weight_decay != 0.0 {
-                    grad.g_add(&(&parameter.tensor * weight_decay))
+                    grad.addcmul_(&parameter.tensor, &scalar(weight_decay))
                 } else {
                     grad
                 };
@@ -98,7 +103,7 @@ impl Sgd {
                 };
                 let _ = parameter
                     .tensor
-                    .g_sub_(&(update * (lr * parameter.lr_scale)));
+                    .addcmul_(&update, &scalar(-lr * parameter.lr_scale));
             }
         });
     }
@@ -225,6 +230,69 @@ mod tests {
             quadratic_step(&mut second, &[&resumed], 0.05);
         }
         assert_eq!(value(&straight), value(&resumed));
+    }
+
+    /// Float32 tensors, two LR groups, weight decay and momentum over three steps, against the
+    /// rule written out in float64 tensor arithmetic.
+    #[test]
+    fn tensor_updates_match_the_rule_written_out() {
+        let (momentum, weight_decay, lr) = (0.9, 1e-4, 0.05);
+        let start = |shift: f64| {
+            Tensor::arange(15, (Kind::Double, Device::Cpu)).reshape([3, 5]) * 0.1 - shift
+        };
+        let slope = |t: &Tensor| t.cos() * 3.0;
+        let scales = [1.0, 10.0];
+        let parameters: Vec<Tensor> = scales
+            .iter()
+            .map(|&scale| {
+                start(scale * 0.05)
+                    .to_kind(Kind::Float)
+                    .set_requires_grad(true)
+            })
+            .collect();
+        let mut sgd = Sgd::new(
+            parameters
+                .iter()
+                .zip(scales)
+                .enumerate()
+                .map(|(i, (p, scale))| (format!("p{i}"), p.shallow_clone(), scale))
+                .collect(),
+            momentum,
+            weight_decay,
+        );
+        // Loss Σ slope(p₀)·p: a fixed gradient per element, unlike p² in the others.
+        let fixed: Vec<Tensor> = parameters.iter().map(|p| slope(&p.detach())).collect();
+        let mut expected: Vec<(Tensor, Option<Tensor>)> = scales
+            .iter()
+            .map(|&scale| (start(scale * 0.05), None))
+            .collect();
+        for _ in 0..3 {
+            sgd.zero_grad();
+            let loss = parameters
+                .iter()
+                .zip(&fixed)
+                .map(|(p, g)| (p * g).sum(Kind::Float))
+                .reduce(|a, b| a + b)
+                .unwrap();
+            loss.backward();
+            sgd.step(lr);
+            for ((p, buffer), (g, scale)) in expected.iter_mut().zip(fixed.iter().zip(scales)) {
+                let direction = g.to_kind(Kind::Double) + &*p * weight_decay;
+                let next = match buffer.take() {
+                    Some(b) => b * momentum + direction,
+                    None => direction,
+                };
+                *p = &*p - &next * (lr * scale);
+                *buffer = Some(next);
+            }
+        }
+        for (p, (want, _)) in parameters.iter().zip(&expected) {
+            let diff = (p.to_kind(Kind::Double) - want)
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(diff < 1e-5, "max |p - expected| = {diff}");
+        }
     }
 
     #[test]
