@@ -119,6 +119,13 @@ impl Backbone {
             .collect()
     }
 
+    /// How far around a position stage `index`'s output reads its input (see `Stage::reach`):
+    /// 12 for PFENet's ResNet layer4 (three 3×3 convolutions at dilation 4). `None` where the
+    /// stage changes the size or is not made of residual blocks (stems, VGG).
+    pub fn layer_reach(&self, index: usize) -> Option<i64> {
+        self.stages[index].reach()
+    }
+
     /// Runs stage `index` (0..=4). `bn_train`: BatchNorm in training mode (false with fix_bn).
     pub fn forward_layer(&self, index: usize, x: &Tensor, bn_train: bool) -> Tensor {
         self.stages[index].forward(x, bn_train)

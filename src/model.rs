@@ -162,15 +162,64 @@ impl PfeNet {
         let feat3 = layer(3, &feat2);
         let layer3_size = [feat3.size()[2], feat3.size()[3]];
         let mask = mask.map(|mask| head::resize(mask, layer3_size));
-        let layer4_input = match &mask {
+        let feat4 = match &mask {
             // The mask in the features' dtype (bf16 under autocast: GPU-NOTES 10).
-            Some(mask) => &feat3 * mask.to_kind(feat3.kind()),
-            None => feat3.shallow_clone(),
+            Some(mask) => {
+                self.masked_layer4(&(&feat3 * mask.to_kind(feat3.kind())), mask, bn_train)
+            }
+            None => layer(4, &feat3),
         };
-        let feat4 = layer(4, &layer4_input);
         // VGG's layer2 is at twice layer3's resolution; ResNet's already matches.
         let mid = Tensor::cat(&[feat3, head::resize(&feat2, layer3_size)], 1);
         (mid, feat4, mask)
+    }
+
+    /// Layer4 of a support's masked layer3 features `input`, where only its values under `mask`
+    /// (`[B, 1, h, w]`, layer3's size) matter: the prior multiplies the rest by 0. On the CPU, for
+    /// a size-keeping layer4 (PFENet's dilated ResNet) with frozen BatchNorm, each support's
+    /// layer4 runs on the mask's bounding box widened by the stage's reach (12 positions), which
+    /// gives the uncropped values on the box, and the rest is zero; a support without foreground
+    /// gets zeros. Same prior and gradients, less work for supports whose object does not span
+    /// the map (none for the benchmark's half-image square at 233, a fifth of the support's
+    /// layer4 at 473). Elsewhere (GPU: the box is read back to the host; VGG; BatchNorm in
+    /// training mode, whose batch statistics see every position) the whole map, as PFENet.
+    fn masked_layer4(&self, input: &Tensor, mask: &Tensor, bn_train: bool) -> Tensor {
+        let whole = |x: &Tensor| self.backbone.forward_layer(4, x, bn_train);
+        let reach = match self.backbone.layer_reach(4) {
+            Some(reach) if !bn_train && input.device() == tch::Device::Cpu => reach,
+            _ => return whole(input),
+        };
+        let [_, _, height, width] = input.size()[..] else {
+            unreachable!("layer3 features are [B, C, h, w]")
+        };
+        let boxes: Vec<Option<[i64; 4]>> = (0..input.size()[0])
+            .map(|b| foreground_box(&mask.get(b).get(0), reach))
+            .collect();
+        if boxes.iter().all(|b| *b == Some([0, height, 0, width])) {
+            return whole(input);
+        }
+        let channels = self.backbone.out_channels()[4];
+        let samples: Vec<Tensor> =
+            boxes
+                .iter()
+                .enumerate()
+                .map(|(b, bounds)| {
+                    let sample = input.narrow(0, b as i64, 1);
+                    match *bounds {
+                        None => Tensor::zeros(
+                            [1, channels, height, width],
+                            (input.kind(), input.device()),
+                        ),
+                        Some([top, bottom, left, right]) => whole(
+                            &sample
+                                .narrow(2, top, bottom - top)
+                                .narrow(3, left, right - left),
+                        )
+                        .constant_pad_nd([left, width - right, top, height - bottom]),
+                    }
+                })
+                .collect();
+        Tensor::cat(&samples, 0)
     }
 
     /// Cross-entropy of the main logits (ignore 255) and the mean of the bins' cross-entropies,
@@ -198,6 +247,25 @@ impl PfeNet {
 
 fn cross_entropy(logits: &Tensor, label: &Tensor) -> Tensor {
     logits.cross_entropy_loss::<Tensor>(label, None, Reduction::Mean, i64::from(IGNORE_LABEL), 0.0)
+}
+
+/// The rows `[top, bottom)` and columns `[left, right)` of `mask` `[h, w]`'s positions above 0,
+/// widened by `reach` on every side within the map; `None` when nothing is above 0.
+fn foreground_box(mask: &Tensor, reach: i64) -> Option<[i64; 4]> {
+    let above = mask.gt(0.0);
+    let span = |dim: i64| -> Option<(i64, i64)> {
+        let present =
+            Vec::<bool>::try_from(above.any_dim(dim, false)).expect("a boolean vector reads back");
+        let first = present.iter().position(|&p| p)? as i64;
+        let last = present.iter().rposition(|&p| p)? as i64;
+        Some((
+            (first - reach).max(0),
+            (last + 1 + reach).min(present.len() as i64),
+        ))
+    };
+    let (top, bottom) = span(1)?;
+    let (left, right) = span(0)?;
+    Some([top, bottom, left, right])
 }
 
 /// Freezes every variable of `vs` but those `trainable` names and returns those, by name in name
@@ -294,6 +362,85 @@ mod tests {
                 assert_eq!(aux, [vec![batch, 2, 8, 8], vec![batch, 2, 4, 4]]);
             }
         }
+    }
+
+    #[test]
+    fn foreground_box_is_widened_within_the_map() {
+        let mask = Tensor::zeros([5, 6], OPTS);
+        assert_eq!(foreground_box(&mask, 1), None);
+        let _ = mask.get(1).get(4).fill_(0.25);
+        assert_eq!(foreground_box(&mask, 1), Some([0, 3, 3, 6]));
+        let _ = mask.get(4).get(0).fill_(1.0);
+        assert_eq!(foreground_box(&mask, 0), Some([1, 5, 0, 5]));
+    }
+
+    /// Layer4 on each support's mask box (the CPU path) against layer4 on the whole map: the same
+    /// values under the mask and the same `vector_S` gradients, for a small object, no object and
+    /// an object covering the map in one batch; outside its box the small object's output is 0.
+    #[test]
+    fn support_layer4_on_the_mask_box_equals_the_whole_map_under_the_mask() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = PfeNet::new(&vs.root(), &tiny(true)).unwrap();
+        let trainable = freeze_all_but(&vs, |n| svf::is_trainable(n, true));
+        // ResNet-18's layer4: two blocks of two 3×3 convolutions at dilation 4.
+        let reach = model
+            .backbone
+            .layer_reach(4)
+            .expect("a dilated ResNet layer4");
+        assert_eq!(reach, 16);
+        assert_eq!(model.backbone.layer_reach(0), None, "the stem pools");
+        let size = 2 * reach + 8;
+        let channels = model.backbone.out_channels()[3];
+        let input = Tensor::randn([3, channels, size, size], OPTS);
+        let mask = Tensor::zeros([3, 1, size, size], OPTS);
+        let _ = mask
+            .get(0)
+            .get(0)
+            .narrow(0, 2, 3)
+            .narrow(1, 4, 2)
+            .fill_(0.5);
+        let _ = mask.get(2).fill_(1.0);
+        let weights = Tensor::randn([3, model.backbone.out_channels()[4], size, size], OPTS);
+        let run = |boxed: bool| {
+            for (_, t) in &trainable {
+                t.shallow_clone().zero_grad();
+            }
+            let out = if boxed {
+                model.masked_layer4(&input, &mask, false)
+            } else {
+                model.backbone.forward_layer(4, &input, false)
+            };
+            (&out * &mask * &weights).sum(Kind::Float).backward();
+            let grads: Vec<Tensor> = trainable
+                .iter()
+                .filter(|(name, _)| name.starts_with("layer4."))
+                .map(|(_, t)| t.grad().copy())
+                .collect();
+            (out.detach(), grads)
+        };
+        let (boxed, boxed_grads) = run(true);
+        let (whole, whole_grads) = run(false);
+        let relative = |a: &Tensor, b: &Tensor| {
+            let scale = b.abs().max().double_value(&[]).max(1e-12);
+            (a - b).abs().max().double_value(&[]) / scale
+        };
+        assert!(relative(&(&boxed * &mask), &(&whole * &mask)) < 1e-5);
+        assert!(!whole_grads.is_empty());
+        for (a, b) in boxed_grads.iter().zip(&whole_grads) {
+            assert!(relative(a, b) < 1e-4, "vector_S gradient");
+        }
+        // Rows below the small object's box (its last row 4, plus the reach) and the empty
+        // support were never computed.
+        let below = |t: &Tensor| {
+            t.get(0)
+                .narrow(1, 5 + reach, size - 5 - reach)
+                .abs()
+                .max()
+                .double_value(&[])
+        };
+        assert_eq!(below(&boxed), 0.0);
+        assert!(below(&whole) > 0.0);
+        assert_eq!(boxed.get(1).abs().max().double_value(&[]), 0.0);
     }
 
     #[test]

@@ -188,6 +188,19 @@ impl Conv2d {
         }
     }
 
+    /// How far around a position its output reads the input (`dilation·(kernel/2)`), when the
+    /// convolution keeps the size: stride 1 and that much padding. `None` otherwise.
+    fn reach(&self) -> Option<i64> {
+        let (geometry, kernel) = match self {
+            Conv2d::Full {
+                weight, geometry, ..
+            } => (*geometry, weight.size()[2]),
+            Conv2d::Svd(svd) => (svd.geometry, svd.conv_v.size()[2]),
+        };
+        let reach = geometry.dilation * (kernel / 2);
+        (geometry.stride == 1 && geometry.padding == reach).then_some(reach)
+    }
+
     /// Stride, padding and dilation (of `conv_V` in SVD form; `conv_U` is always plain).
     #[cfg(test)]
     pub(crate) fn geometry(&self) -> ConvGeometry {
@@ -379,6 +392,18 @@ impl ResidualBlock {
         ResidualBlock { convs, downsample }
     }
 
+    /// How far around a position the block's output reads its input: the main path's reaches
+    /// added up (the shortcut, a 1×1 or nothing, reads no further). `None` unless every
+    /// convolution keeps the size.
+    fn reach(&self) -> Option<i64> {
+        let shortcut_keeps_size = match &self.downsample {
+            Some((conv, _)) => conv.reach() == Some(0),
+            None => true,
+        };
+        let main: Option<i64> = self.convs.iter().map(|(conv, _)| conv.reach()).sum();
+        main.filter(|_| shortcut_keeps_size)
+    }
+
     /// The geometry of the block's main-path convolutions (`conv1`, `conv2`, ...) in order.
     #[cfg(test)]
     pub(crate) fn conv_geometries(&self) -> Vec<ConvGeometry> {
@@ -473,6 +498,20 @@ impl<'a> Sequential<'a> {
 }
 
 impl Stage {
+    /// How far (in positions) around a position the stage's output reads its input, for a stage
+    /// of size-keeping residual blocks (PFENet's dilated layer3 and layer4): outputs more than
+    /// that far inside a crop of the input equal the uncropped stage's. `None` for stems, VGG
+    /// stages and strided blocks.
+    pub(crate) fn reach(&self) -> Option<i64> {
+        self.units
+            .iter()
+            .map(|unit| match unit {
+                Unit::Block(block) => block.reach(),
+                _ => None,
+            })
+            .sum()
+    }
+
     /// The residual blocks of the stage, in order (none in a stem or VGG stage).
     #[cfg(test)]
     pub(crate) fn blocks(&self) -> impl Iterator<Item = &ResidualBlock> {
