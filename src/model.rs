@@ -154,6 +154,7 @@ impl PfeNet {
     ) -> (Tensor, Tensor, Option<Tensor>) {
         let bn_train = train && self.bn_train_when_training;
         let layer = |index: usize, x: &Tensor| self.backbone.forward_layer(index, x, bn_train);
+        let layer4 = |x: &Tensor| layer(4, x);
         // Frozen weights do not require gradients (see `train::trainable_parameters`), so autograd
         // records nothing before the first trainable `vector_S` (layer2 with SVF; never without
         // it, as PFENet's no_grad backbone) and keeps no activations for layer0..1.
@@ -164,62 +165,18 @@ impl PfeNet {
         let mask = mask.map(|mask| head::resize(mask, layer3_size));
         let feat4 = match &mask {
             // The mask in the features' dtype (bf16 under autocast: GPU-NOTES 10).
-            Some(mask) => {
-                self.masked_layer4(&(&feat3 * mask.to_kind(feat3.kind())), mask, bn_train)
-            }
-            None => layer(4, &feat3),
+            Some(mask) => support_layer4(
+                &self.backbone,
+                &layer4,
+                &(&feat3 * mask.to_kind(feat3.kind())),
+                mask,
+                !bn_train,
+            ),
+            None => layer4(&feat3),
         };
         // VGG's layer2 is at twice layer3's resolution; ResNet's already matches.
         let mid = Tensor::cat(&[feat3, head::resize(&feat2, layer3_size)], 1);
         (mid, feat4, mask)
-    }
-
-    /// Layer4 of a support's masked layer3 features `input`, where only its values under `mask`
-    /// (`[B, 1, h, w]`, layer3's size) matter: the prior multiplies the rest by 0. On the CPU, for
-    /// a size-keeping layer4 (PFENet's dilated ResNet) with frozen BatchNorm, each support's
-    /// layer4 runs on the mask's bounding box widened by the stage's reach (12 positions), which
-    /// gives the uncropped values on the box, and the rest is zero; a support without foreground
-    /// gets zeros. Same prior and gradients, less work for supports whose object does not span
-    /// the map (none for the benchmark's half-image square at 233, a fifth of the support's
-    /// layer4 at 473). Elsewhere (GPU: the box is read back to the host; VGG; BatchNorm in
-    /// training mode, whose batch statistics see every position) the whole map, as PFENet.
-    fn masked_layer4(&self, input: &Tensor, mask: &Tensor, bn_train: bool) -> Tensor {
-        let whole = |x: &Tensor| self.backbone.forward_layer(4, x, bn_train);
-        let reach = match self.backbone.layer_reach(4) {
-            Some(reach) if !bn_train && input.device() == tch::Device::Cpu => reach,
-            _ => return whole(input),
-        };
-        let [_, _, height, width] = input.size()[..] else {
-            unreachable!("layer3 features are [B, C, h, w]")
-        };
-        let boxes: Vec<Option<[i64; 4]>> = (0..input.size()[0])
-            .map(|b| foreground_box(&mask.get(b).get(0), reach))
-            .collect();
-        if boxes.iter().all(|b| *b == Some([0, height, 0, width])) {
-            return whole(input);
-        }
-        let channels = self.backbone.out_channels()[4];
-        let samples: Vec<Tensor> =
-            boxes
-                .iter()
-                .enumerate()
-                .map(|(b, bounds)| {
-                    let sample = input.narrow(0, b as i64, 1);
-                    match *bounds {
-                        None => Tensor::zeros(
-                            [1, channels, height, width],
-                            (input.kind(), input.device()),
-                        ),
-                        Some([top, bottom, left, right]) => whole(
-                            &sample
-                                .narrow(2, top, bottom - top)
-                                .narrow(3, left, right - left),
-                        )
-                        .constant_pad_nd([left, width - right, top, height - bottom]),
-                    }
-                })
-                .collect();
-        Tensor::cat(&samples, 0)
     }
 
     /// Cross-entropy of the main logits (ignore 255) and the mean of the bins' cross-entropies,
@@ -247,6 +204,52 @@ impl PfeNet {
 
 fn cross_entropy(logits: &Tensor, label: &Tensor) -> Tensor {
     logits.cross_entropy_loss::<Tensor>(label, None, Reduction::Mean, i64::from(IGNORE_LABEL), 0.0)
+}
+
+/// Layer4 of a support's masked layer3 features `input`, where only its values under `mask`
+/// (`[B, 1, h, w]`, layer3's size) matter: the prior multiplies the rest by 0. `layer4` runs
+/// `backbone`'s layer4 (or a copy's). On the CPU, for a size-keeping layer4 (the dilated ResNet),
+/// with `boxed` (BatchNorm frozen: training-mode statistics would see every position), each
+/// support's layer4 runs on the mask's bounding box widened by the stage's reach (12 positions for
+/// ResNet-50), which gives the uncropped values on the box, and the rest is zero; a support without
+/// foreground gets zeros. Same prior and gradients, less work for supports whose object does not
+/// span the map. Elsewhere (GPU: the box would be read back to the host; VGG) the whole map.
+pub(crate) fn support_layer4(
+    backbone: &Backbone,
+    layer4: &impl Fn(&Tensor) -> Tensor,
+    input: &Tensor,
+    mask: &Tensor,
+    boxed: bool,
+) -> Tensor {
+    let reach = match backbone.layer_reach(4) {
+        Some(reach) if boxed && input.device() == tch::Device::Cpu => reach,
+        _ => return layer4(input),
+    };
+    let [_, _, height, width] = input.size()[..] else {
+        unreachable!("layer3 features are [B, C, h, w]")
+    };
+    let boxes: Vec<Option<[i64; 4]>> = (0..input.size()[0])
+        .map(|b| foreground_box(&mask.get(b).get(0), reach))
+        .collect();
+    if boxes.iter().all(|b| *b == Some([0, height, 0, width])) {
+        return layer4(input);
+    }
+    let channels = backbone.out_channels()[4];
+    let samples: Vec<Tensor> = boxes
+        .iter()
+        .enumerate()
+        .map(|(b, bounds)| match *bounds {
+            None => Tensor::zeros([1, channels, height, width], (input.kind(), input.device())),
+            Some([top, bottom, left, right]) => layer4(
+                &input
+                    .narrow(0, b as i64, 1)
+                    .narrow(2, top, bottom - top)
+                    .narrow(3, left, right - left),
+            )
+            .constant_pad_nd([left, width - right, top, height - bottom]),
+        })
+        .collect();
+    Tensor::cat(&samples, 0)
 }
 
 /// The rows `[top, bottom)` and columns `[left, right)` of `mask` `[h, w]`'s positions above 0,
@@ -406,7 +409,8 @@ mod tests {
                 t.shallow_clone().zero_grad();
             }
             let out = if boxed {
-                model.masked_layer4(&input, &mask, false)
+                let layer4 = |x: &Tensor| model.backbone.forward_layer(4, x, false);
+                support_layer4(&model.backbone, &layer4, &input, &mask, true)
             } else {
                 model.backbone.forward_layer(4, &input, false)
             };
@@ -602,9 +606,13 @@ mod tests {
                 assert!(name.starts_with("inner_cls"), "{name} got no gradient");
                 continue;
             }
+            // The layouts sum in different orders (and oneDNN splits its reductions by the
+            // threads free at the time), and a `vector_S` gradient is a sum over every position
+            // that can cancel to a small fraction of its terms: 1e-3 of the largest entry (a
+            // layout mix-up differs by the whole value; 1e-4 failed once in a parallel test run).
             let scale = a.grad().abs().max().double_value(&[]).max(1e-12);
             let diff = (a.grad() - b.grad()).abs().max().double_value(&[]);
-            assert!(diff < 1e-4 * scale, "{name}: {diff} of {scale}");
+            assert!(diff < 1e-3 * scale, "{name}: {diff} of {scale}");
         }
     }
 }

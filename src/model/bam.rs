@@ -433,11 +433,15 @@ impl Bam {
         let feat2 = self.meta_layer(2, &self.meta_layer(1, &self.meta_layer(0, images)));
         let feat3 = self.meta_layer(3, &feat2);
         let size = [feat3.size()[2], feat3.size()[3]];
-        let layer4_input = match mask {
-            Some(mask) => &feat3 * resize(mask, size),
-            None => feat3.shallow_clone(),
+        let layer4 = |x: &Tensor| self.meta_layer(4, x);
+        let high = match mask {
+            Some(mask) => {
+                let mask = resize(mask, size);
+                let backbone = self.meta_backbone.as_ref().unwrap_or(&self.base.backbone);
+                super::support_layer4(backbone, &layer4, &(&feat3 * &mask), &mask, true)
+            }
+            None => layer4(&feat3),
         };
-        let high = self.meta_layer(4, &layer4_input);
         let low = resize(&feat2, size);
         MetaFeatures {
             mid: Tensor::cat(&[&feat3, &low], 1),
