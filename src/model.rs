@@ -430,8 +430,9 @@ mod tests {
         };
         assert!(relative(&(&boxed * &mask), &(&whole * &mask)) < 1e-5);
         assert!(!whole_grads.is_empty());
+        // Gradients: sums over positions in another order (see the channels-last test), 1e-3.
         for (a, b) in boxed_grads.iter().zip(&whole_grads) {
-            assert!(relative(a, b) < 1e-4, "vector_S gradient");
+            assert!(relative(a, b) < 1e-3, "vector_S gradient");
         }
         // Rows below the small object's box (its last row 4, plus the reach) and the empty
         // support were never computed.

@@ -68,8 +68,8 @@ impl Sgd {
     /// One update at base learning rate `lr` (each parameter uses `lr * lr_scale`):
     /// `d = g + wd * p; buf = momentum * buf + d` (the first step `buf = d`); `p -= lr * buf`.
     /// Parameters without a gradient are skipped, as in PyTorch. `d` is formed in the gradient's
-    /// storage and `p` updated by one fused multiply-add, without temporaries (the update streams
-    /// each head weight three times fewer; the gradient is consumed, as the next step zeroes it).
+    /// storage and `p` updated by one fused multiply-add: no temporaries, four fewer passes over
+    /// each parameter's memory (the gradient is consumed; the next step zeroes it anyway).
     pub fn step(&mut self, lr: f64) {
         let (momentum, weight_decay) = (self.momentum, self.weight_decay);
         tch::no_grad(|| {
