@@ -1,10 +1,12 @@
 //! Embeds an rpath to libtorch and forces `libtorch_cuda.so` into the link, so that binaries start
 //! without `LD_LIBRARY_PATH` and `tch::Cuda::is_available()` sees the GPU (the default
 //! `--as-needed` link drops the CUDA library because no symbol of it is referenced directly).
-use std::path::PathBuf;
+//! Also compiles `src/backbone/onednn.cpp`, the bridge to oneDNN's prepacked convolution.
+use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo::rustc-check-cfg=cfg(svf_onednn)");
     let Some(libtorch) = std::env::var_os("LIBTORCH") else {
         println!("cargo:rustc-env=SVF_LIBTORCH_VERSION=unknown");
         return;
@@ -23,6 +25,41 @@ fn main() {
         println!("cargo:rustc-link-search=native={}", lib.display());
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+    compile_onednn_bridge(&libtorch);
+}
+
+/// Builds the C++ bridge against the libtorch headers (the flags torch-sys uses for its own C++)
+/// and turns on `cfg(svf_onednn)`; without libtorch headers the plain convolution is used.
+fn compile_onednn_bridge(libtorch: &Path) {
+    let source = "src/backbone/onednn.cpp";
+    println!("cargo:rerun-if-changed={source}");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let include = libtorch.join("include");
+    if !include.join("ATen/core/dispatch/Dispatcher.h").exists() {
+        println!(
+            "cargo:warning=no libtorch headers under {}: oneDNN's prepacked convolution is off",
+            include.display()
+        );
+        return;
+    }
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
+    cc::Build::new()
+        .cpp(true)
+        .file(source)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .warnings(false)
+        .compile("svf_onednn");
+    println!(
+        "cargo:rustc-link-search=native={}",
+        libtorch.join("lib").display()
+    );
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-cfg=svf_onednn");
 }
 
 /// The version recorded by the PyPI wheel (`version.py`) or a libtorch zip (`build-version`).

@@ -5,6 +5,7 @@
 //! every stage is a sequence whose positions are the names, as in PyTorch.
 
 mod layers;
+pub(crate) mod onednn;
 mod resnet;
 mod vgg;
 mod weights;

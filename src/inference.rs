@@ -82,15 +82,22 @@ pub fn load_model(
     if fuse && config.svf {
         Ok(self::fuse(&vs, config)?)
     } else {
-        crate::model::channels_last_on_cpu(&vs, |_| true);
+        for_inference(&vs);
         Ok((vs, model))
     }
 }
 
+/// Lays an inference model's variables out for the CPU's convolutions
+/// ([`crate::model::channels_last_on_cpu`]) and freezes them all: nothing trains it, and frozen
+/// convolutions run with their weights prepacked for oneDNN on the CPU.
+fn for_inference(vs: &nn::VarStore) {
+    crate::model::channels_last_on_cpu(vs, |_| true);
+    let _ = crate::model::freeze_all_but(vs, |_| false);
+}
+
 /// The SVF model held in `vs` with its SVD convolutions folded back into full-rank weights
 /// (`svf::recompose`), built full-rank on the same device: the same function, one convolution
-/// per layer instead of two, for inference (channels-last on the CPU, see
-/// [`crate::model::channels_last_on_cpu`]). For BAM+SVF the meta branch's copy is folded; the
+/// per layer instead of two, for inference (frozen, channels-last on the CPU). For BAM+SVF the meta branch's copy is folded; the
 /// base learner is full-rank already.
 pub fn fuse(
     vs: &nn::VarStore,
@@ -101,7 +108,7 @@ pub fn fuse(
     let fused = FewShotModel::fused(&fused_vs.root(), config)?;
     crate::model::copy_into(&fused_vs, &full, Path::new("the recomposed model"))
         .expect("recomposing an SVF model gives exactly the full-rank model's variables");
-    crate::model::channels_last_on_cpu(&fused_vs, |_| true);
+    for_inference(&fused_vs);
     Ok((fused_vs, fused))
 }
 
@@ -172,7 +179,7 @@ mod tests {
     }
 
     #[test]
-    fn cpu_inference_models_are_channels_last_and_compute_the_same_logits() {
+    fn cpu_inference_models_are_channels_last_frozen_and_compute_the_same_logits() {
         let dir = std::env::temp_dir().join(format!("svf-inference-cl-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let opts = (Kind::Float, Device::Cpu);
@@ -195,6 +202,13 @@ mod tests {
             let reference = FewShotModel::new(&vs.root(), &config, Init::Random).unwrap();
             let path = dir.join("weights.safetensors");
             Tensor::write_safetensors(&crate::model::model_weights(&vs), &path).unwrap();
+            // Tracking gradients, the reference runs libtorch's convolutions, BatchNorm folded in
+            // the graph; the loaded models are frozen and run oneDNN's prepacked ones.
+            for variable in vs.variables().into_values() {
+                if variable.kind() == Kind::Float {
+                    let _ = variable.set_requires_grad(true);
+                }
+            }
             let query = Tensor::randn([1, 3, 65, 65], opts);
             let supports = Tensor::randn([1, 1, 3, 65, 65], opts);
             let labels = Tensor::randint(2, [1, 1, 65, 65], (Kind::Int64, Device::Cpu));
@@ -208,6 +222,7 @@ mod tests {
                     .collect();
                 assert!(!convs.is_empty());
                 assert!(convs.iter().all(|v| v.stride()[1] == 1), "NHWC strides");
+                assert!(loaded_vs.variables().values().all(|v| !v.requires_grad()));
                 let logits = inference_logits(&loaded, &config, &query, &supports, &labels);
                 let scale = expected.abs().max().double_value(&[]);
                 let diff = (&logits - &expected).abs().max().double_value(&[]);

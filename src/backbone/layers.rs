@@ -3,6 +3,7 @@
 
 use tch::{nn, Kind, Tensor};
 
+use super::onednn::{Epilogue, PackCache};
 use crate::svf::{self, ConvGeometry, SvdConv2d, SvdFactors, SvfOptions};
 
 /// Where variables are created: a var-store path plus the name relative to the backbone root,
@@ -221,15 +222,23 @@ impl Conv2d {
         }
     }
 
-    /// `bn(conv(x))`. With BatchNorm in eval mode (`fix_bn`, evaluation) the BatchNorm is folded
-    /// into the convolution at use time (issue 14): its per-channel `scale·y + shift` scales the
-    /// output rows of the weight (`conv_U`'s in SVD form, which comes after `vector_S`, so the fold is
-    /// exact) and becomes the bias. The variables keep their values and names; the fold is part of the
-    /// forward graph, so gradients reach `vector_S` (and any trainable weight) as before, and no
-    /// activation is kept for a BatchNorm backward.
-    pub(crate) fn forward_bn(&self, x: &Tensor, bn: &BatchNorm2d, bn_train: bool) -> Tensor {
+    /// `epilogue(bn(conv(x)))`. With BatchNorm in eval mode (`fix_bn`, evaluation) the BatchNorm
+    /// is folded into the convolution at use time (issue 14): its per-channel `scale·y + shift`
+    /// scales the output rows of the weight (`conv_U`'s in SVD form, which comes after `vector_S`,
+    /// so the fold is exact) and becomes the bias. The variables keep their values and names; the
+    /// fold is part of the forward graph, so gradients reach `vector_S` (and any trainable weight)
+    /// as before, and no activation is kept for a BatchNorm backward. Where nothing tracks
+    /// gradients on the CPU the folded weight is also prepacked for oneDNN ([`PackCache`]), with
+    /// the epilogue fused into the convolution.
+    pub(crate) fn forward_bn(
+        &self,
+        x: &Tensor,
+        bn: &BatchNorm2d,
+        bn_train: bool,
+        epilogue: Epilogue,
+    ) -> Tensor {
         if bn_train {
-            return bn.forward(&self.forward(x), true);
+            return epilogue.apply(bn.forward(&self.forward(x), true));
         }
         match self {
             Conv2d::Full {
@@ -238,13 +247,15 @@ impl Conv2d {
                 geometry,
             } => {
                 let (weight, bias) = bn.fold(weight, bias.as_ref());
-                geometry.conv2d(x, &weight, Some(&bias))
+                bn.folded_packed
+                    .conv2d(x, &weight, Some(&bias), *geometry, epilogue)
             }
             Conv2d::Svd(svd) => {
                 let h = svd.geometry.conv2d(x, &svd.conv_v, None);
                 let h = &h * svd.vector_s.to_kind(h.kind()); // as in `SvdConv2d::forward`
                 let (weight, bias) = bn.fold(&svd.conv_u, svd.conv_u_bias.as_ref());
-                ConvGeometry::PLAIN.conv2d(&h, &weight, Some(&bias))
+                bn.folded_packed
+                    .conv2d(&h, &weight, Some(&bias), ConvGeometry::PLAIN, epilogue)
             }
         }
     }
@@ -264,6 +275,8 @@ pub(crate) struct BatchNorm2d {
     num_batches_tracked: Tensor,
     /// [`BatchNorm2d::fold`]'s last frozen result: (key, weight, bias).
     folded: std::sync::Mutex<Option<FoldedConv>>,
+    /// The folded weight prepacked for oneDNN, for frozen use on the CPU.
+    folded_packed: PackCache,
 }
 
 type FoldedConv = (Vec<i64>, Tensor, Tensor);
@@ -281,6 +294,7 @@ impl BatchNorm2d {
                 Tensor::zeros([], (Kind::Int64, scope.device())),
             ),
             folded: std::sync::Mutex::new(None),
+            folded_packed: PackCache::default(),
         }
     }
 
@@ -416,24 +430,23 @@ impl ResidualBlock {
         self.downsample.as_ref().map(|(conv, _)| conv.geometry())
     }
 
+    /// `relu(main(x) + shortcut(x))`, the ReLUs in place as the reference's ReLU(inplace=True):
+    /// conv and BatchNorm keep no output for their backward.
     pub(crate) fn forward(&self, x: &Tensor, bn_train: bool) -> Tensor {
+        let shortcut = match &self.downsample {
+            Some((conv, bn)) => conv.forward_bn(x, bn, bn_train, Epilogue::NONE),
+            None => x.shallow_clone(),
+        };
         let mut h = x.shallow_clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            h = conv.forward_bn(&h, bn, bn_train);
-            if i < last {
-                // In place, as the reference's ReLU(inplace=True): conv and BatchNorm keep no
-                // output for their backward.
-                let _ = h.relu_();
-            }
+            let epilogue = Epilogue {
+                add: (i == last).then_some(&shortcut),
+                relu: true,
+            };
+            h = conv.forward_bn(&h, bn, bn_train, epilogue);
         }
-        let shortcut = match &self.downsample {
-            Some((conv, bn)) => conv.forward_bn(x, bn, bn_train),
-            None => x.shallow_clone(),
-        };
-        let mut out = h + shortcut;
-        let _ = out.relu_();
-        out
+        h
     }
 }
 
@@ -529,7 +542,12 @@ impl Stage {
                 Unit::Conv(conv) => match units.peek() {
                     Some(Unit::BatchNorm(bn)) => {
                         units.next();
-                        conv.forward_bn(&h, bn, bn_train)
+                        let relu = matches!(units.peek(), Some(Unit::Relu));
+                        if relu {
+                            units.next();
+                        }
+                        let epilogue = Epilogue { add: None, relu };
+                        conv.forward_bn(&h, bn, bn_train, epilogue)
                     }
                     _ => conv.forward(&h),
                 },
@@ -622,7 +640,7 @@ mod fold_tests {
                     svd.vector_s.shallow_clone().zero_grad();
                 }
                 let y = if folded {
-                    conv.forward_bn(&x, &bn, false)
+                    conv.forward_bn(&x, &bn, false, Epilogue::NONE)
                 } else {
                     bn.forward(&conv.forward(&x), false)
                 };
@@ -652,9 +670,9 @@ mod fold_tests {
         let conv = Conv2d::new(&stage.sub("c").sub("conv"), ConvSpec::new(8, 4, 3));
         let bn = BatchNorm2d::new(&stage.sub("c").sub("bn"), 4);
         let x = Tensor::randn([1, 8, 7, 7], (Kind::Float, Device::Cpu));
-        let first = conv.forward_bn(&x, &bn, false);
+        let first = conv.forward_bn(&x, &bn, false, Epilogue::NONE);
         assert!(bn.folded.lock().unwrap().is_some());
-        let again = conv.forward_bn(&x, &bn, false);
+        let again = conv.forward_bn(&x, &bn, false, Epilogue::NONE);
         assert_eq!(max_rel_diff(&again, &first), 0.0);
         tch::no_grad(|| {
             let var = Tensor::rand([4], (Kind::Float, Device::Cpu)) + 0.1;
@@ -663,7 +681,7 @@ mod fold_tests {
                 svd.conv_u.shallow_clone().copy_(&(&svd.conv_u * 2.0));
             }
         });
-        let changed = conv.forward_bn(&x, &bn, false);
+        let changed = conv.forward_bn(&x, &bn, false, Epilogue::NONE);
         let reference = bn.forward(&conv.forward(&x), false);
         assert!(max_rel_diff(&changed, &reference) < 1e-5);
         assert!(max_rel_diff(&changed, &first) > 1e-3);
@@ -674,6 +692,7 @@ mod fold_tests {
             &Tensor::randn([2, 8, 5, 5], (Kind::Float, Device::Cpu)),
             &bn,
             true,
+            Epilogue::NONE,
         );
         assert_eq!(i64::try_from(&bn.num_batches_tracked).unwrap(), 1);
         assert!(bn.running_mean.abs().sum(Kind::Float).double_value(&[]) > 0.0);

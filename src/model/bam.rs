@@ -28,8 +28,9 @@ use crate::backbone::{Backbone, Init};
 use crate::config::Config;
 use crate::data::segmentation::BaseClassMap;
 use crate::data::IGNORE_LABEL;
+use crate::svf::ConvGeometry;
 
-use super::head::{conv, prior_mask, resize, weighted_gap};
+use super::head::{conv, prior_mask, resize, weighted_gap, HeadConv};
 use super::pspnet::{base_learner_classes, PspNet};
 use super::ModelError;
 
@@ -48,8 +49,8 @@ pub const KSHOT_TRANS_DIM: i64 = 2;
 /// conv with bias and ReLU, concatenated (5·d channels). Weights kaiming-normal as BAM's
 /// `_init_weight`.
 struct Aspp {
-    global: nn::Conv2D,
-    branches: Vec<nn::Conv2D>,
+    global: HeadConv,
+    branches: Vec<HeadConv>,
 }
 
 impl Aspp {
@@ -57,7 +58,7 @@ impl Aspp {
         let make = |name: &str, kernel: i64, dilation: i64| {
             let fan_in = (d * kernel * kernel) as f64;
             let bound = 1.0 / fan_in.sqrt();
-            nn::conv2d(
+            let conv = nn::conv2d(
                 &p / name / "0",
                 d,
                 d,
@@ -76,7 +77,13 @@ impl Aspp {
                     },
                     ..Default::default()
                 },
-            )
+            );
+            let geometry = ConvGeometry {
+                stride: 1,
+                padding: dilation * (kernel / 2),
+                dilation,
+            };
+            HeadConv::new(conv, geometry)
         };
         let mut branches = vec![make("layer6_1", 1, 1)];
         for (i, &dilation) in ASPP_DILATIONS.iter().enumerate() {
@@ -92,11 +99,10 @@ impl Aspp {
         let size = x.size();
         let global = self
             .global
-            .forward(&x.mean_dim(&[2i64, 3][..], true, Kind::Float))
-            .relu()
+            .forward_relu(&x.mean_dim(&[2i64, 3][..], true, Kind::Float))
             .expand([-1, -1, size[2], size[3]], false);
         let mut outs = vec![global];
-        outs.extend(self.branches.iter().map(|b| b.forward(x).relu()));
+        outs.extend(self.branches.iter().map(|b| b.forward_relu(x)));
         Tensor::cat(&outs, 1)
     }
 }
@@ -132,8 +138,8 @@ pub fn gram_differences(query_low: &Tensor, supports_low: &[Tensor]) -> Tensor {
 /// BAM's K-shot reweighting map: a 1×1 conv over the K sorted Gram differences
 /// (`kshot_trans_dim` 0), or 1×1 conv to `kshot_trans_dim`, ReLU, 1×1 conv back to K.
 pub enum KShotReweighting {
-    Linear(nn::Conv2D),
-    Hidden(nn::Conv2D, nn::Conv2D),
+    Linear(HeadConv),
+    Hidden(HeadConv, HeadConv),
 }
 
 impl KShotReweighting {
@@ -151,7 +157,7 @@ impl KShotReweighting {
                     ..Default::default()
                 },
             );
-            KShotReweighting::Linear(linear)
+            KShotReweighting::Linear(HeadConv::new(linear, ConvGeometry::PLAIN))
         } else {
             KShotReweighting::Hidden(
                 conv(&p / "0", shots, trans_dim, 1, true),
@@ -167,7 +173,7 @@ impl KShotReweighting {
         let (_, back) = order.sort(1, false);
         let mapped = match self {
             KShotReweighting::Linear(c) => c.forward(&sorted),
-            KShotReweighting::Hidden(a, b) => b.forward(&a.forward(&sorted).relu()),
+            KShotReweighting::Hidden(a, b) => b.forward(&a.forward_relu(&sorted)),
         };
         mapped.gather(1, &back, false).softmax(1, Kind::Float)
     }
@@ -259,14 +265,14 @@ pub struct Bam {
     /// The meta branch's SVD-decomposed copy of the base backbone (BAM+SVF); `None`: the meta
     /// learner reads the base learner's backbone.
     pub meta_backbone: Option<Backbone>,
-    down_query: nn::Conv2D,
-    down_supp: nn::Conv2D,
-    init_merge: nn::Conv2D,
+    down_query: HeadConv,
+    down_supp: HeadConv,
+    init_merge: HeadConv,
     aspp: Aspp,
-    res1: nn::Conv2D,
-    res2: (nn::Conv2D, nn::Conv2D),
-    cls_hidden: nn::Conv2D,
-    cls_out: nn::Conv2D,
+    res1: HeadConv,
+    res2: (HeadConv, HeadConv),
+    cls_hidden: HeadConv,
+    cls_out: HeadConv,
     gram_merge: nn::Conv2D,
     cls_merge: nn::Conv2D,
     kshot: Option<KShotReweighting>,
@@ -522,7 +528,7 @@ impl Bam {
         train: bool,
     ) -> BamOutput {
         let down =
-            |c: &nn::Conv2D, x: &Tensor| c.forward(x).relu().feature_dropout(DOWN_DROPOUT, train);
+            |c: &HeadConv, x: &Tensor| c.forward_relu(x).feature_dropout(DOWN_DROPOUT, train);
         let query_feat = down(&self.down_query, &query.mid);
         let mid_size = [query_feat.size()[2], query_feat.size()[3]];
         let lows: Vec<Tensor> = supports.iter().map(|s| s.low.shallow_clone()).collect();
@@ -556,25 +562,16 @@ impl Bam {
         // [B, d, K, 1] weighted by [B, 1, K, 1].
         let prototype = (Tensor::cat(&prototypes, 2) * weights.permute([0, 2, 1, 3]))
             .sum_dim_intlist(&[2i64][..], true, Kind::Float);
-        let merged = self
-            .init_merge
-            .forward(&Tensor::cat(
-                &[&query_feat, &prototype.expand_as(&query_feat), &prior],
-                1,
-            ))
-            .relu();
-        let fused = self.res1.forward(&self.aspp.forward(&merged)).relu();
-        let refined = self
-            .res2
-            .1
-            .forward(&self.res2.0.forward(&fused).relu())
-            .relu()
-            + &fused;
+        let merged = self.init_merge.forward_relu(&Tensor::cat(
+            &[&query_feat, &prototype.expand_as(&query_feat), &prior],
+            1,
+        ));
+        let fused = self.res1.forward_relu(&self.aspp.forward(&merged));
+        let refined = self.res2.1.forward_relu(&self.res2.0.forward_relu(&fused)) + &fused;
         let meta = self.cls_out.forward(
             &self
                 .cls_hidden
-                .forward(&refined)
-                .relu()
+                .forward_relu(&refined)
                 .feature_dropout(CLS_DROPOUT, train),
         );
         let base = resize(base, mid_size);

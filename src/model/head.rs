@@ -6,6 +6,9 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
+use crate::backbone::onednn::{Epilogue, PackCache};
+use crate::svf::ConvGeometry;
+
 /// The head's top-level modules, i.e. the first component of every head parameter's name.
 pub const HEAD_MODULES: [&str; 9] = [
     "down_query",
@@ -63,13 +66,13 @@ pub struct HeadOutput {
 
 /// A convolution with PyTorch's default initialisation (`kaiming_uniform_(a=√5)`, i.e. weights
 /// and bias uniform in ±1/√fan_in), as PFENet's head gets it (and BAM's PSPNet and meta modules).
-pub(crate) fn conv(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, bias: bool) -> nn::Conv2D {
+pub(crate) fn conv(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, bias: bool) -> HeadConv {
     let bound = 1.0 / ((c_in * kernel * kernel) as f64).sqrt();
     let init = nn::Init::Uniform {
         lo: -bound,
         up: bound,
     };
-    nn::conv2d(
+    let conv = nn::conv2d(
         p,
         c_in,
         c_out,
@@ -81,13 +84,68 @@ pub(crate) fn conv(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, bias: bool) 
             bs_init: init,
             ..Default::default()
         },
+    );
+    HeadConv::new(
+        conv,
+        ConvGeometry {
+            stride: 1,
+            padding: kernel / 2,
+            dilation: 1,
+        },
     )
+}
+
+/// A head convolution: tch's `HeadConv` (PyTorch's variable names), run through oneDNN's
+/// prepacked kernel where it is frozen on the CPU (evaluation; issue 14).
+#[derive(Debug)]
+pub struct HeadConv {
+    conv: nn::Conv2D,
+    geometry: ConvGeometry,
+    packed: PackCache,
+}
+
+impl HeadConv {
+    /// `conv` with the stride, padding and dilation it was made with (tch keeps them private).
+    pub(crate) fn new(conv: nn::Conv2D, geometry: ConvGeometry) -> HeadConv {
+        HeadConv {
+            conv,
+            geometry,
+            packed: PackCache::default(),
+        }
+    }
+
+    /// `relu(conv(x))`, the ReLU fused into the convolution where it can be.
+    pub(crate) fn forward_relu(&self, x: &Tensor) -> Tensor {
+        self.forward_with(
+            x,
+            Epilogue {
+                add: None,
+                relu: true,
+            },
+        )
+    }
+
+    fn forward_with(&self, x: &Tensor, epilogue: Epilogue) -> Tensor {
+        self.packed.conv2d(
+            x,
+            &self.conv.ws,
+            self.conv.bs.as_ref(),
+            self.geometry,
+            epilogue,
+        )
+    }
+}
+
+impl Module for HeadConv {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_with(x, Epilogue::NONE)
+    }
 }
 
 /// `3×3 conv, ReLU, Dropout2d(0.1), 1×1 conv → 2` (PFENet's `cls` and `inner_cls` layout).
 struct Classifier {
-    hidden: nn::Conv2D,
-    out: nn::Conv2D,
+    hidden: HeadConv,
+    out: HeadConv,
 }
 
 impl Classifier {
@@ -102,8 +160,7 @@ impl Classifier {
         self.out.forward(
             &self
                 .hidden
-                .forward(x)
-                .relu()
+                .forward_relu(x)
                 .feature_dropout(CLS_DROPOUT, train),
         )
     }
@@ -111,8 +168,8 @@ impl Classifier {
 
 /// Two `3×3 conv, ReLU` (PFENet's `beta_conv` and `res2`).
 struct DoubleConv {
-    first: nn::Conv2D,
-    second: nn::Conv2D,
+    first: HeadConv,
+    second: HeadConv,
 }
 
 impl DoubleConv {
@@ -124,19 +181,19 @@ impl DoubleConv {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.second.forward(&self.first.forward(x).relu()).relu()
+        self.second.forward_relu(&self.first.forward_relu(x))
     }
 }
 
 /// The PFENet head.
 pub struct PfeHead {
-    down_query: nn::Conv2D,
-    down_supp: nn::Conv2D,
-    init_merge: Vec<nn::Conv2D>,
-    alpha_conv: Vec<nn::Conv2D>,
+    down_query: HeadConv,
+    down_supp: HeadConv,
+    init_merge: Vec<HeadConv>,
+    alpha_conv: Vec<HeadConv>,
     beta_conv: Vec<DoubleConv>,
     inner_cls: Vec<Classifier>,
-    res1: nn::Conv2D,
+    res1: HeadConv,
     res2: DoubleConv,
     cls: Classifier,
     bins: Vec<i64>,
@@ -187,8 +244,7 @@ impl PfeHead {
         );
         let query_feat = self
             .down_query
-            .forward(&query.mid)
-            .relu()
+            .forward_relu(&query.mid)
             .feature_dropout(DOWN_DROPOUT, train);
         let feat_size = spatial_size(&query_feat);
         let mut prototypes = Vec::with_capacity(supports.len());
@@ -196,8 +252,7 @@ impl PfeHead {
         for support in supports {
             let supp_feat = self
                 .down_supp
-                .forward(&support.mid)
-                .relu()
+                .forward_relu(&support.mid)
                 .feature_dropout(DOWN_DROPOUT, train);
             let mask = resize(&support.mask, spatial_size(&supp_feat));
             prototypes.push(weighted_gap(&supp_feat, &mask));
@@ -218,13 +273,11 @@ impl PfeHead {
             let prototype_bin = prototype.expand([-1, -1, bin, bin], false);
             let prior_bin = resize(&prior, [bin, bin]);
             let mut merged = self.init_merge[idx]
-                .forward(&Tensor::cat(&[query_bin, prototype_bin, prior_bin], 1))
-                .relu();
+                .forward_relu(&Tensor::cat(&[query_bin, prototype_bin, prior_bin], 1));
             if idx >= 1 {
                 let previous = resize(&pyramid[idx - 1], [bin, bin]);
                 merged = self.alpha_conv[idx - 1]
-                    .forward(&Tensor::cat(&[&merged, &previous], 1))
-                    .relu()
+                    .forward_relu(&Tensor::cat(&[&merged, &previous], 1))
                     + &merged;
             }
             merged = self.beta_conv[idx].forward(&merged) + &merged;
@@ -233,7 +286,7 @@ impl PfeHead {
             }
             pyramid.push(resize(&merged, feat_size));
         }
-        let fused = self.res1.forward(&Tensor::cat(&pyramid, 1)).relu();
+        let fused = self.res1.forward_relu(&Tensor::cat(&pyramid, 1));
         let fused = self.res2.forward(&fused) + &fused;
         HeadOutput {
             logits: self.cls.forward(&fused, train),

@@ -15,7 +15,7 @@ use crate::backbone::{Backbone, Init};
 use crate::config::Config;
 use crate::data::IGNORE_LABEL;
 
-use super::head::{conv, resize};
+use super::head::{conv, resize, HeadConv};
 use super::ModelError;
 
 /// PSPNet's pyramid of adaptive-pooling bins.
@@ -81,16 +81,16 @@ impl BatchNorm {
 /// One bin of the pyramid: adaptive average pooling, 1×1 conv, BatchNorm, ReLU.
 struct PyramidBin {
     bin: i64,
-    conv: nn::Conv2D,
+    conv: HeadConv,
     bn: BatchNorm,
 }
 
 /// PSPNet's head on layer4 (BAM's `learner_base`): the pyramid pooling module and the classifier.
 pub struct PspHead {
     bins: Vec<PyramidBin>,
-    cls_conv: nn::Conv2D,
+    cls_conv: HeadConv,
     cls_bn: BatchNorm,
-    cls_out: nn::Conv2D,
+    cls_out: HeadConv,
 }
 
 impl PspHead {

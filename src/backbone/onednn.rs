@@ -1,0 +1,450 @@
+//! oneDNN's prepacked convolution for frozen weights on the CPU (issue 14). `conv2d` reorders its
+//! weight into oneDNN's blocked layout on every call (6 % of an evaluation episode at 233); a
+//! [`PackedConv`] reorders it once and fuses the bias, a residual addition and the ReLU into the
+//! kernel. Only for what autograd does not see (no input or weight tracks gradients): the
+//! operators have no backward. The bridge is `onednn.cpp`, compiled by `build.rs`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::svf::ConvGeometry;
+
+/// A CPU float32 convolution weight in oneDNN's layout, with the geometry it was packed for.
+#[derive(Debug)]
+pub(crate) struct PackedConv {
+    packed: Tensor,
+    geometry: ConvGeometry,
+}
+
+/// What follows a convolution: an addition (a residual block's shortcut), then ReLU.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Epilogue<'a> {
+    pub add: Option<&'a Tensor>,
+    pub relu: bool,
+}
+
+impl Epilogue<'_> {
+    pub(crate) const NONE: Epilogue<'static> = Epilogue {
+        add: None,
+        relu: false,
+    };
+
+    /// The epilogue as separate operations on `y` (the unfused path).
+    pub(crate) fn apply(&self, y: Tensor) -> Tensor {
+        let mut y = match self.add {
+            Some(add) => y + add,
+            None => y,
+        };
+        if self.relu {
+            let _ = y.relu_();
+        }
+        y
+    }
+}
+
+/// Set when libtorch turned prepacking down once: no more attempts.
+static UNAVAILABLE: AtomicBool = AtomicBool::new(false);
+
+impl PackedConv {
+    /// Whether a frozen convolution's input can take the packed path: a CPU float32 tensor that
+    /// tracks no gradient (the caller checks the weights).
+    pub(crate) fn applies_to(input: &Tensor) -> bool {
+        cfg!(svf_onednn)
+            && !UNAVAILABLE.load(Ordering::Relaxed)
+            && input.device() == Device::Cpu
+            && input.kind() == Kind::Float
+            && input.dim() == 4
+            && !input.requires_grad()
+    }
+
+    /// `weight` packed for inputs shaped like `input` (other sizes give the same results, oneDNN
+    /// reorders again only if it picks another layout for them). `None`, with a debug log, where
+    /// libtorch lacks the operators.
+    pub(crate) fn new(
+        weight: &Tensor,
+        geometry: ConvGeometry,
+        input: &Tensor,
+    ) -> Option<PackedConv> {
+        if !Self::applies_to(input) || weight.requires_grad() || weight.kind() != Kind::Float {
+            return None;
+        }
+        match bridge::prepack(weight, geometry, &input.size()) {
+            Ok(packed) => Some(PackedConv { packed, geometry }),
+            Err(message) => {
+                UNAVAILABLE.store(true, Ordering::Relaxed);
+                tracing::debug!("oneDNN prepacking unavailable, plain convolution: {message}");
+                None
+            }
+        }
+    }
+
+    pub(crate) fn shallow_clone(&self) -> PackedConv {
+        PackedConv {
+            packed: self.packed.shallow_clone(),
+            geometry: self.geometry,
+        }
+    }
+
+    /// `epilogue(conv(x) + bias)` in one oneDNN call; `Err` with libtorch's message if it fails.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        epilogue: Epilogue,
+    ) -> Result<Tensor, String> {
+        bridge::convolution(x, &self.packed, bias, self.geometry, epilogue)
+    }
+}
+
+/// One convolution's packed weight, kept while the weight it was packed from is unchanged.
+#[derive(Debug, Default)]
+pub(crate) struct PackCache(Mutex<Option<Box<PackEntry>>>);
+
+#[derive(Debug)]
+struct PackEntry {
+    /// The weight that was packed, held so that its storage (part of the key) stays its own.
+    source: Tensor,
+    version: i64,
+    geometry: ConvGeometry,
+    /// `None` where oneDNN turned the weight down.
+    packed: Option<PackedConv>,
+}
+
+impl PackEntry {
+    fn packs(&self, weight: &Tensor, geometry: ConvGeometry) -> bool {
+        self.source.data_ptr() == weight.data_ptr()
+            && self.source.size() == weight.size()
+            && self.source.stride() == weight.stride()
+            && self.version == weight.internal_version()
+            && self.geometry == geometry
+    }
+}
+
+impl PackCache {
+    /// `epilogue(conv2d(x, weight, bias))`: through the packed weight (packed on first use, again
+    /// when the weight changes) where none of the tensors tracks a gradient and `x` is on the CPU
+    /// in float32, else libtorch's convolution and the epilogue as separate operations. The two
+    /// agree up to summation order.
+    pub(crate) fn conv2d(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        geometry: ConvGeometry,
+        epilogue: Epilogue,
+    ) -> Tensor {
+        if let Some(packed) = self.packed(x, weight, bias, geometry, epilogue) {
+            match packed.forward(x, bias, epilogue) {
+                Ok(y) => return y,
+                Err(message) => {
+                    tracing::warn!("oneDNN convolution failed, libtorch's used: {message}")
+                }
+            }
+        }
+        epilogue.apply(geometry.conv2d(x, weight, bias))
+    }
+
+    fn packed(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        geometry: ConvGeometry,
+        epilogue: Epilogue,
+    ) -> Option<PackedConv> {
+        let frozen = [Some(weight), bias, epilogue.add]
+            .into_iter()
+            .flatten()
+            .all(|t| !t.requires_grad());
+        if !frozen || weight.kind() != Kind::Float || !PackedConv::applies_to(x) {
+            return None;
+        }
+        let mut entry = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !entry.as_ref().is_some_and(|e| e.packs(weight, geometry)) {
+            *entry = Some(Box::new(PackEntry {
+                source: weight.shallow_clone(),
+                version: weight.internal_version(),
+                geometry,
+                packed: PackedConv::new(weight, geometry, x),
+            }));
+        }
+        entry
+            .as_ref()?
+            .packed
+            .as_ref()
+            .map(PackedConv::shallow_clone)
+    }
+}
+
+#[cfg(svf_onednn)]
+mod bridge {
+    use std::ffi::{c_char, c_void, CStr};
+    use std::ptr;
+
+    use tch::Tensor;
+
+    use super::Epilogue;
+    use crate::svf::ConvGeometry;
+
+    extern "C" {
+        fn svf_onednn_prepack(
+            weight: *const c_void,
+            stride: i64,
+            padding: i64,
+            dilation: i64,
+            input_size: *const i64,
+            input_dims: usize,
+            out: *mut *mut c_void,
+        ) -> *mut c_char;
+        fn svf_onednn_conv(
+            x: *const c_void,
+            packed: *const c_void,
+            bias: *const c_void,
+            add: *const c_void,
+            stride: i64,
+            padding: i64,
+            dilation: i64,
+            relu: bool,
+            out: *mut *mut c_void,
+        ) -> *mut c_char;
+    }
+
+    /// The bridge's result: the new tensor, or the C++ exception's message.
+    ///
+    /// # Safety
+    /// `error` is null or a malloc'ed C string; `out` is a new `at::Tensor` when `error` is null.
+    unsafe fn result(error: *mut c_char, out: *mut c_void) -> Result<Tensor, String> {
+        if error.is_null() {
+            Ok(Tensor::from_ptr(out.cast()))
+        } else {
+            let message = CStr::from_ptr(error).to_string_lossy().into_owned();
+            libc::free(error.cast());
+            Err(message)
+        }
+    }
+
+    fn raw(tensor: Option<&Tensor>) -> *const c_void {
+        tensor.map_or(ptr::null(), |t| t.as_ptr().cast())
+    }
+
+    pub(super) fn prepack(
+        weight: &Tensor,
+        geometry: ConvGeometry,
+        input_size: &[i64],
+    ) -> Result<Tensor, String> {
+        let mut out = ptr::null_mut();
+        // SAFETY: the pointers are live tensors and a slice of `input_size.len()` values.
+        unsafe {
+            let error = svf_onednn_prepack(
+                raw(Some(weight)),
+                geometry.stride,
+                geometry.padding,
+                geometry.dilation,
+                input_size.as_ptr(),
+                input_size.len(),
+                &mut out,
+            );
+            result(error, out)
+        }
+    }
+
+    pub(super) fn convolution(
+        x: &Tensor,
+        packed: &Tensor,
+        bias: Option<&Tensor>,
+        geometry: ConvGeometry,
+        epilogue: Epilogue,
+    ) -> Result<Tensor, String> {
+        let mut out = ptr::null_mut();
+        // SAFETY: the pointers are live tensors or null where the bridge accepts null.
+        unsafe {
+            let error = svf_onednn_conv(
+                raw(Some(x)),
+                raw(Some(packed)),
+                raw(bias),
+                raw(epilogue.add),
+                geometry.stride,
+                geometry.padding,
+                geometry.dilation,
+                epilogue.relu,
+                &mut out,
+            );
+            result(error, out)
+        }
+    }
+}
+
+/// Without the bridge (`build.rs` found no libtorch headers) nothing is ever packed.
+#[cfg(not(svf_onednn))]
+mod bridge {
+    use tch::Tensor;
+
+    use super::Epilogue;
+    use crate::svf::ConvGeometry;
+
+    const MISSING: &str = "built without the oneDNN bridge";
+
+    pub(super) fn prepack(_: &Tensor, _: ConvGeometry, _: &[i64]) -> Result<Tensor, String> {
+        Err(MISSING.to_string())
+    }
+
+    pub(super) fn convolution(
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: ConvGeometry,
+        _: Epilogue,
+    ) -> Result<Tensor, String> {
+        Err(MISSING.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu(shape: &[i64]) -> Tensor {
+        Tensor::randn(shape, (Kind::Float, Device::Cpu))
+    }
+
+    fn channels_last(x: &Tensor) -> Tensor {
+        x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.size(), b.size());
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// libtorch's convolution followed by the epilogue's operations, written out.
+    fn reference(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        geometry: ConvGeometry,
+        add: Option<&Tensor>,
+        relu: bool,
+    ) -> Tensor {
+        let y = geometry.conv2d(x, weight, bias);
+        let y = match add {
+            Some(add) => y + add,
+            None => y,
+        };
+        if relu {
+            y.relu()
+        } else {
+            y
+        }
+    }
+
+    #[test]
+    fn packed_convolutions_equal_libtorch_with_their_epilogues() {
+        tch::manual_seed(3);
+        let geometries = [
+            (
+                3,
+                ConvGeometry {
+                    stride: 1,
+                    padding: 1,
+                    dilation: 1,
+                },
+            ),
+            (
+                3,
+                ConvGeometry {
+                    stride: 2,
+                    padding: 2,
+                    dilation: 2,
+                },
+            ),
+            (
+                3,
+                ConvGeometry {
+                    stride: 1,
+                    padding: 4,
+                    dilation: 4,
+                },
+            ),
+            (1, ConvGeometry::PLAIN),
+            (
+                7,
+                ConvGeometry {
+                    stride: 2,
+                    padding: 3,
+                    dilation: 1,
+                },
+            ),
+        ];
+        for (kernel, geometry) in geometries {
+            let weight = channels_last(&cpu(&[12, 8, kernel, kernel]));
+            let bias = cpu(&[12]);
+            let cache = PackCache::default();
+            // Packed for the first input; other sizes, batches and layouts use the same packing.
+            for (i, shape) in [[1, 8, 17, 17], [3, 8, 11, 20], [2, 8, 17, 17]]
+                .iter()
+                .enumerate()
+            {
+                let x = if i == 1 {
+                    cpu(shape)
+                } else {
+                    channels_last(&cpu(shape))
+                };
+                let out_shape = geometry.conv2d(&x, &weight, None).size();
+                let add = cpu(&out_shape);
+                for (bias, add, relu) in [
+                    (None, None, false),
+                    (Some(&bias), None, true),
+                    (Some(&bias), Some(&add), true),
+                    (None, Some(&add), false),
+                ] {
+                    let epilogue = Epilogue { add, relu };
+                    let packed = cache.conv2d(&x, &weight, bias, geometry, epilogue);
+                    let expected = reference(&x, &weight, bias, geometry, add, relu);
+                    let diff = max_diff(&packed, &expected);
+                    assert!(diff < 1e-4, "k{kernel} {geometry:?} {shape:?}: {diff}");
+                }
+                let entry = cache.0.lock().unwrap();
+                let packed = entry.as_ref().is_some_and(|e| e.packed.is_some());
+                assert!(
+                    packed,
+                    "nothing packed: was the oneDNN bridge built (build.rs)?"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_changed_weight_is_packed_again_and_tracked_tensors_take_libtorch() {
+        let geometry = ConvGeometry {
+            stride: 1,
+            padding: 1,
+            dilation: 1,
+        };
+        let weight = cpu(&[6, 4, 3, 3]);
+        let x = cpu(&[1, 4, 9, 9]);
+        let cache = PackCache::default();
+        let before = cache.conv2d(&x, &weight, None, geometry, Epilogue::NONE);
+        // In place, as loading weights does: same storage, a new version.
+        let _ = tch::no_grad(|| weight.shallow_clone().g_mul_scalar_(-2.0));
+        let after = cache.conv2d(&x, &weight, None, geometry, Epilogue::NONE);
+        assert!(max_diff(&after, &(before * -2.0)) < 1e-4);
+
+        // A tensor that tracks gradients: libtorch's convolution, and the gradient arrives.
+        let tracked = x.copy().set_requires_grad(true);
+        let add = cpu(&[1, 6, 9, 9]);
+        let epilogue = Epilogue {
+            add: Some(&add),
+            relu: true,
+        };
+        let y = cache.conv2d(&tracked, &weight, None, geometry, epilogue);
+        assert!(y.requires_grad());
+        y.sum(Kind::Float).backward();
+        let expected = tracked.detach().set_requires_grad(true);
+        reference(&expected, &weight, None, geometry, Some(&add), true)
+            .sum(Kind::Float)
+            .backward();
+        assert!(max_diff(&tracked.grad(), &expected.grad()) < 1e-4);
+    }
+}
