@@ -49,49 +49,26 @@ extern "C" char* svf_onednn_prepack(const at::Tensor* weight, int64_t stride, in
   }
 }
 
-// `relu(conv(x) + bias + add)`, `add` and `relu` optional.
+// `relu(conv(x) + bias)`, `bias` (NULL: none) and `relu` optional. oneDNN could also add a
+// tensor (its binary post-op), but that measured slower than a separate in-place addition.
 extern "C" char* svf_onednn_conv(const at::Tensor* x, const at::Tensor* packed,
-                                 const at::Tensor* bias, const at::Tensor* add, int64_t stride,
-                                 int64_t padding, int64_t dilation, bool relu, at::Tensor** out) {
+                                 const at::Tensor* bias, int64_t stride, int64_t padding,
+                                 int64_t dilation, bool relu, at::Tensor** out) {
   try {
-    const c10::IValue unary = relu ? c10::IValue(std::string("relu")) : c10::IValue();
-    torch::jit::Stack stack;
-    if (add == nullptr) {
-      static const c10::OperatorHandle op =
-          operator_handle("mkldnn::_convolution_pointwise", "");
-      stack = {
-          c10::IValue(*x),
-          c10::IValue(*packed),
-          optional_tensor(bias),
-          c10::IValue(pair(padding)),
-          c10::IValue(pair(stride)),
-          c10::IValue(pair(dilation)),
-          c10::IValue(int64_t{1}),
-          c10::IValue(std::string(relu ? "relu" : "none")),
-          c10::IValue(c10::List<std::optional<at::Scalar>>()),
-          c10::IValue(),
-      };
-      op.callBoxed(stack);
-    } else {
-      static const c10::OperatorHandle op =
-          operator_handle("mkldnn::_convolution_pointwise", "binary");
-      stack = {
-          c10::IValue(*x),
-          c10::IValue(*add),
-          c10::IValue(*packed),
-          optional_tensor(bias),
-          c10::IValue(pair(padding)),
-          c10::IValue(pair(stride)),
-          c10::IValue(pair(dilation)),
-          c10::IValue(int64_t{1}),
-          c10::IValue(std::string("add")),
-          c10::IValue(1.0),
-          unary,
-          c10::IValue(c10::List<std::optional<at::Scalar>>()),
-          c10::IValue(),
-      };
-      op.callBoxed(stack);
-    }
+    static const c10::OperatorHandle op = operator_handle("mkldnn::_convolution_pointwise", "");
+    torch::jit::Stack stack{
+        c10::IValue(*x),
+        c10::IValue(*packed),
+        optional_tensor(bias),
+        c10::IValue(pair(padding)),
+        c10::IValue(pair(stride)),
+        c10::IValue(pair(dilation)),
+        c10::IValue(int64_t{1}),
+        c10::IValue(std::string(relu ? "relu" : "none")),
+        c10::IValue(c10::List<std::optional<at::Scalar>>()),
+        c10::IValue(),
+    };
+    op.callBoxed(stack);
     *out = new at::Tensor(stack.at(0).toTensor());
     return nullptr;
   } catch (const std::exception& e) {

@@ -1,7 +1,6 @@
 //! oneDNN's prepacked convolution for frozen weights on the CPU (issue 14). `conv2d` reorders its
 //! weight into oneDNN's blocked layout on every call (6 % of an evaluation episode at 233); a
-//! [`PackedConv`] reorders it once and fuses the bias, a residual addition and the ReLU into the
-//! kernel. Only for what autograd does not see (no input or weight tracks gradients): the
+//! [`PackedConv`] reorders it once and fuses the bias and a ReLU into the kernel. Only for what autograd does not see (no input or weight tracks gradients): the
 //! operators have no backward. The bridge is `onednn.cpp`, compiled by `build.rs`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,9 +30,16 @@ impl Epilogue<'_> {
         relu: false,
     };
 
-    /// The epilogue as separate operations on `y` (the unfused path).
+    /// The epilogue as separate operations on `y`, in place: `y` is a convolution's or a
+    /// BatchNorm's fresh output, which their backward passes do not read. (An addition that would
+    /// promote `y`'s dtype, as a float32 shortcut under bfloat16 autocast, is not in place.)
     pub(crate) fn apply(&self, y: Tensor) -> Tensor {
         let mut y = match self.add {
+            Some(add) if add.kind() == y.kind() => {
+                let mut y = y;
+                let _ = y.g_add_(add);
+                y
+            }
             Some(add) => y + add,
             None => y,
         };
@@ -87,14 +93,15 @@ impl PackedConv {
         }
     }
 
-    /// `epilogue(conv(x) + bias)` in one oneDNN call; `Err` with libtorch's message if it fails.
+    /// `conv(x) + bias`, then ReLU if `relu`, in one oneDNN call; `Err` with libtorch's message
+    /// if it fails.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         bias: Option<&Tensor>,
-        epilogue: Epilogue,
+        relu: bool,
     ) -> Result<Tensor, String> {
-        bridge::convolution(x, &self.packed, bias, self.geometry, epilogue)
+        bridge::convolution(x, &self.packed, bias, self.geometry, relu)
     }
 }
 
@@ -136,8 +143,12 @@ impl PackCache {
         epilogue: Epilogue,
     ) -> Tensor {
         if let Some(packed) = self.packed(x, weight, bias, geometry, epilogue) {
-            match packed.forward(x, bias, epilogue) {
-                Ok(y) => return y,
+            // ReLU is fused only when nothing is added before it: oneDNN's fused addition (its
+            // binary post-op) measured slower than the separate in-place one.
+            let relu = epilogue.relu && epilogue.add.is_none();
+            match packed.forward(x, bias, relu) {
+                Ok(y) if relu => return y,
+                Ok(y) => return epilogue.apply(y),
                 Err(message) => {
                     tracing::warn!("oneDNN convolution failed, libtorch's used: {message}")
                 }
@@ -185,7 +196,6 @@ mod bridge {
 
     use tch::Tensor;
 
-    use super::Epilogue;
     use crate::svf::ConvGeometry;
 
     extern "C" {
@@ -202,7 +212,6 @@ mod bridge {
             x: *const c_void,
             packed: *const c_void,
             bias: *const c_void,
-            add: *const c_void,
             stride: i64,
             padding: i64,
             dilation: i64,
@@ -255,7 +264,7 @@ mod bridge {
         packed: &Tensor,
         bias: Option<&Tensor>,
         geometry: ConvGeometry,
-        epilogue: Epilogue,
+        relu: bool,
     ) -> Result<Tensor, String> {
         let mut out = ptr::null_mut();
         // SAFETY: the pointers are live tensors or null where the bridge accepts null.
@@ -264,11 +273,10 @@ mod bridge {
                 raw(Some(x)),
                 raw(Some(packed)),
                 raw(bias),
-                raw(epilogue.add),
                 geometry.stride,
                 geometry.padding,
                 geometry.dilation,
-                epilogue.relu,
+                relu,
                 &mut out,
             );
             result(error, out)
@@ -281,7 +289,6 @@ mod bridge {
 mod bridge {
     use tch::Tensor;
 
-    use super::Epilogue;
     use crate::svf::ConvGeometry;
 
     const MISSING: &str = "built without the oneDNN bridge";
@@ -295,7 +302,7 @@ mod bridge {
         _: &Tensor,
         _: Option<&Tensor>,
         _: ConvGeometry,
-        _: Epilogue,
+        _: bool,
     ) -> Result<Tensor, String> {
         Err(MISSING.to_string())
     }
