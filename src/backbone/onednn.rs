@@ -1,7 +1,8 @@
 //! oneDNN's prepacked convolution for frozen weights on the CPU (issue 14). `conv2d` reorders its
 //! weight into oneDNN's blocked layout on every call (6 % of an evaluation episode at 233); a
-//! [`PackedConv`] reorders it once and fuses the bias and a ReLU into the kernel. Only for what autograd does not see (no input or weight tracks gradients): the
-//! operators have no backward. The bridge is `onednn.cpp`, compiled by `build.rs`.
+//! [`PackedConv`] reorders it once and fuses the bias and a ReLU into the kernel. Only for what
+//! autograd does not see (no input or weight tracks gradients): the operators have no backward.
+//! The bridge is `onednn.cpp`, compiled by `build.rs`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -18,7 +19,7 @@ pub(crate) struct PackedConv {
 }
 
 /// What follows a convolution: an addition (a residual block's shortcut), then ReLU.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Epilogue<'a> {
     pub add: Option<&'a Tensor>,
     pub relu: bool,
