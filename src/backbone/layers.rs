@@ -127,7 +127,8 @@ impl ConvSpec {
     }
 }
 
-/// A convolution, full-rank or in SVD form (chosen at construction by the SVF options).
+/// A convolution, full-rank or in SVD form (chosen at construction by the SVF options). The SVD
+/// form keeps `conv_V` prepacked for oneDNN where it runs frozen ([`PackCache`]).
 #[derive(Debug)]
 pub(crate) enum Conv2d {
     Full {
@@ -135,7 +136,7 @@ pub(crate) enum Conv2d {
         bias: Option<Tensor>,
         geometry: ConvGeometry,
     },
-    Svd(SvdConv2d),
+    Svd(SvdConv2d, PackCache),
 }
 
 impl Conv2d {
@@ -178,13 +179,14 @@ impl Conv2d {
                     },
                 };
                 let u_scope = scope.sub("conv_U");
-                Conv2d::Svd(SvdConv2d {
+                let svd = SvdConv2d {
                     conv_u: u_scope.add("weight", factors.u),
                     conv_u_bias: bias.map(|b| u_scope.add("bias", b)),
                     conv_v: scope.sub("conv_V").add("weight", factors.v),
                     vector_s: scope.add("vector_S", factors.s),
                     geometry: spec.geometry,
-                })
+                };
+                Conv2d::Svd(svd, PackCache::default())
             }
         }
     }
@@ -196,7 +198,7 @@ impl Conv2d {
             Conv2d::Full {
                 weight, geometry, ..
             } => (*geometry, weight.size()[2]),
-            Conv2d::Svd(svd) => (svd.geometry, svd.conv_v.size()[2]),
+            Conv2d::Svd(svd, _) => (svd.geometry, svd.conv_v.size()[2]),
         };
         let reach = geometry.dilation * (kernel / 2);
         (geometry.stride == 1 && geometry.padding == reach).then_some(reach)
@@ -207,7 +209,7 @@ impl Conv2d {
     pub(crate) fn geometry(&self) -> ConvGeometry {
         match self {
             Conv2d::Full { geometry, .. } => *geometry,
-            Conv2d::Svd(svd) => svd.geometry,
+            Conv2d::Svd(svd, _) => svd.geometry,
         }
     }
 
@@ -218,7 +220,7 @@ impl Conv2d {
                 bias,
                 geometry,
             } => geometry.conv2d(x, weight, bias.as_ref()),
-            Conv2d::Svd(svd) => svd.forward(x),
+            Conv2d::Svd(svd, _) => svd.forward(x),
         }
     }
 
@@ -250,8 +252,8 @@ impl Conv2d {
                 bn.folded_packed
                     .conv2d(x, &weight, Some(&bias), *geometry, epilogue)
             }
-            Conv2d::Svd(svd) => {
-                let h = svd.geometry.conv2d(x, &svd.conv_v, None);
+            Conv2d::Svd(svd, packed_v) => {
+                let h = packed_v.conv2d(x, &svd.conv_v, None, svd.geometry, Epilogue::NONE);
                 let h = &h * svd.vector_s.to_kind(h.kind()); // as in `SvdConv2d::forward`
                 let (weight, bias) = bn.fold(&svd.conv_u, svd.conv_u_bias.as_ref());
                 bn.folded_packed
@@ -623,20 +625,23 @@ mod fold_tests {
                 {
                     bias.shallow_clone().copy_(&Tensor::randn([c], float));
                 }
-                if let Conv2d::Svd(SvdConv2d {
-                    conv_u_bias: Some(bias),
-                    ..
-                }) = &conv
+                if let Conv2d::Svd(
+                    SvdConv2d {
+                        conv_u_bias: Some(bias),
+                        ..
+                    },
+                    _,
+                ) = &conv
                 {
                     bias.shallow_clone().copy_(&Tensor::randn([c], float));
                 }
             });
-            assert_eq!(matches!(conv, Conv2d::Svd(_)), name != "full", "{name}");
+            assert_eq!(matches!(conv, Conv2d::Svd(..)), name != "full", "{name}");
             let x = Tensor::randn([2, 8, 15, 15], (Kind::Float, Device::Cpu));
             let upstream = Tensor::randn([2, 12, 8, 8], (Kind::Float, Device::Cpu));
             let run = |folded: bool| {
                 let x = x.copy().set_requires_grad(true);
-                if let Conv2d::Svd(svd) = &conv {
+                if let Conv2d::Svd(svd, _) = &conv {
                     svd.vector_s.shallow_clone().zero_grad();
                 }
                 let y = if folded {
@@ -646,7 +651,7 @@ mod fold_tests {
                 };
                 (&y * &upstream).sum(Kind::Float).backward();
                 let s_grad = match &conv {
-                    Conv2d::Svd(svd) => svd.vector_s.grad().copy(),
+                    Conv2d::Svd(svd, _) => svd.vector_s.grad().copy(),
                     Conv2d::Full { .. } => Tensor::zeros([1], (Kind::Float, Device::Cpu)),
                 };
                 (y.detach(), x.grad(), s_grad)
@@ -677,7 +682,7 @@ mod fold_tests {
         tch::no_grad(|| {
             let var = Tensor::rand([4], (Kind::Float, Device::Cpu)) + 0.1;
             bn.running_var.shallow_clone().copy_(&var);
-            if let Conv2d::Svd(svd) = &conv {
+            if let Conv2d::Svd(svd, _) = &conv {
                 svd.conv_u.shallow_clone().copy_(&(&svd.conv_u * 2.0));
             }
         });
