@@ -97,8 +97,8 @@ fn for_inference(vs: &nn::VarStore) {
 
 /// The SVF model held in `vs` with its SVD convolutions folded back into full-rank weights
 /// (`svf::recompose`), built full-rank on the same device: the same function, one convolution
-/// per layer instead of two, for inference (frozen, channels-last on the CPU). For BAM+SVF the meta branch's copy is folded; the
-/// base learner is full-rank already.
+/// per layer instead of two, for inference (frozen, channels-last on the CPU). For BAM+SVF the meta
+/// branch's copy is folded; the base learner is full-rank already.
 pub fn fuse(
     vs: &nn::VarStore,
     config: &Config,

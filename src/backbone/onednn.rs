@@ -57,7 +57,7 @@ static UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 impl PackedConv {
     /// Whether a frozen convolution's input can take the packed path: a CPU float32 tensor that
     /// tracks no gradient (the caller checks the weights).
-    pub(crate) fn applies_to(input: &Tensor) -> bool {
+    fn applies_to(input: &Tensor) -> bool {
         cfg!(svf_onednn)
             && !UNAVAILABLE.load(Ordering::Relaxed)
             && input.device() == Device::Cpu
@@ -66,17 +66,10 @@ impl PackedConv {
             && !input.requires_grad()
     }
 
-    /// `weight` packed for inputs shaped like `input` (other sizes give the same results, oneDNN
-    /// reorders again only if it picks another layout for them). `None`, with a debug log, where
-    /// libtorch lacks the operators.
-    pub(crate) fn new(
-        weight: &Tensor,
-        geometry: ConvGeometry,
-        input: &Tensor,
-    ) -> Option<PackedConv> {
-        if !Self::applies_to(input) || weight.requires_grad() || weight.kind() != Kind::Float {
-            return None;
-        }
+    /// A frozen float32 `weight` packed for inputs shaped like `input` (other sizes give the same
+    /// results, oneDNN reorders again only if it picks another layout for them). `None`, with a
+    /// debug log, where libtorch lacks the operators.
+    fn new(weight: &Tensor, geometry: ConvGeometry, input: &Tensor) -> Option<PackedConv> {
         match bridge::prepack(weight, geometry, &input.size()) {
             Ok(packed) => Some(PackedConv { packed, geometry }),
             Err(message) => {
@@ -87,7 +80,7 @@ impl PackedConv {
         }
     }
 
-    pub(crate) fn shallow_clone(&self) -> PackedConv {
+    fn shallow_clone(&self) -> PackedConv {
         PackedConv {
             packed: self.packed.shallow_clone(),
             geometry: self.geometry,
@@ -96,12 +89,7 @@ impl PackedConv {
 
     /// `conv(x) + bias`, then ReLU if `relu`, in one oneDNN call; `Err` with libtorch's message
     /// if it fails.
-    pub(crate) fn forward(
-        &self,
-        x: &Tensor,
-        bias: Option<&Tensor>,
-        relu: bool,
-    ) -> Result<Tensor, String> {
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>, relu: bool) -> Result<Tensor, String> {
         bridge::convolution(x, &self.packed, bias, self.geometry, relu)
     }
 }
@@ -143,7 +131,12 @@ impl PackCache {
         geometry: ConvGeometry,
         epilogue: Epilogue,
     ) -> Tensor {
-        if let Some(packed) = self.packed(x, weight, bias, geometry, epilogue) {
+        let frozen = [Some(weight), bias, epilogue.add]
+            .into_iter()
+            .flatten()
+            .all(|t| !t.requires_grad());
+        let packable = frozen && weight.kind() == Kind::Float && PackedConv::applies_to(x);
+        if let Some(packed) = packable.then(|| self.packed(weight, geometry, x)).flatten() {
             // ReLU is fused only when nothing is added before it: oneDNN's fused addition (its
             // binary post-op) measured slower than the separate in-place one.
             let relu = epilogue.relu && epilogue.add.is_none();
@@ -158,21 +151,8 @@ impl PackCache {
         epilogue.apply(geometry.conv2d(x, weight, bias))
     }
 
-    fn packed(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        geometry: ConvGeometry,
-        epilogue: Epilogue,
-    ) -> Option<PackedConv> {
-        let frozen = [Some(weight), bias, epilogue.add]
-            .into_iter()
-            .flatten()
-            .all(|t| !t.requires_grad());
-        if !frozen || weight.kind() != Kind::Float || !PackedConv::applies_to(x) {
-            return None;
-        }
+    /// The packed form of `weight`, packed now for inputs like `x` unless it already is.
+    fn packed(&self, weight: &Tensor, geometry: ConvGeometry, x: &Tensor) -> Option<PackedConv> {
         let mut entry = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if !entry.as_ref().is_some_and(|e| e.packs(weight, geometry)) {
             *entry = Some(Box::new(PackEntry {

@@ -95,7 +95,7 @@ pub(crate) fn conv(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, bias: bool) 
     )
 }
 
-/// A head convolution: tch's `HeadConv` (PyTorch's variable names), run through oneDNN's
+/// A head convolution: tch's `nn::Conv2D` (PyTorch's variable names), run through oneDNN's
 /// prepacked kernel where it is frozen on the CPU (evaluation; issue 14).
 #[derive(Debug)]
 pub struct HeadConv {
