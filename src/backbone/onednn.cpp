@@ -79,19 +79,22 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // A stride-1 convolution with a frozen weight, differentiable in its input only (what a frozen
-// weight needs). The input gradient of a stride-1 convolution is itself a convolution: the weight
-// with input and output channels swapped and the kernel flipped (`packed_transposed`), padding
-// `dilation·(k−1) − padding`. Both run prepacked, and the input is not kept for the backward.
+// weight needs); the input is not kept for the backward. A 1×1 convolution's input gradient is
+// the gradient (channels-last, so a matrix of positions × channels) times the weight
+// (`gradient_weight`, as it is); otherwise it is a convolution too, with the weight's input and
+// output channels swapped and its kernel flipped (`gradient_weight`, packed), padding
+// `dilation·(k−1) − padding`.
 struct FrozenWeightConvolution : public torch::autograd::Function<FrozenWeightConvolution> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& packed,
-                            const at::Tensor& packed_transposed, const at::Tensor* bias,
-                            int64_t padding, int64_t transposed_padding, int64_t dilation,
-                            bool relu) {
+                            const at::Tensor& gradient_weight, bool gradient_by_matmul,
+                            const at::Tensor* bias, int64_t padding, int64_t transposed_padding,
+                            int64_t dilation, bool relu) {
     at::Tensor y = packed_convolution(x, packed, bias, 1, padding, dilation, relu);
     if (relu) {
       ctx->save_for_backward({y});
     }
-    ctx->saved_data["packed_transposed"] = packed_transposed;
+    ctx->saved_data["gradient_weight"] = gradient_weight;
+    ctx->saved_data["by_matmul"] = gradient_by_matmul;
     ctx->saved_data["padding"] = transposed_padding;
     ctx->saved_data["dilation"] = dilation;
     ctx->saved_data["relu"] = relu;
@@ -105,13 +108,24 @@ struct FrozenWeightConvolution : public torch::autograd::Function<FrozenWeightCo
     if (ctx->saved_data["relu"].toBool()) {
       grad = at::threshold_backward(grad, ctx->get_saved_variables().at(0), 0);
     }
-    grad = grad.contiguous(ctx->saved_data["channels_last"].toBool()
-                               ? at::MemoryFormat::ChannelsLast
-                               : at::MemoryFormat::Contiguous);
-    at::Tensor grad_x = packed_convolution(
-        grad, ctx->saved_data["packed_transposed"].toTensor(), nullptr, 1,
-        ctx->saved_data["padding"].toInt(), ctx->saved_data["dilation"].toInt(), false);
-    return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(),
+    const at::Tensor weight = ctx->saved_data["gradient_weight"].toTensor();
+    at::Tensor grad_x;
+    if (ctx->saved_data["by_matmul"].toBool()) {
+      const int64_t n = grad.size(0), out = grad.size(1), h = grad.size(2), w = grad.size(3);
+      const at::Tensor rows =
+          grad.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).reshape({-1, out});
+      grad_x = at::mm(rows, weight.reshape({out, -1})).view({n, h, w, -1}).permute({0, 3, 1, 2});
+      if (!ctx->saved_data["channels_last"].toBool()) {
+        grad_x = grad_x.contiguous();
+      }
+    } else {
+      grad = grad.contiguous(ctx->saved_data["channels_last"].toBool()
+                                 ? at::MemoryFormat::ChannelsLast
+                                 : at::MemoryFormat::Contiguous);
+      grad_x = packed_convolution(grad, weight, nullptr, 1, ctx->saved_data["padding"].toInt(),
+                                  ctx->saved_data["dilation"].toInt(), false);
+    }
+    return {grad_x,       at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -130,17 +144,19 @@ extern "C" char* svf_onednn_conv(const at::Tensor* x, const at::Tensor* packed,
 }
 
 // The stride-1 convolution of `FrozenWeightConvolution`: `relu(conv(x) + bias)` with the weight
-// packed as it is (`packed`) and transposed for the input gradient (`packed_transposed`).
+// packed (`packed`), and what its input gradient takes (`gradient_weight`, `gradient_by_matmul`).
 extern "C" char* svf_onednn_conv_tracked(const at::Tensor* x, const at::Tensor* packed,
-                                         const at::Tensor* packed_transposed,
-                                         const at::Tensor* bias, int64_t padding,
+                                         const at::Tensor* gradient_weight,
+                                         bool gradient_by_matmul, const at::Tensor* bias,
+                                         int64_t padding,
                                          int64_t transposed_padding, int64_t dilation, bool relu,
                                          at::Tensor** out) {
   try {
     // The bias goes by pointer: `apply` takes every tensor argument for an input, and an
     // undefined one (no bias) has no device for it to check.
-    at::Tensor y = FrozenWeightConvolution::apply(*x, *packed, *packed_transposed, bias, padding,
-                                                  transposed_padding, dilation, relu);
+    at::Tensor y =
+        FrozenWeightConvolution::apply(*x, *packed, *gradient_weight, gradient_by_matmul, bias,
+                                       padding, transposed_padding, dilation, relu);
     *out = new at::Tensor(std::move(y));
     return nullptr;
   } catch (const std::exception& e) {

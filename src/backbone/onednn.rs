@@ -2,8 +2,8 @@
 //! weight into oneDNN's blocked layout on every call (6 % of an evaluation episode at 233), and its
 //! backward reorders it again; a [`PackedConv`] reorders it once and fuses the bias and a ReLU into
 //! the kernel. Where the input tracks gradients (SVF training's layer2..4), a stride-1 convolution
-//! gets its input gradient from a second packing, of the transposed weight, through an autograd
-//! function in the bridge. The bridge is `onednn.cpp`, compiled by `build.rs`.
+//! gets its input gradient through an autograd function in the bridge ([`InputGradient`]). The
+//! bridge is `onednn.cpp`, compiled by `build.rs`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -66,26 +66,6 @@ impl PackedConv {
             && input.dim() == 4
     }
 
-    /// The input gradient of a convolution as a convolution: `weight` with its input and output
-    /// channels swapped and its kernel flipped, and the padding that gives back the input's size.
-    /// Only for stride 1 (a strided convolution's is a transposed convolution) and paddings up to
-    /// `dilation·(kernel−1)`.
-    fn transposed_weight(
-        weight: &Tensor,
-        geometry: ConvGeometry,
-    ) -> Option<(Tensor, ConvGeometry)> {
-        let kernel = weight.size()[2];
-        let padding = geometry.dilation * (kernel - 1) - geometry.padding;
-        (geometry.stride == 1 && padding >= 0 && kernel == weight.size()[3]).then(|| {
-            let transposed = tch::no_grad(|| weight.flip([2, 3]).transpose(0, 1).contiguous());
-            let geometry = ConvGeometry {
-                padding,
-                ..geometry
-            };
-            (transposed, geometry)
-        })
-    }
-
     /// A frozen float32 `weight` packed for inputs of `input_size` (other sizes give the same
     /// results, oneDNN reorders again only if it picks another layout for them). `None`, with a
     /// debug log, where libtorch lacks the operators.
@@ -108,18 +88,69 @@ impl PackedConv {
     }
 
     /// `conv(x) + bias`, then ReLU if `relu`, in one oneDNN call; `Err` with libtorch's message
-    /// if it fails. With `transposed` (this weight's [`PackedConv::transposed_weight`], packed),
-    /// differentiable in `x`.
+    /// if it fails. With `input_gradient` (this weight's), differentiable in `x`.
     fn forward(
         &self,
         x: &Tensor,
-        transposed: Option<&PackedConv>,
+        input_gradient: Option<&InputGradient>,
         bias: Option<&Tensor>,
         relu: bool,
     ) -> Result<Tensor, String> {
-        match transposed {
+        match input_gradient {
             None => bridge::convolution(x, &self.packed, bias, self.geometry, relu),
-            Some(t) => bridge::tracked_convolution(x, self, t, bias, relu),
+            Some(gradient) => bridge::tracked_convolution(x, self, gradient, bias, relu),
+        }
+    }
+}
+
+/// How the bridge's autograd function takes the input gradient of a stride-1 convolution with a
+/// frozen weight (it needs no other).
+#[derive(Debug)]
+enum InputGradient {
+    /// A 1×1 convolution's: one matrix product of the channels-last gradient with the weight as
+    /// it is (as fast as a packed convolution, and no copy of the weight).
+    MatMul(Tensor),
+    /// Otherwise a convolution too: the weight with input and output channels swapped and the
+    /// kernel flipped, at padding `dilation·(kernel−1) − padding` (which gives back the input's
+    /// size), packed.
+    Transposed(PackedConv),
+}
+
+impl InputGradient {
+    /// For `weight` (packed for `input_size`) in `geometry`; `None` at strides other than 1 (the
+    /// input gradient is a transposed convolution), paddings over `dilation·(kernel−1)`, or where
+    /// oneDNN turns the transposed weight down.
+    fn new(weight: &Tensor, geometry: ConvGeometry, input_size: &[i64]) -> Option<InputGradient> {
+        let size = weight.size();
+        let (out_channels, kernel) = (size[0], size[2]);
+        let padding = geometry.dilation * (kernel - 1) - geometry.padding;
+        if geometry.stride != 1 || padding < 0 || kernel != size[3] {
+            return None;
+        }
+        if kernel == 1 {
+            return Some(InputGradient::MatMul(weight.shallow_clone()));
+        }
+        // Packed for gradients shaped like the output: the input's size less what the
+        // convolution's reach takes off.
+        let shrink = padding - geometry.padding;
+        let grad_size = [
+            input_size[0],
+            out_channels,
+            input_size[2] - shrink,
+            input_size[3] - shrink,
+        ];
+        let transposed = tch::no_grad(|| weight.flip([2, 3]).transpose(0, 1).contiguous());
+        let geometry = ConvGeometry {
+            padding,
+            ..geometry
+        };
+        PackedConv::new(&transposed, geometry, &grad_size).map(InputGradient::Transposed)
+    }
+
+    fn shallow_clone(&self) -> InputGradient {
+        match self {
+            InputGradient::MatMul(weight) => InputGradient::MatMul(weight.shallow_clone()),
+            InputGradient::Transposed(packed) => InputGradient::Transposed(packed.shallow_clone()),
         }
     }
 }
@@ -136,9 +167,8 @@ struct PackEntry {
     geometry: ConvGeometry,
     /// `None` where oneDNN turned the weight down.
     packed: Option<PackedConv>,
-    /// The transposed weight for an input gradient, packed on first need; `Some(None)` where it
-    /// cannot be (strided convolution, or oneDNN turned it down).
-    transposed: Option<Option<PackedConv>>,
+    /// For an input that tracks gradients, made on first need; `Some(None)` where there is none.
+    input_gradient: Option<Option<InputGradient>>,
 }
 
 impl PackEntry {
@@ -167,13 +197,13 @@ impl PackCache {
     ) -> Tensor {
         let frozen = !weight.requires_grad() && bias.is_none_or(|b| !b.requires_grad());
         let packable = frozen && weight.kind() == Kind::Float && PackedConv::applies_to(x);
-        if let Some((packed, transposed)) =
+        if let Some((packed, input_gradient)) =
             packable.then(|| self.packed(weight, geometry, x)).flatten()
         {
             // ReLU is fused only when nothing is added before it: oneDNN's fused addition (its
             // binary post-op) measured slower than the separate in-place one.
             let relu = epilogue.relu && epilogue.add.is_none();
-            match packed.forward(x, transposed.as_ref(), bias, relu) {
+            match packed.forward(x, input_gradient.as_ref(), bias, relu) {
                 Ok(y) if relu => return y,
                 Ok(y) => return epilogue.apply(y),
                 Err(message) => {
@@ -187,14 +217,14 @@ impl PackCache {
     }
 
     /// The packed form of `weight`, packed now for inputs like `x` unless it already is, and, if
-    /// `x` tracks gradients, its transposed form. `None` where `x` tracks gradients and the
-    /// transposed form is impossible.
+    /// `x` tracks gradients, how to take its input gradient. `None` where `x` tracks gradients
+    /// and there is no such way.
     fn packed(
         &self,
         weight: &Tensor,
         geometry: ConvGeometry,
         x: &Tensor,
-    ) -> Option<(PackedConv, Option<PackedConv>)> {
+    ) -> Option<(PackedConv, Option<InputGradient>)> {
         let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if !guard.as_ref().is_some_and(|e| e.packs(weight, geometry)) {
             *guard = Some(Box::new(PackEntry {
@@ -202,7 +232,7 @@ impl PackCache {
                 version: weight.internal_version(),
                 geometry,
                 packed: PackedConv::new(weight, geometry, &x.size()),
-                transposed: None,
+                input_gradient: None,
             }));
         }
         let entry = guard.as_mut()?;
@@ -210,22 +240,12 @@ impl PackCache {
         if !x.requires_grad() {
             return Some((packed, None));
         }
-        let transposed = entry.transposed.get_or_insert_with(|| {
-            let (transposed, transposed_geometry) =
-                PackedConv::transposed_weight(weight, geometry)?;
-            // Packed for gradients shaped like the output (stride 1).
-            let (kernel, reach) = (weight.size()[2], geometry.padding * 2);
-            let shrink = geometry.dilation * (kernel - 1) - reach;
-            let size = x.size();
-            let grad_size = [
-                size[0],
-                weight.size()[0],
-                size[2] - shrink,
-                size[3] - shrink,
-            ];
-            PackedConv::new(&transposed, transposed_geometry, &grad_size)
-        });
-        Some((packed, Some(transposed.as_ref()?.shallow_clone())))
+        let input_gradient = entry
+            .input_gradient
+            .get_or_insert_with(|| InputGradient::new(weight, geometry, &x.size()))
+            .as_ref()?
+            .shallow_clone();
+        Some((packed, Some(input_gradient)))
     }
 }
 
@@ -261,7 +281,8 @@ mod bridge {
         fn svf_onednn_conv_tracked(
             x: *const c_void,
             packed: *const c_void,
-            packed_transposed: *const c_void,
+            gradient_weight: *const c_void,
+            gradient_by_matmul: bool,
             bias: *const c_void,
             padding: i64,
             transposed_padding: i64,
@@ -334,24 +355,29 @@ mod bridge {
         }
     }
 
-    /// The stride-1 convolution through `packed`, differentiable in `x` by `transposed`.
+    /// The stride-1 convolution through `packed`, differentiable in `x` by `gradient`.
     pub(super) fn tracked_convolution(
         x: &Tensor,
         packed: &super::PackedConv,
-        transposed: &super::PackedConv,
+        gradient: &super::InputGradient,
         bias: Option<&Tensor>,
         relu: bool,
     ) -> Result<Tensor, String> {
+        let (gradient_weight, by_matmul, transposed_padding) = match gradient {
+            super::InputGradient::MatMul(weight) => (weight, true, 0),
+            super::InputGradient::Transposed(t) => (&t.packed, false, t.geometry.padding),
+        };
         let mut out = ptr::null_mut();
         // SAFETY: the pointers are live tensors or null where the bridge accepts null.
         unsafe {
             let error = svf_onednn_conv_tracked(
                 raw(Some(x)),
                 raw(Some(&packed.packed)),
-                raw(Some(&transposed.packed)),
+                raw(Some(gradient_weight)),
+                by_matmul,
                 raw(bias),
                 packed.geometry.padding,
-                transposed.geometry.padding,
+                transposed_padding,
                 packed.geometry.dilation,
                 relu,
                 &mut out,
@@ -387,7 +413,7 @@ mod bridge {
     pub(super) fn tracked_convolution(
         _: &Tensor,
         _: &super::PackedConv,
-        _: &super::PackedConv,
+        _: &super::InputGradient,
         _: Option<&Tensor>,
         _: bool,
     ) -> Result<Tensor, String> {
@@ -481,8 +507,8 @@ mod tests {
     fn packed_forms(cache: &PackCache) -> (bool, Option<bool>) {
         let entry = cache.0.lock().unwrap();
         let entry = entry.as_ref().expect("nothing cached");
-        let transposed = entry.transposed.as_ref().map(Option::is_some);
-        (entry.packed.is_some(), transposed)
+        let gradient = entry.input_gradient.as_ref().map(Option::is_some);
+        (entry.packed.is_some(), gradient)
     }
 
     #[test]
