@@ -1,7 +1,7 @@
-//! Embeds an rpath to libtorch and forces `libtorch_cuda.so` into the link, so that binaries start
-//! without `LD_LIBRARY_PATH` and `tch::Cuda::is_available()` sees the GPU (the default
-//! `--as-needed` link drops the CUDA library because no symbol of it is referenced directly).
-//! Also compiles `src/backbone/onednn.cpp`, the bridge to oneDNN's prepacked convolution.
+//! Embeds an rpath to libtorch, so that binaries start without `LD_LIBRARY_PATH` (and
+//! `device::load_cuda` finds `libtorch_cuda.so` there: it is loaded at run time, only where a GPU
+//! driver is, not linked). Also compiles `src/backbone/onednn.cpp`, the bridge to oneDNN's
+//! prepacked convolution.
 use std::path::{Path, PathBuf};
 
 fn main() {
@@ -21,10 +21,6 @@ fn main() {
     let lib = libtorch.join("lib");
     println!("cargo:rerun-if-changed={}", lib.display());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    if lib.join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-search=native={}", lib.display());
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
-    }
     compile_onednn_bridge(&libtorch);
 }
 

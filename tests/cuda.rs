@@ -12,6 +12,13 @@ use tch::{nn, Device, Kind, Tensor};
 
 const CUDA: Device = Device::Cuda(0);
 
+/// Loads libtorch's CUDA library (the binaries load it at run time, `svf::device::load_cuda`);
+/// first in every test, before libtorch is asked about CUDA.
+fn require_cuda() {
+    let device = svf::device::DeviceArg::Cuda(0).resolve();
+    assert_eq!(device.expect("a CUDA device"), CUDA);
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a.to_device(Device::Cpu) - b.to_device(Device::Cpu))
         .abs()
@@ -23,6 +30,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 #[ignore = "needs a CUDA device (scripts/gpu-check.sh)"]
 fn prior_under_bf16_autocast_is_float32_and_equals_the_cpu_prior() {
+    require_cuda();
     tch::manual_seed(0);
     let cpu = (Kind::Float, Device::Cpu);
     let query = Tensor::randn([2, 256, 30, 30], cpu).relu();
@@ -64,6 +72,7 @@ fn prior_under_bf16_autocast_is_float32_and_equals_the_cpu_prior() {
 #[test]
 #[ignore = "needs a CUDA device (scripts/gpu-check.sh)"]
 fn train_step_on_cuda_float32_and_bf16() {
+    require_cuda();
     let dir = common::scratch("cuda-step");
     let mut firsts = Vec::new();
     for amp in [Amp::None, Amp::Bf16] {

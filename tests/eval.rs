@@ -505,7 +505,10 @@ fn reproduce_tables_runs_one_paper_cell_into_the_report() {
 #[test]
 #[ignore = "needs a CUDA device: cargo test --test eval -- --ignored on a GPU machine"]
 fn accumulator_on_cuda_matches_cpu() {
-    let device = Device::Cuda(0);
+    // Loads libtorch's CUDA library first (svf::device::load_cuda).
+    let device = svf::device::DeviceArg::Cuda(0)
+        .resolve()
+        .expect("a CUDA device");
     let pred = Tensor::randint(2, [3, 17, 13], (Kind::Int64, Device::Cpu));
     let label = Tensor::randint(3, [3, 17, 13], (Kind::Int64, Device::Cpu));
     let label = label.where_self(&label.ne(2), &label.full_like(255));
