@@ -9,6 +9,8 @@
 # torch 2.11.0 `lib/` (e.g. <venv>/lib/python3.X/site-packages/torch/lib, plus the nvidia/*/lib
 # folders of its CUDA wheels if they are not found otherwise), then from the repository root:
 #   LD_LIBRARY_PATH=/path/to/torch/lib scripts/gpu-check.sh
+# (The binaries load libtorch_cuda.so at start, where the driver's libcuda.so.1 is, from the rpath or
+# LD_LIBRARY_PATH: svf::device::load_cuda; `--device cuda` names dlopen's error if it cannot.)
 # Environment: BIN (release binaries, default target/release), TESTS (test binaries, default
 # target/debug/deps), OUT (scratch and logs, default /tmp/svf-gpu-check), SIZE (default 473).
 #

@@ -433,6 +433,16 @@ mod tests {
         x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
     }
 
+    /// A random input of `shape`, the `i`-th of a test's list: channels-last as the models' are,
+    /// except the second (libtorch's default layout).
+    fn input(shape: &[i64], i: usize) -> Tensor {
+        if i == 1 {
+            cpu(shape)
+        } else {
+            channels_last(&cpu(shape))
+        }
+    }
+
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         assert_eq!(a.size(), b.size());
         (a - b).abs().max().double_value(&[])
@@ -523,11 +533,7 @@ mod tests {
                 .iter()
                 .enumerate()
             {
-                let x = if i == 1 {
-                    cpu(shape)
-                } else {
-                    channels_last(&cpu(shape))
-                };
+                let x = input(shape, i);
                 let out_shape = geometry.conv2d(&x, &weight, None).size();
                 let add = cpu(&out_shape);
                 for (bias, add, relu) in [
@@ -552,7 +558,7 @@ mod tests {
     }
 
     /// An input that tracks gradients: the same outputs, and the same input (and shortcut)
-    /// gradients as libtorch's backward, the transposed weight packed for stride 1 only.
+    /// gradients as libtorch's backward; the packed path (an input gradient) for stride 1 only.
     #[test]
     fn packed_convolutions_of_tracked_inputs_give_libtorchs_gradients() {
         tch::manual_seed(4);
@@ -561,11 +567,7 @@ mod tests {
             let bias = cpu(&[12]);
             let cache = PackCache::default();
             for (i, shape) in [[1, 8, 17, 17], [2, 8, 11, 20]].iter().enumerate() {
-                let x = if i == 1 {
-                    cpu(shape)
-                } else {
-                    channels_last(&cpu(shape))
-                };
+                let x = input(shape, i);
                 let out_shape = geometry.conv2d(&x, &weight, None).size();
                 // A gradient from above that is not all ones, so that the flip is tested.
                 let upstream = cpu(&out_shape);
