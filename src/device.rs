@@ -71,8 +71,8 @@ impl DeviceArg {
 
 /// Loads `libtorch_cuda.so` (and with it the CUDA libraries) once per process, where the NVIDIA
 /// driver's `libcuda.so.1` is installed. The binaries do not link it: on a machine without a GPU
-/// its loading alone costs about 350 MiB of resident memory (cuBLAS, cuDNN, NCCL...; 483 against
-/// 128 MiB for libtorch's CPU library alone). Must run before libtorch is first asked about CUDA
+/// its loading alone costs about 350 MiB of resident memory (cuBLAS, cuDNN, NCCL...; 472 against
+/// 125 MiB for libtorch's CPU library alone). Must run before libtorch is first asked about CUDA
 /// (`tch::manual_seed` asks too): libtorch settles its CUDA support at that first question.
 pub fn load_cuda() -> Result<(), String> {
     static LOADED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
