@@ -16,6 +16,7 @@ use tch::{nn, Tensor};
 
 use crate::config::Config;
 use crate::svf::SvfOptions;
+pub(crate) use layers::BatchNormState;
 pub use layers::Init;
 use layers::{Scope, Stage};
 use resnet::ResNetLayout;

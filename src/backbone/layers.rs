@@ -266,15 +266,73 @@ impl Conv2d {
 /// PyTorch's BatchNorm2d eps.
 const BN_EPS: f64 = 1e-5;
 
-/// BatchNorm2d with PyTorch's variable names (`weight`, `bias`, `running_mean`, `running_var`,
-/// `num_batches_tracked`) so state dicts map one to one, momentum 0.1, eps 1e-5.
+/// BatchNorm2d's state under PyTorch's names (`weight`, `bias`, `running_mean`, `running_var`,
+/// `num_batches_tracked`, so state dicts map one to one), momentum 0.1, eps 1e-5: the backbone's
+/// BatchNorm and the heads' (PSPNet's pyramid and classifier).
 #[derive(Debug)]
-pub(crate) struct BatchNorm2d {
+pub(crate) struct BatchNormState {
     weight: Tensor,
     bias: Tensor,
     running_mean: Tensor,
     running_var: Tensor,
     num_batches_tracked: Tensor,
+}
+
+impl BatchNormState {
+    /// PyTorch's initial values, each registered by `add(name, tensor, is_parameter)` (the
+    /// statistics with `is_parameter` false), which decides where it lives and whether it trains.
+    pub(crate) fn new(
+        channels: i64,
+        device: tch::Device,
+        add: impl Fn(&str, Tensor, bool) -> Tensor,
+    ) -> BatchNormState {
+        let float = (Kind::Float, device);
+        BatchNormState {
+            weight: add("weight", Tensor::ones([channels], float), true),
+            bias: add("bias", Tensor::zeros([channels], float), true),
+            running_mean: add("running_mean", Tensor::zeros([channels], float), false),
+            running_var: add("running_var", Tensor::ones([channels], float), false),
+            num_batches_tracked: add(
+                "num_batches_tracked",
+                Tensor::zeros([], (Kind::Int64, device)),
+                false,
+            ),
+        }
+    }
+
+    /// `train`: batch statistics, and the running ones updated (PyTorch's training mode).
+    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        if train {
+            tch::no_grad(|| {
+                let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
+            });
+        }
+        x.batch_norm(
+            Some(&self.weight),
+            Some(&self.bias),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+            train,
+            0.1,
+            BN_EPS,
+            true,
+        )
+    }
+
+    /// Eval-mode BatchNorm as `y·scale + shift` per channel: `scale = weight / √(running_var + eps)`,
+    /// `shift = bias − running_mean·scale`.
+    fn eval_affine(&self) -> (Tensor, Tensor) {
+        let scale = &self.weight * (&self.running_var + BN_EPS).rsqrt();
+        let shift = &self.bias - &self.running_mean * &scale;
+        (scale, shift)
+    }
+}
+
+/// The backbone's BatchNorm2d: its [`BatchNormState`] and, for the eval mode, the preceding
+/// convolution with it folded in.
+#[derive(Debug)]
+pub(crate) struct BatchNorm2d {
+    state: BatchNormState,
     /// [`BatchNorm2d::fold`]'s last frozen result: (key, weight, bias).
     folded: std::sync::Mutex<Option<FoldedConv>>,
     /// The folded weight prepacked for oneDNN, for frozen use on the CPU.
@@ -285,16 +343,12 @@ type FoldedConv = (Vec<i64>, Tensor, Tensor);
 
 impl BatchNorm2d {
     pub(crate) fn new(scope: &Scope, channels: i64) -> BatchNorm2d {
-        let float = (Kind::Float, scope.device());
+        let add = |leaf: &str, tensor, is_parameter| match is_parameter {
+            true => scope.add(leaf, tensor),
+            false => scope.add_buffer(leaf, tensor),
+        };
         BatchNorm2d {
-            weight: scope.add("weight", Tensor::ones([channels], float)),
-            bias: scope.add("bias", Tensor::zeros([channels], float)),
-            running_mean: scope.add_buffer("running_mean", Tensor::zeros([channels], float)),
-            running_var: scope.add_buffer("running_var", Tensor::ones([channels], float)),
-            num_batches_tracked: scope.add_buffer(
-                "num_batches_tracked",
-                Tensor::zeros([], (Kind::Int64, scope.device())),
-            ),
+            state: BatchNormState::new(channels, scope.device(), add),
             folded: std::sync::Mutex::new(None),
             folded_packed: PackCache::default(),
         }
@@ -307,7 +361,7 @@ impl BatchNorm2d {
     /// copies into the variables, refreshes it); otherwise it is computed in the graph every time.
     fn fold(&self, weight: &Tensor, bias: Option<&Tensor>) -> (Tensor, Tensor) {
         let compute = || {
-            let (scale, shift) = self.eval_affine();
+            let (scale, shift) = self.state.eval_affine();
             let folded_weight = weight * scale.reshape([-1, 1, 1, 1]);
             let folded_bias = match bias {
                 Some(bias) => bias * &scale + &shift,
@@ -318,10 +372,10 @@ impl BatchNorm2d {
         let inputs = [
             Some(weight),
             bias,
-            Some(&self.weight),
-            Some(&self.bias),
-            Some(&self.running_mean),
-            Some(&self.running_var),
+            Some(&self.state.weight),
+            Some(&self.state.bias),
+            Some(&self.state.running_mean),
+            Some(&self.state.running_var),
         ];
         if inputs.iter().flatten().any(|t| t.requires_grad()) {
             return compute();
@@ -346,31 +400,9 @@ impl BatchNorm2d {
         }
     }
 
-    /// Eval-mode BatchNorm as `y·scale + shift` per channel: `scale = weight / √(running_var + eps)`,
-    /// `shift = bias − running_mean·scale`.
-    pub(crate) fn eval_affine(&self) -> (Tensor, Tensor) {
-        let scale = &self.weight * (&self.running_var + BN_EPS).rsqrt();
-        let shift = &self.bias - &self.running_mean * &scale;
-        (scale, shift)
-    }
-
     /// `train`: batch statistics, and the running ones updated (PyTorch's training mode).
     pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        if train {
-            tch::no_grad(|| {
-                let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
-            });
-        }
-        x.batch_norm(
-            Some(&self.weight),
-            Some(&self.bias),
-            Some(&self.running_mean),
-            Some(&self.running_var),
-            train,
-            0.1,
-            BN_EPS,
-            true,
-        )
+        self.state.forward(x, train)
     }
 }
 
@@ -609,14 +641,20 @@ mod fold_tests {
             tch::no_grad(|| {
                 let float = (Kind::Float, Device::Cpu);
                 let c = spec.out_channels;
-                bn.weight
+                bn.state
+                    .weight
                     .shallow_clone()
                     .copy_(&(Tensor::rand([c], float) + 0.5));
-                bn.bias.shallow_clone().copy_(&Tensor::randn([c], float));
-                bn.running_mean
+                bn.state
+                    .bias
                     .shallow_clone()
                     .copy_(&Tensor::randn([c], float));
-                bn.running_var
+                bn.state
+                    .running_mean
+                    .shallow_clone()
+                    .copy_(&Tensor::randn([c], float));
+                bn.state
+                    .running_var
                     .shallow_clone()
                     .copy_(&(Tensor::rand([c], float) + 0.1));
                 if let Conv2d::Full {
@@ -681,7 +719,7 @@ mod fold_tests {
         assert_eq!(max_rel_diff(&again, &first), 0.0);
         tch::no_grad(|| {
             let var = Tensor::rand([4], (Kind::Float, Device::Cpu)) + 0.1;
-            bn.running_var.shallow_clone().copy_(&var);
+            bn.state.running_var.shallow_clone().copy_(&var);
             if let Conv2d::Svd(svd, _) = &conv {
                 svd.conv_u.shallow_clone().copy_(&(&svd.conv_u * 2.0));
             }
@@ -699,7 +737,14 @@ mod fold_tests {
             true,
             Epilogue::NONE,
         );
-        assert_eq!(i64::try_from(&bn.num_batches_tracked).unwrap(), 1);
-        assert!(bn.running_mean.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        assert_eq!(i64::try_from(&bn.state.num_batches_tracked).unwrap(), 1);
+        assert!(
+            bn.state
+                .running_mean
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[])
+                > 0.0
+        );
     }
 }

@@ -9,9 +9,9 @@
 //! `initmodel/PSPNet/.../best.pth`, once converted, loads as is.
 
 use tch::nn::{self, Module};
-use tch::{Kind, Reduction, Tensor};
+use tch::{Reduction, Tensor};
 
-use crate::backbone::{Backbone, Init};
+use crate::backbone::{Backbone, BatchNormState, Init};
 use crate::config::Config;
 use crate::data::IGNORE_LABEL;
 
@@ -32,64 +32,26 @@ pub fn base_learner_classes(config: &Config) -> i64 {
     (classes - classes / 4 + 1) as i64
 }
 
-/// BatchNorm2d with PyTorch's `state_dict` entries (`weight`, `bias`, `running_mean`,
-/// `running_var`, `num_batches_tracked`), on an [`nn::Path`] (the backbone's own BatchNorm is
-/// built inside its naming scope).
-struct BatchNorm {
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    num_batches_tracked: Tensor,
-}
-
-impl BatchNorm {
-    fn new(p: nn::Path, channels: i64) -> BatchNorm {
-        let float = (Kind::Float, p.device());
-        let buffer = |name: &str, t: Tensor| p.add(name, t.set_requires_grad(false), false);
-        BatchNorm {
-            weight: p.add("weight", Tensor::ones([channels], float), true),
-            bias: p.add("bias", Tensor::zeros([channels], float), true),
-            running_mean: buffer("running_mean", Tensor::zeros([channels], float)),
-            running_var: buffer("running_var", Tensor::ones([channels], float)),
-            num_batches_tracked: buffer(
-                "num_batches_tracked",
-                Tensor::zeros([], (Kind::Int64, p.device())),
-            ),
-        }
-    }
-
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        if train {
-            tch::no_grad(|| {
-                let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
-            });
-        }
-        x.batch_norm(
-            Some(&self.weight),
-            Some(&self.bias),
-            Some(&self.running_mean),
-            Some(&self.running_var),
-            train,
-            0.1,
-            1e-5,
-            true,
-        )
-    }
+/// BatchNorm2d on an [`nn::Path`] (the backbone's lives inside its naming scope).
+fn batch_norm(p: nn::Path, channels: i64) -> BatchNormState {
+    let add = |name: &str, tensor: Tensor, is_parameter| {
+        p.add(name, tensor.set_requires_grad(false), is_parameter)
+    };
+    BatchNormState::new(channels, p.device(), add)
 }
 
 /// One bin of the pyramid: adaptive average pooling, 1×1 conv, BatchNorm, ReLU.
 struct PyramidBin {
     bin: i64,
     conv: HeadConv,
-    bn: BatchNorm,
+    bn: BatchNormState,
 }
 
 /// PSPNet's head on layer4 (BAM's `learner_base`): the pyramid pooling module and the classifier.
 pub struct PspHead {
     bins: Vec<PyramidBin>,
     cls_conv: HeadConv,
-    cls_bn: BatchNorm,
+    cls_bn: BatchNormState,
     cls_out: HeadConv,
 }
 
@@ -105,7 +67,7 @@ impl PspHead {
             .map(|(i, &bin)| PyramidBin {
                 bin,
                 conv: conv(&features / i / "1", in_channels, reduction, 1, false),
-                bn: BatchNorm::new(&features / i / "2", reduction),
+                bn: batch_norm(&features / i / "2", reduction),
             })
             .collect();
         let cls = root / "cls";
@@ -113,7 +75,7 @@ impl PspHead {
         PspHead {
             bins,
             cls_conv: conv(&cls / "0", pooled, CLS_HIDDEN, 3, false),
-            cls_bn: BatchNorm::new(&cls / "1", CLS_HIDDEN),
+            cls_bn: batch_norm(&cls / "1", CLS_HIDDEN),
             cls_out: conv(&cls / "4", CLS_HIDDEN, classes, 1, true),
         }
     }
@@ -200,7 +162,7 @@ impl PspNet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+    use tch::{Device, Kind};
 
     #[test]
     fn names_are_bam_pspnet_names_and_shapes_follow_the_bins() {
