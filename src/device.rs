@@ -69,14 +69,16 @@ impl DeviceArg {
     }
 }
 
+/// [`load_cuda`]'s outcome, once it has run.
+static CUDA_LOADED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+
 /// Loads `libtorch_cuda.so` (and with it the CUDA libraries) once per process, where the NVIDIA
 /// driver's `libcuda.so.1` is installed. The binaries do not link it: on a machine without a GPU
 /// its loading alone costs about 350 MiB of resident memory (cuBLAS, cuDNN, NCCL...; 472 against
 /// 125 MiB for libtorch's CPU library alone). Must run before libtorch is first asked about CUDA
 /// (`tch::manual_seed` asks too): libtorch settles its CUDA support at that first question.
 pub fn load_cuda() -> Result<(), String> {
-    static LOADED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    LOADED
+    CUDA_LOADED
         .get_or_init(|| {
             dlopen("libcuda.so.1", libc::RTLD_LAZY | libc::RTLD_GLOBAL)
                 .map_err(|why| format!("no NVIDIA driver ({why})"))?;
@@ -119,10 +121,21 @@ pub fn log_startup(device: Device) {
         device = %name,
         libtorch = LIBTORCH_VERSION,
         threads = tch::get_num_threads(),
-        cuda_devices = if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 },
+        cuda_devices = %cuda_devices(),
         "svf {}",
         env!("CARGO_PKG_VERSION")
     );
+}
+
+/// The CUDA devices libtorch sees, or why none are counted: with `--device cpu` its CUDA library is
+/// never loaded, so "0" would misreport a GPU machine.
+fn cuda_devices() -> String {
+    match CUDA_LOADED.get() {
+        Some(Ok(())) if tch::Cuda::is_available() => tch::Cuda::device_count().to_string(),
+        Some(Ok(())) => "0".to_string(),
+        Some(Err(why)) => format!("0 ({why})"),
+        None => "not looked for (--device cpu)".to_string(),
+    }
 }
 
 /// Keeps freed host memory in the process for reuse. glibc's malloc returns every block above its
