@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces the paper's tables. Two grids:
 #
-#   --recipe paper (default): the SVF paper's rows (REFERENCE §7): PASCAL-5i and COCO-20i, folds
+#   --recipe paper (default): the SVF paper's rows (its Tables 1 and 2): PASCAL-5i and COCO-20i, folds
 #     0-3, 1- and 5-shot, ResNet-50 and VGG-16, each method with and without SVF.
-#       PFENet† and PFENet†+SVF under the authors' recipe (§8), configs/paper/ (64 runs).
+#       PFENet† and PFENet†+SVF under the authors' recipe, configs/paper/ (64 runs).
 #       BAM† (BAM's recipe) and BAM†+SVF (the authors' recipe), configs/bam/ (64 runs), after BAM's
 #       base stage, one run per dataset, fold and backbone (16 runs, OUT/<dataset>/split<F>/
 #       <backbone>/base), trained before the first meta run that needs it and not evaluated.
@@ -68,6 +68,10 @@ sets=()
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
+        --dry-run | -h | --help) ;;
+        -*) [[ $# -ge 2 ]] || { echo "reproduce_tables.sh: $1 needs a value" >&2; usage >&2; exit 2; } ;;
+    esac
+    case "$1" in
         --recipe) recipe="$2"; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         --only) only="$2"; shift 2 ;;
@@ -89,6 +93,21 @@ while [[ $# -gt 0 ]]; do
         *) echo "reproduce_tables.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
 done
+
+# Every word of a subset option must name a part of the grid.
+check_subset() {
+    local word
+    for word in $2; do
+        [[ " $3 " == *" $word "* ]] ||
+            { echo "reproduce_tables.sh: $1 takes words of \"$3\", not $word" >&2; exit 2; }
+    done
+}
+check_subset --methods "$methods" "pfenet bam"
+check_subset --datasets "$datasets" "pascal coco"
+check_subset --folds "$folds" "0 1 2 3"
+check_subset --shots "$shots" "1 5"
+check_subset --svf "$svf_modes" "false true"
+check_subset --backbones "$backbones" "resnet50 vgg16"
 
 case "$recipe" in
     paper)

@@ -638,3 +638,20 @@ fn bam_filter_drops_exactly_the_images_showing_a_novel_class() {
         "{message}"
     );
 }
+
+#[test]
+fn synth_refuses_lists_without_two_images_of_each_class() {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("synth-too-few");
+    for args in [&["--images", "39"][..], &["--val-images", "0"][..]] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_svf-data"))
+            .args(["synth", "--out"])
+            .arg(&out)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} accepted");
+        assert!(stderr.contains("is not in 40.."), "{args:?}: {stderr}");
+    }
+    assert!(!out.exists(), "a refused synth wrote {}", out.display());
+}

@@ -314,6 +314,36 @@ fn reproduce_tables_dry_run_lists_the_32_pfenet_recipe_runs() {
 }
 
 #[test]
+fn reproduce_tables_refuses_a_missing_value_and_words_outside_the_grid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (args, message) in [
+        (&["--only"][..], "--only needs a value"),
+        (
+            &["--folds", "0 7"][..],
+            "--folds takes words of \"0 1 2 3\", not 7",
+        ),
+        (
+            &["--shots", "3"][..],
+            "--shots takes words of \"1 5\", not 3",
+        ),
+        (
+            &["--svf", "yes"][..],
+            "--svf takes words of \"false true\", not yes",
+        ),
+    ] {
+        let output = Command::new("bash")
+            .arg(root.join("scripts/reproduce_tables.sh"))
+            .arg("--dry-run")
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
 fn reproduce_tables_on_synthetic_data_fills_every_cell() {
     let dir = scratch("tables");
     let configs = dir.join("configs");

@@ -9,7 +9,7 @@ use svf::data::check::check_dataset;
 use svf::data::prepare::coco::{prepare_coco, CocoOptions, CrowdLabel};
 use svf::data::prepare::pascal::{prepare_pascal, PascalOptions};
 use svf::data::prepare::{ImageMode, PrepareSummary};
-use svf::data::synth::{write_dataset, SynthOptions, MIN_SIZE};
+use svf::data::synth::{write_dataset, SynthOptions, MIN_IMAGES, MIN_SIZE};
 
 /// Dataset tools for few-shot segmentation.
 #[derive(Parser, Debug)]
@@ -29,13 +29,14 @@ enum Command {
         /// Output folder (becomes `data_root`).
         #[arg(long)]
         out: PathBuf,
-        /// Images in the train list.
-        #[arg(long, default_value_t = SynthOptions::default().train_images)]
-        images: usize,
+        /// Images in the train list; at least 40, two of each class (a 1-shot episode's query and
+        /// support).
+        #[arg(long, default_value_t = SynthOptions::default().train_images as u64, value_parser = clap::value_parser!(u64).range(MIN_IMAGES..))]
+        images: u64,
         /// Images in the val list (default: 30% of --images, at least 40; 120 = 6 large objects
         /// of each class, enough for 5-shot).
-        #[arg(long)]
-        val_images: Option<usize>,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(MIN_IMAGES..))]
+        val_images: Option<u64>,
         /// Longer image side in pixels.
         #[arg(long, default_value_t = SynthOptions::default().size as u64, value_parser = clap::value_parser!(u64).range(MIN_SIZE as u64..))]
         size: u64,
@@ -163,8 +164,8 @@ fn main() -> anyhow::Result<()> {
             seed,
         } => {
             let options = SynthOptions {
-                train_images: images,
-                val_images: val_images.unwrap_or((images * 3 / 10).max(40)),
+                train_images: images as usize,
+                val_images: val_images.unwrap_or((images * 3 / 10).max(MIN_IMAGES)) as usize,
                 size: size as usize,
                 seed,
             };

@@ -42,6 +42,10 @@ impl Default for SynthOptions {
     }
 }
 
+/// The fewest images a list may have: two of each class, a 1-shot episode's query and support
+/// (image `n` shows class `1 + n % CLASSES`).
+pub const MIN_IMAGES: u64 = 2 * CLASSES as u64;
+
 /// The smallest longer side [`write_dataset`] accepts: the primary triangle must fit its pixels.
 pub const MIN_SIZE: usize = 112;
 
