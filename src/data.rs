@@ -41,6 +41,11 @@ pub enum DataError {
         key: &'static str,
         source: std::io::Error,
     },
+    #[error(
+        "data_root {data_root} is not a folder, and list {list} names files relative to it; \
+         set `data_root` in the config (or --set data_root=DIR) to the dataset's folder"
+    )]
+    DataRoot { data_root: PathBuf, list: PathBuf },
     #[error("list file {path}, line {line}: {message}")]
     ListLine {
         path: PathBuf,

@@ -655,3 +655,34 @@ fn synth_refuses_lists_without_two_images_of_each_class() {
     }
     assert!(!out.exists(), "a refused synth wrote {}", out.display());
 }
+
+#[test]
+fn a_data_root_that_is_no_folder_is_one_error_naming_the_key() {
+    let mut config = synthetic("no-data-root", 40, 40);
+    let missing = config.data_root.join("missing");
+    config.data_root = missing.clone();
+    let Err(error) = FewShotDataset::open(&config, Split::Train) else {
+        panic!("a missing data_root was accepted");
+    };
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!("data_root {}", missing.display())),
+        "{message}"
+    );
+    assert!(message.contains("--set data_root=DIR"), "{message}");
+    // `svf-data check` says it once per list, not once per image.
+    config.save_path = std::env::temp_dir();
+    let check = missing.parent().unwrap().join("check");
+    std::fs::create_dir_all(&check).unwrap();
+    let path = check.join("check.yaml");
+    std::fs::write(&path, config.to_yaml()).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_svf-data"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert_eq!(stderr.matches("is not a folder").count(), 2, "{stderr}");
+    assert!(stderr.contains("2 problem(s)"), "{stderr}");
+}

@@ -105,7 +105,7 @@ pub fn check_dataset(config: &Config) -> CheckReport {
         (Split::Train, &config.train_list, "train_list", &fold.train),
         (Split::Val, &config.val_list, "val_list", &fold.novel),
     ] {
-        let entries = match read_list(list, key) {
+        let entries = match read_list(list, key, &config.data_root) {
             Ok(entries) => entries,
             Err(e) => {
                 report.problems.push(e.to_string());

@@ -155,7 +155,7 @@ impl ClassIndex {
         cache_dirs: &[PathBuf],
         threads: usize,
     ) -> Result<ClassIndex, DataError> {
-        let file = read_list_file(list, list_key)?;
+        let file = read_list_file(list, list_key, data_root)?;
         let entries = file.entries;
         let list_id = std::fs::canonicalize(list).unwrap_or_else(|_| list.to_path_buf());
         let name = cache_name(&list_id);

@@ -91,19 +91,42 @@ fn parse_lines(text: &str, path: &Path) -> Result<Vec<ListEntry>, DataError> {
     Ok(entries)
 }
 
-/// Reads a list file; `key` is the config key that named it (`train_list`, `val_list`).
-pub fn read_list(path: &Path, key: &'static str) -> Result<Vec<ListEntry>, DataError> {
-    read_list_file(path, key).map(|file| file.entries)
+/// Reads a list file whose relative entries lie under `data_root`; `key` is the config key that
+/// named it (`train_list`, `val_list`).
+pub fn read_list(
+    path: &Path,
+    key: &'static str,
+    data_root: &Path,
+) -> Result<Vec<ListEntry>, DataError> {
+    read_list_file(path, key, data_root).map(|file| file.entries)
 }
 
-/// [`read_list`] keeping a `sub_class_file_list`'s class claims.
-pub fn read_list_file(path: &Path, key: &'static str) -> Result<ListFile, DataError> {
+/// [`read_list`] keeping a `sub_class_file_list`'s class claims. A `data_root` that is no folder
+/// fails here, once, rather than as one unreadable file per entry.
+pub fn read_list_file(
+    path: &Path,
+    key: &'static str,
+    data_root: &Path,
+) -> Result<ListFile, DataError> {
     let text = std::fs::read_to_string(path).map_err(|source| DataError::ListRead {
         path: path.to_path_buf(),
         key,
         source,
     })?;
-    parse_list_file(&text, path)
+    let file = parse_list_file(&text, path)?;
+    let relative = |name: &String| Path::new(name).is_relative();
+    if !data_root.is_dir()
+        && file
+            .entries
+            .iter()
+            .any(|e| relative(&e.image) || relative(&e.label))
+    {
+        return Err(DataError::DataRoot {
+            data_root: data_root.to_path_buf(),
+            list: path.to_path_buf(),
+        });
+    }
+    Ok(file)
 }
 
 /// BAM's `data_list_{fold}.txt`: `IMG LABEL` per line.

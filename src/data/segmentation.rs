@@ -98,7 +98,7 @@ impl SegmentationDataset {
         };
         Ok(SegmentationDataset {
             data_root: config.data_root.clone(),
-            entries: read_list(list, key)?,
+            entries: read_list(list, key, &config.data_root)?,
             map: BaseClassMap::of(config),
             split,
             transform: TrainTransform::from_config(config),
