@@ -218,7 +218,12 @@ pub fn save<S: Serialize>(
     // Settle any earlier interrupted write first, so no stale commit record can pair with the
     // half-written files of this one.
     recover(dir, name)?;
-    stage(&files, weights, optimizer, state)?;
+    if let Err(error) = stage(&files, weights, optimizer, state) {
+        // Frees what the failed write took (on a full disk, the space that is short); the previous
+        // checkpoint stays as it was.
+        let _ = recover(dir, name);
+        return Err(error);
+    }
     commit(&files, optimizer.is_some())?;
     Ok(files)
 }
@@ -444,6 +449,33 @@ mod tests {
         let state_tmp = tmp_path(&files.state);
         let text = std::fs::read(&state_tmp).unwrap();
         std::fs::write(&state_tmp, &text[..text.len() / 2]).unwrap();
+        let back: Checkpoint<State> = load(&dir, "last").unwrap();
+        assert_eq!((back.state.iteration, value_of(&back)), (1, 1.0));
+    }
+
+    #[test]
+    fn failed_write_removes_its_staged_files_and_keeps_the_previous_checkpoint() {
+        let dir = temp_dir("failed-write");
+        save(&dir, "last", &tensors(1.0), None, &State { iteration: 1 }).unwrap();
+        let files = CheckpointFiles::new(&dir, "last");
+        // Optimiser buffers that safetensors cannot hold fail the write after the weights were
+        // staged.
+        let complex = vec![(
+            "c".to_string(),
+            Tensor::zeros([2], (Kind::ComplexFloat, Device::Cpu)),
+        )];
+        let written = save(
+            &dir,
+            "last",
+            &tensors(2.0),
+            Some(&complex),
+            &State { iteration: 2 },
+        );
+        assert!(written.is_err());
+        assert!(
+            !tmp_path(&files.weights).exists(),
+            "staged weights left behind"
+        );
         let back: Checkpoint<State> = load(&dir, "last").unwrap();
         assert_eq!((back.state.iteration, value_of(&back)), (1, 1.0));
     }
