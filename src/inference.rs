@@ -68,7 +68,7 @@ pub fn resolve_weights(path: &Path) -> Result<PathBuf, InferenceError> {
 }
 
 /// A model for inference with the weights of `weights` (a checkpoint or any state dict of the
-/// config's model, strictly matched; for BAM also BAM's released naming). With `fuse` and an SVF
+/// config's model, strictly matched; for BAM also BAM's released naming), which `--weights` named. With `fuse` and an SVF
 /// config, the model is [`fuse`]d.
 pub fn load_model(
     config: &Config,
@@ -78,7 +78,7 @@ pub fn load_model(
 ) -> Result<(nn::VarStore, FewShotModel), InferenceError> {
     let vs = nn::VarStore::new(device);
     let model = FewShotModel::new(&vs.root(), config, Init::Zeros)?;
-    model.load_weights(&vs, weights, config.svf)?;
+    model.load_weights(&vs, weights, config.svf, "--weights")?;
     if fuse && config.svf {
         Ok(self::fuse(&vs, config)?)
     } else {
