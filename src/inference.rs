@@ -23,6 +23,14 @@ pub enum InferenceError {
         best: PathBuf,
         last: PathBuf,
     },
+    #[error("{weights} was trained with `{key}: {trained}` ({config}) but this evaluation has `{key}: {evaluated}`: its novel classes were training classes; evaluate under the training setting (--set {key}={trained}), or give weights trained with `{key}: {evaluated}`")]
+    OtherSetting {
+        weights: PathBuf,
+        config: PathBuf,
+        key: &'static str,
+        trained: String,
+        evaluated: String,
+    },
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
@@ -64,6 +72,42 @@ pub fn resolve_weights(path: &Path) -> Result<PathBuf, InferenceError> {
             best,
             last,
         })
+    }
+}
+
+/// Refuses to evaluate `weights` under another fold or dataset than they were trained on, when
+/// their run's `config.yaml` lies beside them (a run directory's checkpoint): a fold's novel classes
+/// are other folds' training classes, so such a score looks fine and means nothing.
+pub fn check_trained_for(config: &Config, weights: &Path) -> Result<(), InferenceError> {
+    let run_config = weights
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("config.yaml");
+    let Ok(trained) = Config::load(&run_config, &[]) else {
+        return Ok(());
+    };
+    let keys = [
+        ("split", trained.split.to_string(), config.split.to_string()),
+        (
+            "use_coco",
+            trained.use_coco.to_string(),
+            config.use_coco.to_string(),
+        ),
+        (
+            "use_split_coco",
+            trained.use_split_coco.to_string(),
+            config.use_split_coco.to_string(),
+        ),
+    ];
+    match keys.into_iter().find(|(_, t, e)| t != e) {
+        Some((key, trained, evaluated)) => Err(InferenceError::OtherSetting {
+            weights: weights.to_path_buf(),
+            config: run_config,
+            key,
+            trained,
+            evaluated,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -248,5 +292,30 @@ mod tests {
         assert_eq!(pred, vec![vec![0, 1, 1, 1]; 4]);
         let target = Vec::<Vec<i64>>::try_from(&target).unwrap();
         assert_eq!(target, vec![vec![0, 0, 0, 255]; 4]);
+    }
+
+    #[test]
+    fn weights_are_refused_under_another_fold_than_their_run_config() {
+        let dir = std::env::temp_dir().join(format!("svf-inference-fold-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let weights = dir.join("best.safetensors");
+        let trained = Config::default();
+        // No config beside the weights: nothing to compare.
+        assert!(check_trained_for(&trained, &weights).is_ok());
+        std::fs::write(dir.join("config.yaml"), trained.to_yaml()).unwrap();
+        assert!(check_trained_for(&trained, &weights).is_ok());
+        let other_fold = Config {
+            split: 1,
+            ..Config::default()
+        };
+        let message = check_trained_for(&other_fold, &weights)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("`split: 0`") && message.contains("`split: 1`"),
+            "{message}"
+        );
+        assert!(message.contains("--set split=0"), "{message}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
