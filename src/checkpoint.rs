@@ -52,6 +52,16 @@ pub enum CheckpointError {
         dir: PathBuf,
         missing: PathBuf,
     },
+    #[error("weights file {path} does not exist (from {origin}); check the path")]
+    NoFile { path: PathBuf, origin: String },
+    #[error("weights file {path} (from {origin}) is truncated or not a safetensors file; give a complete .safetensors file (scripts/convert_weights.py converts .pth files), or use another checkpoint")]
+    NotSafetensors { path: PathBuf, origin: String },
+    #[error("weights file {path} (from {origin}) holds NaN or Inf in `{tensor}`: the file is damaged; use another checkpoint")]
+    NonFinite {
+        path: PathBuf,
+        origin: String,
+        tensor: String,
+    },
     #[error("{path} has {actual} bytes but its state file records {expected}; the checkpoint was modified after it was written")]
     Size {
         path: PathBuf,
@@ -274,12 +284,35 @@ pub fn exists(dir: &Path, name: &str) -> Result<bool, CheckpointError> {
     Ok(CheckpointFiles::new(dir, name).state.exists())
 }
 
-pub fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
-    Tensor::read_safetensors(path).map_err(|source| CheckpointError::Tensors {
-        action: "read",
+/// Reads a safetensors file's tensors, refusing a missing, truncated or foreign file and one whose
+/// floating tensors hold NaN or Inf (damage inside the data, which no size check sees). `origin`
+/// names where the path came from for the message: `--weights`, "config key `weight`", ...
+pub fn read_tensors(path: &Path, origin: &str) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+    // Opening first tells a missing or unreadable file from one that is not safetensors.
+    if let Err(e) = File::open(path) {
+        return Err(match e.kind() {
+            std::io::ErrorKind::NotFound => CheckpointError::NoFile {
+                path: path.to_path_buf(),
+                origin: origin.to_string(),
+            },
+            _ => io_err("read", path)(e),
+        });
+    }
+    let tensors = Tensor::read_safetensors(path).map_err(|_| CheckpointError::NotSafetensors {
         path: path.to_path_buf(),
-        source,
-    })
+        origin: origin.to_string(),
+    })?;
+    if let Some((name, _)) = tensors
+        .iter()
+        .find(|(_, t)| t.is_floating_point() && !bool::try_from(t.isfinite().all()).unwrap_or(true))
+    {
+        return Err(CheckpointError::NonFinite {
+            path: path.to_path_buf(),
+            origin: origin.to_string(),
+            tensor: name.clone(),
+        });
+    }
+    Ok(tensors)
 }
 
 fn check_size(path: &Path, expected: u64) -> Result<(), CheckpointError> {
@@ -315,11 +348,12 @@ pub fn load<S: DeserializeOwned>(dir: &Path, name: &str) -> Result<Checkpoint<S>
             source,
         })?;
     check_size(&files.weights, envelope.weights_bytes)?;
-    let weights = read_tensors(&files.weights)?;
+    let origin = format!("checkpoint `{name}`");
+    let weights = read_tensors(&files.weights, &origin)?;
     let optimizer = match envelope.optimizer_bytes {
         Some(bytes) => {
             check_size(&files.optimizer, bytes)?;
-            Some(read_tensors(&files.optimizer)?)
+            Some(read_tensors(&files.optimizer, &origin)?)
         }
         None => None,
     };
@@ -518,5 +552,42 @@ mod tests {
         std::fs::write(&files.weights, bytes).unwrap();
         let err = load::<State>(&dir, "last").err().unwrap().to_string();
         assert!(err.contains("last.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn unreadable_weights_files_are_named_with_their_origin_and_cause() {
+        let dir = temp_dir("readerr");
+        let good = dir.join("good.safetensors");
+        Tensor::write_safetensors(&tensors(1.0), &good).unwrap();
+        assert_eq!(read_tensors(&good, "--weights").unwrap().len(), 2);
+        let message = |path: &Path| read_tensors(path, "--weights").err().unwrap().to_string();
+
+        let missing = message(&dir.join("missing.safetensors"));
+        assert!(
+            missing.contains("missing.safetensors does not exist (from --weights)"),
+            "{missing}"
+        );
+
+        let bytes = std::fs::read(&good).unwrap();
+        let truncated = dir.join("truncated.safetensors");
+        std::fs::write(&truncated, &bytes[..bytes.len() - 4]).unwrap();
+        let png = dir.join("image.png");
+        std::fs::write(&png, b"\x89PNG\r\n\x1a\n0123456789abcdef").unwrap();
+        for path in [&truncated, &png] {
+            let m = message(path);
+            assert!(m.contains("is truncated or not a safetensors file"), "{m}");
+            assert!(m.contains(&*path.to_string_lossy()), "{m}");
+        }
+
+        let nan = tensors(1.0);
+        let _ = nan[0].1.get(1).get(2).fill_(f64::NAN);
+        let damaged = dir.join("nan.safetensors");
+        Tensor::write_safetensors(&nan, &damaged).unwrap();
+        let m = message(&damaged);
+        assert!(
+            m.contains("holds NaN or Inf in `a.weight`: the file is damaged"),
+            "{m}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

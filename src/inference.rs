@@ -23,6 +23,14 @@ pub enum InferenceError {
         best: PathBuf,
         last: PathBuf,
     },
+    #[error("{weights} was trained with `{key}: {trained}` ({config}) but this evaluation has `{key}: {evaluated}`: its novel classes were training classes; evaluate under the training setting (--set {key}={trained}), or give weights trained with `{key}: {evaluated}`")]
+    OtherSetting {
+        weights: PathBuf,
+        config: PathBuf,
+        key: &'static str,
+        trained: String,
+        evaluated: String,
+    },
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
@@ -67,8 +75,44 @@ pub fn resolve_weights(path: &Path) -> Result<PathBuf, InferenceError> {
     }
 }
 
+/// Refuses to evaluate `weights` under another fold or dataset than they were trained on, when
+/// their run's `config.yaml` lies beside them (a run directory's checkpoint): a fold's novel classes
+/// are other folds' training classes, so such a score looks fine and means nothing.
+pub fn check_trained_for(config: &Config, weights: &Path) -> Result<(), InferenceError> {
+    let run_config = weights
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("config.yaml");
+    let Ok(trained) = Config::load(&run_config, &[]) else {
+        return Ok(());
+    };
+    let keys = [
+        ("split", trained.split.to_string(), config.split.to_string()),
+        (
+            "use_coco",
+            trained.use_coco.to_string(),
+            config.use_coco.to_string(),
+        ),
+        (
+            "use_split_coco",
+            trained.use_split_coco.to_string(),
+            config.use_split_coco.to_string(),
+        ),
+    ];
+    match keys.into_iter().find(|(_, t, e)| t != e) {
+        Some((key, trained, evaluated)) => Err(InferenceError::OtherSetting {
+            weights: weights.to_path_buf(),
+            config: run_config,
+            key,
+            trained,
+            evaluated,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// A model for inference with the weights of `weights` (a checkpoint or any state dict of the
-/// config's model, strictly matched; for BAM also BAM's released naming). With `fuse` and an SVF
+/// config's model, strictly matched; for BAM also BAM's released naming), which `--weights` named. With `fuse` and an SVF
 /// config, the model is [`fuse`]d.
 pub fn load_model(
     config: &Config,
@@ -78,7 +122,7 @@ pub fn load_model(
 ) -> Result<(nn::VarStore, FewShotModel), InferenceError> {
     let vs = nn::VarStore::new(device);
     let model = FewShotModel::new(&vs.root(), config, Init::Zeros)?;
-    model.load_weights(&vs, weights, config.svf)?;
+    model.load_weights(&vs, weights, config.svf, "--weights")?;
     if fuse && config.svf {
         Ok(self::fuse(&vs, config)?)
     } else {
@@ -248,5 +292,30 @@ mod tests {
         assert_eq!(pred, vec![vec![0, 1, 1, 1]; 4]);
         let target = Vec::<Vec<i64>>::try_from(&target).unwrap();
         assert_eq!(target, vec![vec![0, 0, 0, 255]; 4]);
+    }
+
+    #[test]
+    fn weights_are_refused_under_another_fold_than_their_run_config() {
+        let dir = std::env::temp_dir().join(format!("svf-inference-fold-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let weights = dir.join("best.safetensors");
+        let trained = Config::default();
+        // No config beside the weights: nothing to compare.
+        assert!(check_trained_for(&trained, &weights).is_ok());
+        std::fs::write(dir.join("config.yaml"), trained.to_yaml()).unwrap();
+        assert!(check_trained_for(&trained, &weights).is_ok());
+        let other_fold = Config {
+            split: 1,
+            ..Config::default()
+        };
+        let message = check_trained_for(&other_fold, &weights)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("`split: 0`") && message.contains("`split: 1`"),
+            "{message}"
+        );
+        assert!(message.contains("--set split=0"), "{message}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -12,7 +12,7 @@ pub use head::{
     is_head_parameter, prior_mask, weighted_gap, HeadOutput, PfeHead, QueryFeatures,
     SupportFeatures, HEAD_MODULES,
 };
-pub use weights::{copy_into, load_weights, model_weights};
+pub use weights::{copy_into, model_weights};
 
 use tch::{nn, Kind, Reduction, Tensor};
 

@@ -17,7 +17,7 @@ use crate::data::transform::{normalise_into, val_resize};
 use crate::data::DataError;
 use crate::inference::{inference_logits, original_resolution};
 use crate::model::FewShotModel;
-use crate::visual::{mask_image, overlay, write_png, VisualError, MASK_COLOUR};
+use crate::visual::{mask_image, overlay, VisualError, MASK_COLOUR};
 
 /// Why a prediction could not be made or written.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,16 @@ pub enum PredictError {
     BamShot { given: usize, shot: usize },
     #[error("queries {0} and {1} share a file name, so their outputs would collide; rename one")]
     SameName(PathBuf, PathBuf),
+    #[error("output {output} would overwrite the {flag} input {input}; choose another --out")]
+    OverwritesInput {
+        output: PathBuf,
+        flag: &'static str,
+        input: PathBuf,
+    },
+    #[error("{0} exists and was not written by svf-predict (it may be your own annotation); choose another --out, or pass --overwrite to replace it")]
+    Exists(PathBuf),
+    #[error("support mask {0} has no object pixel (non-zero = object); the mask must mark the object in its --support image")]
+    EmptyMask(PathBuf),
     #[error(transparent)]
     Image(#[from] DataError),
     #[error(transparent)]
@@ -48,6 +58,133 @@ pub enum PredictError {
 pub struct SupportExample {
     pub image: PathBuf,
     pub mask: PathBuf,
+}
+
+/// The PNG `Software` text of the files svf-predict writes: they, and no other file, may be
+/// replaced by a later run without `--overwrite`.
+const SOFTWARE: &str = "svf-predict";
+
+/// A checked request: supports whose masks mark an object, and for each query the two files it
+/// writes, none of them an input nor a file svf-predict did not write (unless overwriting).
+/// Built before the model is loaded, so a mistake costs nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    supports: Vec<SupportExample>,
+    /// `(query, mask output, overlay output)`.
+    queries: Vec<(PathBuf, PathBuf, PathBuf)>,
+    out: PathBuf,
+}
+
+impl Job {
+    /// Checks the inputs and output paths (see [`Job`]); `overwrite` allows replacing existing
+    /// files that are not inputs.
+    pub fn new(
+        supports: Vec<SupportExample>,
+        queries: &[PathBuf],
+        out: &Path,
+        overwrite: bool,
+    ) -> Result<Job, PredictError> {
+        if supports.is_empty() {
+            return Err(PredictError::NoSupport);
+        }
+        let mut names = HashSet::new();
+        for (i, query) in queries.iter().enumerate() {
+            if !names.insert(query.file_stem()) {
+                let other = queries[..i]
+                    .iter()
+                    .find(|q| q.file_stem() == query.file_stem());
+                return Err(PredictError::SameName(
+                    other.cloned().unwrap_or_default(),
+                    query.clone(),
+                ));
+            }
+        }
+        let inputs: Vec<(&'static str, &PathBuf)> = supports
+            .iter()
+            .flat_map(|s| [("--support", &s.image), ("--mask", &s.mask)])
+            .chain(queries.iter().map(|q| ("--query", q)))
+            .collect();
+        let queries: Vec<(PathBuf, PathBuf, PathBuf)> = queries
+            .iter()
+            .map(|query| {
+                let stem = query.file_stem().unwrap_or_default().to_string_lossy();
+                (
+                    query.clone(),
+                    out.join(format!("{stem}_mask.png")),
+                    out.join(format!("{stem}_overlay.png")),
+                )
+            })
+            .collect();
+        for output in queries.iter().flat_map(|(_, m, o)| [m, o]) {
+            // Only an existing file can be an input (or be lost).
+            let Ok(canonical) = output.canonicalize() else {
+                continue;
+            };
+            if let Some((flag, input)) = inputs
+                .iter()
+                .find(|(_, input)| input.canonicalize().is_ok_and(|c| c == canonical))
+            {
+                return Err(PredictError::OverwritesInput {
+                    output: output.clone(),
+                    flag,
+                    input: (*input).clone(),
+                });
+            }
+            if !overwrite && !written_by_us(output) {
+                return Err(PredictError::Exists(output.clone()));
+            }
+        }
+        for support in &supports {
+            if !read_mask(&support.mask)?.pixels().any(|p| p[0] != 0) {
+                return Err(PredictError::EmptyMask(support.mask.clone()));
+            }
+        }
+        Ok(Job {
+            supports,
+            queries,
+            out: out.to_path_buf(),
+        })
+    }
+}
+
+/// Whether `path` is a PNG that svf-predict wrote (its `Software` text).
+fn written_by_us(path: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .is_ok_and(|reader| {
+            reader
+                .info()
+                .uncompressed_latin1_text
+                .iter()
+                .any(|t| t.keyword == "Software" && t.text == SOFTWARE)
+        })
+}
+
+/// Writes an 8-bit grey or RGB PNG marked as svf-predict's ([`SOFTWARE`]).
+fn write_marked_png(
+    path: &Path,
+    (width, height): (u32, u32),
+    colour: png::ColorType,
+    data: &[u8],
+) -> Result<(), PredictError> {
+    let failed = |message: String| {
+        PredictError::Write(VisualError {
+            path: path.to_path_buf(),
+            message,
+        })
+    };
+    let file = std::fs::File::create(path).map_err(|e| failed(e.to_string()))?;
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
+    encoder.set_color(colour);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder
+        .add_text_chunk("Software".to_string(), SOFTWARE.to_string())
+        .and_then(|()| encoder.write_header())
+        .and_then(|mut writer| writer.write_image_data(data))
+        .map_err(|e| failed(e.to_string()))
 }
 
 /// The files written for one query.
@@ -62,18 +199,15 @@ pub struct Prediction {
     pub foreground: f64,
 }
 
-/// Segments each query's object of the supports' class, writing its mask and overlay into `out`.
+/// Segments each query's object of the supports' class, writing its mask and overlay into the
+/// job's output folder.
 pub fn predict(
     model: &FewShotModel,
     config: &Config,
     device: Device,
-    supports: &[SupportExample],
-    queries: &[PathBuf],
-    out: &Path,
+    job: &Job,
 ) -> Result<Vec<Prediction>, PredictError> {
-    if supports.is_empty() {
-        return Err(PredictError::NoSupport);
-    }
+    let supports = &job.supports;
     if matches!(model, FewShotModel::Bam(_)) && supports.len() != config.shot {
         return Err(PredictError::BamShot {
             given: supports.len(),
@@ -81,18 +215,6 @@ pub fn predict(
         });
     }
     amp::prepare(config, device);
-    let mut names = HashSet::new();
-    for (i, query) in queries.iter().enumerate() {
-        if !names.insert(query.file_stem()) {
-            let other = queries[..i]
-                .iter()
-                .find(|q| q.file_stem() == query.file_stem());
-            return Err(PredictError::SameName(
-                other.cloned().unwrap_or_default(),
-                query.clone(),
-            ));
-        }
-    }
     let size = config.val_size as usize;
     let (mut support_images, mut support_labels) = (Vec::new(), Vec::new());
     for support in supports {
@@ -125,12 +247,12 @@ pub fn predict(
     let support_labels = Tensor::stack(&support_labels, 0)
         .unsqueeze(0)
         .to_device(device);
-    std::fs::create_dir_all(out).map_err(|e| VisualError {
-        path: out.to_path_buf(),
+    std::fs::create_dir_all(&job.out).map_err(|e| VisualError {
+        path: job.out.clone(),
         message: e.to_string(),
     })?;
-    let mut predictions = Vec::with_capacity(queries.len());
-    for query in queries {
+    let mut predictions = Vec::with_capacity(job.queries.len());
+    for (query, mask_path, overlay_path) in &job.queries {
         let image = raster::read_image(query)?;
         let (h, w) = (image.height as i64, image.width as i64);
         let blank = LabelMap::filled(image.height, image.width, 0);
@@ -154,16 +276,16 @@ pub fn predict(
             image.data.iter().map(|&v| v as u8).collect(),
         )
         .expect("the buffer has h x w x 3 values");
-        let stem = query.file_stem().unwrap_or_default().to_string_lossy();
-        let prediction = Prediction {
+        let size = mask.dimensions();
+        write_marked_png(mask_path, size, png::ColorType::Grayscale, mask.as_raw())?;
+        let tinted = overlay(&original, &mask, MASK_COLOUR);
+        write_marked_png(overlay_path, size, png::ColorType::Rgb, tinted.as_raw())?;
+        predictions.push(Prediction {
             query: query.clone(),
-            mask: out.join(format!("{stem}_mask.png")),
-            overlay: out.join(format!("{stem}_overlay.png")),
+            mask: mask_path.clone(),
+            overlay: overlay_path.clone(),
             foreground,
-        };
-        write_png(&prediction.mask, &mask)?;
-        write_png(&prediction.overlay, &overlay(&original, &mask, MASK_COLOUR))?;
-        predictions.push(prediction);
+        });
     }
     Ok(predictions)
 }
@@ -223,6 +345,62 @@ mod tests {
         );
         let message = read_mask(&dir.join("missing.png")).unwrap_err().to_string();
         assert!(message.contains("missing.png"), "{message}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_job_never_writes_over_inputs_or_files_it_did_not_write() {
+        let dir = temp_dir("job");
+        let image = dir.join("s1.png");
+        RgbImage::new(4, 3).save(&image).unwrap();
+        let mask = dir.join("s1_mask.png");
+        GrayImage::from_fn(4, 3, |x, _| Luma([u8::from(x == 0)]))
+            .save(&mask)
+            .unwrap();
+        let supports = vec![SupportExample {
+            image: image.clone(),
+            mask: mask.clone(),
+        }];
+        let job = |query: &Path, out: &Path, overwrite: bool| {
+            Job::new(supports.clone(), &[query.to_path_buf()], out, overwrite)
+                .map_err(|e| e.to_string())
+        };
+        // Query s1 into the support's folder: its mask output is the --mask input, even when named
+        // through another path to the same file, and even with --overwrite.
+        let aliased = dir.join(".").join("..").join(dir.file_name().unwrap());
+        for (out, overwrite) in [(&dir, false), (&aliased, true)] {
+            let message = job(&image, out, overwrite).unwrap_err();
+            assert!(
+                message.contains("would overwrite the --mask input"),
+                "{message}"
+            );
+            assert!(message.contains("s1_mask.png"), "{message}");
+        }
+        // A hand annotation beside the query is kept unless --overwrite.
+        let query = dir.join("q.png");
+        RgbImage::new(4, 3).save(&query).unwrap();
+        let annotation = dir.join("q_mask.png");
+        GrayImage::new(4, 3).save(&annotation).unwrap();
+        let message = job(&query, &dir, false).unwrap_err();
+        assert!(
+            message.contains("q_mask.png exists and was not written by svf-predict")
+                && message.contains("--overwrite"),
+            "{message}"
+        );
+        let planned = job(&query, &dir, true).unwrap();
+        // svf-predict's own outputs are replaced without asking.
+        let (_, mask_out, overlay_out) = &planned.queries[0];
+        write_marked_png(mask_out, (4, 3), png::ColorType::Grayscale, &[0; 12]).unwrap();
+        write_marked_png(overlay_out, (4, 3), png::ColorType::Rgb, &[0; 36]).unwrap();
+        assert_eq!(read_mask(mask_out).unwrap().dimensions(), (4, 3));
+        assert!(job(&query, &dir, false).is_ok());
+        // A support mask without an object pixel is refused.
+        GrayImage::new(4, 3).save(&mask).unwrap();
+        let message = job(&query, &dir.join("out"), false).unwrap_err();
+        assert!(
+            message.contains("s1_mask.png has no object pixel (non-zero = object)"),
+            "{message}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

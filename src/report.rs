@@ -2,7 +2,8 @@
 //!
 //! `svf-report DIR` reads every `eval.json` under `DIR` and lays them out as the paper does: one
 //! table per dataset and metric, rows = method × backbone × shot, columns = folds 0-3 and their mean,
-//! with the published mean (REFERENCE §7) and our difference to it.
+//! with the published mean (the SVF paper, Sun et al., NeurIPS 2022, Tables 1 and 2) and our
+//! difference to it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -59,7 +60,7 @@ const COCO: &str = "COCO-20i";
 const R50: &str = "ResNet-50";
 const VGG: &str = "VGG-16";
 
-/// REFERENCE §7: the SVF paper's Tables 1 and 2 (mIoU). † = trained on BAM's filtered lists
+/// The SVF paper's (Sun et al., NeurIPS 2022) Tables 1 and 2 (mIoU). † = trained on BAM's filtered lists
 /// (`train_filter: bam`).
 pub const PUBLISHED: &[Published] = &[
     published(
@@ -257,6 +258,67 @@ fn collect_eval_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ReportEr
     Ok(())
 }
 
+/// A table cell: dataset, method, backbone, shot, fold.
+type CellKey = (String, String, String, usize, usize);
+
+/// The results to tabulate, one per table cell (dataset, method, backbone, shot, fold): where
+/// several files fill one cell, the later-modified one is kept (the newer evaluation), and a
+/// warning names the files and which one is shown.
+pub fn one_per_cell(results: Vec<(PathBuf, EvalResult)>) -> (Vec<EvalResult>, Vec<String>) {
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut cells: BTreeMap<CellKey, (PathBuf, EvalResult)> = BTreeMap::new();
+    let mut warnings = Vec::new();
+    for (path, result) in results {
+        let s = &result.setting;
+        let key = (
+            s.dataset.clone(),
+            s.method.clone(),
+            s.backbone.clone(),
+            s.shot,
+            s.fold,
+        );
+        if let Some((other, _)) = cells.get(&key) {
+            let newer = modified(&path) >= modified(other);
+            let (kept, dropped) = if newer {
+                (&path, other)
+            } else {
+                (other, &path)
+            };
+            warnings.push(format!(
+                "{} and {} both fill {} {} {} {}-shot fold {}; showing {} (the later-modified), not {}",
+                dropped.display(),
+                kept.display(),
+                key.0,
+                key.1,
+                key.2,
+                key.3,
+                key.4,
+                kept.display(),
+                dropped.display()
+            ));
+            if !newer {
+                continue;
+            }
+        }
+        cells.insert(key, (path, result));
+    }
+    (cells.into_values().map(|(_, r)| r).collect(), warnings)
+}
+
+/// How a cell was measured, for its footnote.
+fn protocol_of(result: &EvalResult) -> String {
+    format!(
+        "mean over {} seed(s) of {} episodes{}",
+        result.seeds.len(),
+        result.setting.episodes,
+        if result.setting.ori_resize {
+            " at the original label resolution"
+        } else {
+            ""
+        }
+    )
+}
+
 /// A row of a paper table.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct RowKey {
@@ -354,6 +416,21 @@ pub fn write_paper_chart(results: &[EvalResult], path: &Path) -> Result<(), Plot
 /// one (results come in path order).
 pub fn paper_tables(results: &[EvalResult]) -> String {
     let grid = table_grid(results);
+    // One protocol: one sentence for all cells; several: a marker per cell and a footnote each.
+    let mut protocols: Vec<String> = Vec::new();
+    for result in results {
+        let protocol = protocol_of(result);
+        if !protocols.contains(&protocol) {
+            protocols.push(protocol);
+        }
+    }
+    let marker = |result: &EvalResult| match protocols.len() {
+        1 => String::new(),
+        _ => {
+            let index = protocols.iter().position(|p| *p == protocol_of(result));
+            format!(" ({})", char::from(b'a' + index.unwrap_or(0) as u8))
+        }
+    };
     let mut md = String::new();
     let mut partial = false;
     for ((_, dataset), rows) in &grid {
@@ -368,7 +445,9 @@ pub fn paper_tables(results: &[EvalResult]) -> String {
                 let mut line = format!("| {} | {} | {} |", row.method, row.backbone, row.shot);
                 for fold in 0..4 {
                     match folds.get(&fold) {
-                        Some(result) => line.push_str(&format!(" {:.2} |", metric.of(result))),
+                        Some(result) => {
+                            line.push_str(&format!(" {:.2}{} |", metric.of(result), marker(result)))
+                        }
                         None => line.push_str(" – |"),
                     }
                 }
@@ -398,23 +477,20 @@ pub fn paper_tables(results: &[EvalResult]) -> String {
     if partial {
         md.push_str("\\* mean over the folds evaluated, not all four.\n\n");
     }
-    let summary = results
-        .first()
-        .map(|r| {
-            format!(
-                "Each cell: mean over {} seed(s) of {} episodes{}. ",
-                r.seeds.len(),
-                r.setting.episodes,
-                if r.setting.ori_resize {
-                    " at the original label resolution"
-                } else {
-                    ""
-                }
-            )
-        })
-        .unwrap_or_default();
+    let summary = match protocols.as_slice() {
+        [] => String::new(),
+        [one] => format!("Each cell: {one}. "),
+        several => {
+            for (i, protocol) in several.iter().enumerate() {
+                md.push_str(&format!("({}) {protocol}.\n", char::from(b'a' + i as u8)));
+            }
+            md.push('\n');
+            "Cells were measured differently, see (a), (b), ... above; a mean mixes them. "
+                .to_string()
+        }
+    };
     md.push_str(&format!(
-        "{summary}Paper: published mean over the four folds (REFERENCE §7); Δ = ours − paper; † = trained on BAM's filtered lists (`train_filter: bam`).\n"
+        "{summary}Paper: published mean over the four folds (SVF paper, Sun et al., NeurIPS 2022, Tables 1 and 2); Δ = ours − paper; † = trained on BAM's filtered lists (`train_filter: bam`).\n"
     ));
     md
 }
@@ -612,6 +688,54 @@ mod tests {
         assert_eq!(found.len(), 2);
         assert_eq!(found[0].0, dir.join("a/b/eval.json"));
         assert_eq!(found[0].1.setting.method, "PFENet+SVF");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn one_result_per_cell_the_newer_shown_and_differing_protocols_footnoted() {
+        let dir = std::env::temp_dir().join(format!("svf-report-cells-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let paper = result(false, true, 1, 0, 0.7);
+        let mut quick = result(false, true, 1, 0, 0.8);
+        quick.setting.episodes = 5;
+        paper.write(&dir.join("paper")).unwrap();
+        quick.write(&dir.join("quick")).unwrap();
+        // The paper protocol's file is the newer one, though found first.
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(dir.join("paper/eval.json"))
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        let (kept, warnings) = one_per_cell(find_results(&dir).unwrap());
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].miou.mean, 0.7);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        let shown = dir.join("paper/eval.json").display().to_string();
+        let hidden = dir.join("quick/eval.json").display().to_string();
+        assert!(
+            warnings[0].contains(&format!(
+                "showing {shown} (the later-modified), not {hidden}"
+            )),
+            "{warnings:?}"
+        );
+        // Different cells measured differently: each cell names its protocol.
+        let mut fold1 = quick.clone();
+        fold1.setting.fold = 1;
+        let md = paper_tables(&[paper, fold1]);
+        assert!(md.contains("| 70.00 (a) | 80.00 (b) |"), "{md}");
+        assert!(
+            md.contains(
+                "(a) mean over 1 seed(s) of 1000 episodes at the original label resolution."
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("(b) mean over 1 seed(s) of 5 episodes at the original label resolution."),
+            "{md}"
+        );
+        assert!(!md.contains("Each cell"), "{md}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

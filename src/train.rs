@@ -273,7 +273,7 @@ fn build_model(
         return Ok((vs, net));
     }
     if let Some(path) = &config.weight {
-        net.load_weights(&vs, path, config.svf)?;
+        net.load_weights(&vs, path, config.svf, "config key `weight`")?;
         tracing::info!("model weights from {}", path.display());
         return Ok((vs, net));
     }

@@ -415,7 +415,7 @@ fn released_bam_naming_loads_the_same_model() {
     let (config, path) = random_bam(&dir, true);
     // The SVF authors' BAM+SVF naming: the base learner's backbone as `layer{i}p.*`, its head as
     // `learner_base.{0,1}.*`; the decomposed copy and the meta modules as ours.
-    let released: Vec<(String, Tensor)> = svf::checkpoint::read_tensors(&path)
+    let released: Vec<(String, Tensor)> = svf::checkpoint::read_tensors(&path, "test")
         .unwrap()
         .into_iter()
         .map(|(name, t)| {
@@ -476,7 +476,7 @@ fn released_bam_checkpoints_load_after_convert_weights() {
     let _torch = common::exclusive_torch();
     let dir = common::scratch("bam-converted");
     let (config, ours) = random_bam(&dir, false);
-    let expected: HashMap<String, Tensor> = svf::checkpoint::read_tensors(&ours)
+    let expected: HashMap<String, Tensor> = svf::checkpoint::read_tensors(&ours, "test")
         .unwrap()
         .into_iter()
         .collect();

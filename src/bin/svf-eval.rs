@@ -76,6 +76,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     let weights = cli.weights.resolve()?;
+    svf::inference::check_trained_for(&config, &weights)?;
     tracing::info!(weights = %weights.display(), seeds = ?options.seeds, episodes = options.episodes, "evaluating");
     let (_vs, model) = svf::inference::load_model(&config, &weights, device, !cli.no_fuse)?;
     let result = eval::evaluate(&model, &config, device, &options)?;

@@ -17,10 +17,10 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let results: Vec<_> = svf::report::find_results(&cli.dir)?
-        .into_iter()
-        .map(|(_, result)| result)
-        .collect();
+    let (results, warnings) = svf::report::one_per_cell(svf::report::find_results(&cli.dir)?);
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
     let tables = svf::report::paper_tables(&results);
     if let Some(out) = &cli.out {
         std::fs::write(out, &tables)

@@ -87,14 +87,16 @@ impl FewShotModel {
 
     /// Loads a whole-model weights file into `vs` (which holds this model), strictly. BAM also
     /// takes BAM's and the SVF authors' released checkpoints (after `scripts/convert_weights.py`),
-    /// recognised by their names ([`bam::from_released_name`]).
+    /// recognised by their names ([`bam::from_released_name`]). `origin` names where `path` came
+    /// from (`--weights`, a config key) for the messages.
     pub fn load_weights(
         &self,
         vs: &nn::VarStore,
         path: &Path,
         svf: bool,
+        origin: &str,
     ) -> Result<(), ModelError> {
-        let weights = crate::checkpoint::read_tensors(path)?;
+        let weights = crate::checkpoint::read_tensors(path, origin)?;
         let weights = match self {
             FewShotModel::Bam(_) if bam::is_released_naming(&weights) => {
                 tracing::info!("{}: BAM's released naming, mapped", path.display());

@@ -62,12 +62,6 @@ pub fn copy_into_part(
     })
 }
 
-/// Loads a safetensors weights file (a checkpoint's or any model state dict) into `vs`, strictly.
-pub fn load_weights(vs: &nn::VarStore, path: &Path) -> Result<(), ModelError> {
-    let weights = crate::checkpoint::read_tensors(path)?;
-    copy_into(vs, &weights, path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

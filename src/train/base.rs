@@ -302,12 +302,14 @@ pub fn load_base_learner(
         meta.check_against(config).map_err(refused)?;
         saved.weights
     } else {
+        // Read first: a missing or damaged file is an error, not a released base learner.
+        let weights = checkpoint::read_tensors(&weights_path, "config key `base_learner`")?;
         tracing::warn!(
             "{} has no checkpoint state beside it (a released or converted base learner): its fold cannot be checked; make sure it was trained for fold {}",
             weights_path.display(),
             config.split
         );
-        without_encoder_aliases(checkpoint::read_tensors(&weights_path)?)
+        without_encoder_aliases(weights)
     };
     Bam::load_base_learner(vs, weights, &weights_path).map_err(|e| refused(e.to_string()))?;
     tracing::info!("base learner from {}", weights_path.display());
