@@ -107,7 +107,6 @@ check_subset --datasets "$datasets" "pascal coco"
 check_subset --folds "$folds" "0 1 2 3"
 check_subset --shots "$shots" "1 5"
 check_subset --svf "$svf_modes" "false true"
-check_subset --backbones "$backbones" "resnet50 vgg16"
 
 case "$recipe" in
     paper)
@@ -190,7 +189,7 @@ for dataset in $datasets; do
                         if [[ -n "$only" && "$name" != *$only* ]]; then
                             continue
                         fi
-                        if [[ $dry_run -eq 0 && ! -f "$config" ]]; then
+                        if [[ ! -f "$config" ]]; then
                             echo "reproduce_tables.sh: missing config $config; pass --config-dir or --bam-config-dir" >&2
                             exit 1
                         fi
@@ -210,14 +209,14 @@ for dataset in $datasets; do
                                         ${sets[@]+"${sets[@]}"} --device "$device")
                             bases=$((bases + 1))
                             base_ready=1
+                            if [[ ! -f "$base_config" ]]; then
+                                echo "reproduce_tables.sh: missing config $base_config; pass --bam-config-dir" >&2
+                                exit 1
+                            fi
                             if [[ $dry_run -eq 1 ]]; then
                                 echo "base $bases: $base_name"
                                 echo "  $(show "${base_train[@]}")"
                             else
-                                if [[ ! -f "$base_config" ]]; then
-                                    echo "reproduce_tables.sh: missing config $base_config; pass --bam-config-dir" >&2
-                                    exit 1
-                                fi
                                 train_run "$base_dir" "$base_name" "${base_train[@]}"
                             fi
                         fi

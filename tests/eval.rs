@@ -314,22 +314,26 @@ fn reproduce_tables_dry_run_lists_the_32_pfenet_recipe_runs() {
 }
 
 #[test]
-fn reproduce_tables_refuses_a_missing_value_and_words_outside_the_grid() {
+fn reproduce_tables_refuses_a_missing_value_words_outside_the_grid_and_missing_configs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for (args, message) in [
-        (&["--only"][..], "--only needs a value"),
+    for (args, status, message) in [
+        (&["--only"][..], 2, "--only needs a value"),
         (
             &["--folds", "0 7"][..],
+            2,
             "--folds takes words of \"0 1 2 3\", not 7",
         ),
         (
             &["--shots", "3"][..],
+            2,
             "--shots takes words of \"1 5\", not 3",
         ),
         (
             &["--svf", "yes"][..],
+            2,
             "--svf takes words of \"false true\", not yes",
         ),
+        (&["--backbones", "resnet101"][..], 1, "missing config"),
     ] {
         let output = Command::new("bash")
             .arg(root.join("scripts/reproduce_tables.sh"))
@@ -338,7 +342,7 @@ fn reproduce_tables_refuses_a_missing_value_and_words_outside_the_grid() {
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(output.status.code(), Some(status), "{args:?}: {stderr}");
         assert!(stderr.contains(message), "{args:?}: {stderr}");
     }
 }
