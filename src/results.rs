@@ -193,15 +193,40 @@ impl EvalResult {
         })
     }
 
-    /// Writes `eval.json` and `eval.md` into `dir` (created if needed).
+    /// Writes `eval.json` and `eval.md` into `dir` (created if needed). An earlier result there
+    /// (another shot count, protocol or checkpoint, say) is kept as `eval.N.json` / `eval.N.md`,
+    /// N the first number free, which the report does not read.
     pub fn write(&self, dir: &Path) -> Result<(), ResultError> {
         let write = |path: PathBuf, text: String| {
             std::fs::create_dir_all(dir)
                 .and_then(|()| std::fs::write(&path, text))
                 .map_err(|source| ResultError::Write { path, source })
         };
+        let json_path = dir.join("eval.json");
+        if json_path.exists() {
+            let kept = (1..)
+                .map(|n| dir.join(format!("eval.{n}.json")))
+                .find(|p| !p.exists())
+                .expect("a free number");
+            let rename = |from: &Path, to: &Path| {
+                std::fs::rename(from, to).map_err(|source| ResultError::Write {
+                    path: to.to_path_buf(),
+                    source,
+                })
+            };
+            rename(&json_path, &kept)?;
+            let markdown = dir.join("eval.md");
+            if markdown.exists() {
+                rename(&markdown, &kept.with_extension("md"))?;
+            }
+            tracing::warn!(
+                "{} held an earlier result: kept as {}",
+                json_path.display(),
+                kept.display()
+            );
+        }
         let json = serde_json::to_string_pretty(self).expect("an EvalResult always serialises");
-        write(dir.join("eval.json"), json + "\n")?;
+        write(json_path, json + "\n")?;
         write(dir.join("eval.md"), self.to_markdown())
     }
 
@@ -358,6 +383,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(message.contains("bad.json"), "{message}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_earlier_result_is_kept_beside_the_new_one() {
+        let dir = std::env::temp_dir().join(format!("svf-eval-keep-{}", std::process::id()));
+        let first = sample_result();
+        let mut second = sample_result();
+        second.setting.shot = 5;
+        let mut third = sample_result();
+        third.setting.episodes = 7;
+        for result in [&first, &second, &third] {
+            result.write(&dir).unwrap();
+        }
+        assert_eq!(EvalResult::read(&dir.join("eval.json")).unwrap(), third);
+        assert_eq!(EvalResult::read(&dir.join("eval.1.json")).unwrap(), first);
+        assert_eq!(EvalResult::read(&dir.join("eval.2.json")).unwrap(), second);
+        let md = std::fs::read_to_string(dir.join("eval.1.md")).unwrap();
+        assert_eq!(md, first.to_markdown());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

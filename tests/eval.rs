@@ -566,3 +566,20 @@ fn accumulator_on_cuda_matches_cpu() {
     assert_eq!(cpu.class_iou(), deferred.class_iou());
     assert_eq!(cpu.fb_iou(), deferred.fb_iou());
 }
+
+#[test]
+fn a_seed_given_twice_is_refused_before_anything_runs() {
+    let output = Command::new(env!("CARGO_BIN_EXE_svf-eval"))
+        .args([
+            "--config",
+            "never-read.yaml",
+            "--weights",
+            "never-read.safetensors",
+        ])
+        .args(["--seeds", "3,4,3"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("--seeds lists 3 twice"), "{stderr}");
+}

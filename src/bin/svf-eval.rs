@@ -26,15 +26,17 @@ struct Cli {
     /// Seeds, comma-separated; one evaluation each [default: the protocol's].
     #[arg(long, value_delimiter = ',', conflicts_with = "master_seed")]
     seeds: Vec<u64>,
-    /// BAM's protocol: draw --seed-count seeds from this master seed (BAM: 5 from 123).
+    /// Draw --seed-count seeds from this master seed, with this project's generator: BAM's test
+    /// draws 5 from 123 with numpy (510, 365, 382, 322, 988, which --protocol paper uses), and this
+    /// draw does not give those.
     #[arg(long, requires = "seed_count")]
     master_seed: Option<u64>,
     /// Number of seeds drawn from --master-seed.
     #[arg(long, requires = "master_seed", value_parser = clap::value_parser!(u64).range(1..))]
     seed_count: Option<u64>,
     /// Support images per episode [default: the config's shot].
-    #[arg(long)]
-    shot: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    shot: Option<u64>,
     /// Where eval.json, eval.md and the panels go [default: the config's save_path].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -42,8 +44,8 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 0)]
     save_vis: usize,
     /// Loader threads [default: the config's workers]; results do not depend on it.
-    #[arg(long)]
-    workers: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    workers: Option<u64>,
     /// Run SVF models with their SVD convolutions instead of folding them into full-rank weights.
     #[arg(long)]
     no_fuse: bool,
@@ -53,6 +55,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if cli.protocol == Protocol::Paper && (!cli.seeds.is_empty() || cli.master_seed.is_some()) {
         anyhow::bail!("--protocol paper fixes the seeds (510, 365, 382, 322, 988); drop --seeds / --master-seed, or use --protocol pfenet with them");
+    }
+    if let Some(seed) = (1..cli.seeds.len()).find_map(|i| {
+        cli.seeds[..i]
+            .contains(&cli.seeds[i])
+            .then_some(cli.seeds[i])
+    }) {
+        anyhow::bail!("--seeds lists {seed} twice; each seed is one evaluation, so it would count twice in the mean");
     }
     // --shot and --workers are config keys: validated as the file's values are.
     let config = cli.config.load_with(&[
