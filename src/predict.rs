@@ -300,9 +300,12 @@ fn network_input(image: &raster::RgbImage) -> Tensor {
 /// Reads a mask PNG of any format (grey, palette, RGB, 16-bit): a pixel with any non-zero channel
 /// (alpha aside) is foreground. Returns 255 for foreground, 0 for background.
 pub fn read_mask(path: &Path) -> Result<GrayImage, PredictError> {
-    let decoded = image::open(path).map_err(|e| PredictError::MaskRead {
+    let decoded = raster::read_any(path).map_err(|e| PredictError::MaskRead {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        message: match e {
+            DataError::Unreadable { message, .. } => message,
+            other => other.to_string(),
+        },
     })?;
     let rgb = decoded.into_rgb16();
     Ok(GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| {

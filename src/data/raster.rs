@@ -5,7 +5,8 @@
 
 use std::path::Path;
 
-use image::DynamicImage;
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageReader};
 
 use super::DataError;
 
@@ -118,12 +119,29 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<DynamicImage, DataError> {
             "truncated JPEG (no end-of-image marker after the last scan); re-download or re-encode it",
         ));
     }
-    image::load_from_memory(bytes).map_err(|e| unreadable(path, e.to_string()))
+    let failed = |e: image::ImageError| unreadable(path, e.to_string());
+    let mut decoder = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| unreadable(path, e.to_string()))?
+        .into_decoder()
+        .map_err(failed)?;
+    let orientation = decoder.orientation().map_err(failed)?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(failed)?;
+    image.apply_orientation(orientation);
+    Ok(image)
 }
 
-/// Reads an image file as RGB (grey images are expanded, as `cv2.IMREAD_COLOR` does).
+/// Reads an image file of any format the build decodes, as it is displayed: turned by its EXIF
+/// orientation (a phone's portrait photo), as OpenCV's `imread` (the references' reader) and
+/// image viewers do.
+pub fn read_any(path: &Path) -> Result<DynamicImage, DataError> {
+    decode(path, &read_bytes(path)?)
+}
+
+/// Reads an image file as RGB (grey images are expanded, as `cv2.IMREAD_COLOR` does), turned by
+/// its EXIF orientation ([`read_any`]).
 pub fn read_image(path: &Path) -> Result<RgbImage, DataError> {
-    let rgb = decode(path, &read_bytes(path)?)?.into_rgb8();
+    let rgb = read_any(path)?.into_rgb8();
     Ok(RgbImage {
         height: rgb.height() as usize,
         width: rgb.width() as usize,
@@ -131,9 +149,25 @@ pub fn read_image(path: &Path) -> Result<RgbImage, DataError> {
     })
 }
 
-/// The (height, width) of an image file from its header, without decoding the pixels.
+/// The (height, width) of an image file as [`read_image`] returns it, from its header, without
+/// decoding the pixels.
 pub fn read_image_size(path: &Path) -> Result<(usize, usize), DataError> {
-    let (w, h) = image::image_dimensions(path).map_err(|e| unreadable(path, e.to_string()))?;
+    let failed = |e: image::ImageError| unreadable(path, e.to_string());
+    let mut decoder = ImageReader::open(path)
+        .map_err(|e| unreadable(path, e.to_string()))?
+        .with_guessed_format()
+        .map_err(|e| unreadable(path, e.to_string()))?
+        .into_decoder()
+        .map_err(failed)?;
+    let (w, h) = decoder.dimensions();
+    let turned = matches!(
+        decoder.orientation().map_err(failed)?,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    );
+    let (w, h) = if turned { (h, w) } else { (w, h) };
     Ok((h as usize, w as usize))
 }
 
@@ -159,6 +193,49 @@ pub fn read_label(path: &Path) -> Result<LabelMap, DataError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 16×8 JPEG, left half black and right half white, with an EXIF APP1 segment that says
+    /// `orientation` (6 = turn 90° clockwise to display).
+    fn jpeg_with_orientation(orientation: u8) -> Vec<u8> {
+        let pixels =
+            image::GrayImage::from_fn(16, 8, |x, _| image::Luma([if x < 8 { 0 } else { 255 }]));
+        let mut jpeg = Vec::new();
+        DynamicImage::ImageLuma8(pixels)
+            .write_to(
+                &mut std::io::Cursor::new(&mut jpeg),
+                image::ImageFormat::Jpeg,
+            )
+            .unwrap();
+        // APP1: "Exif\0\0", a big-endian TIFF header, one IFD entry (0x0112 SHORT = orientation).
+        let mut app1 = vec![0xFF, 0xE1, 0x00, 0x22];
+        app1.extend_from_slice(b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01\0");
+        app1.extend_from_slice(&[orientation, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(app1.len(), 2 + 0x22);
+        [&jpeg[..2], &app1[..], &jpeg[2..]].concat()
+    }
+
+    #[test]
+    fn images_are_read_as_displayed_turned_by_their_exif_orientation() {
+        let dir = std::env::temp_dir().join(format!("svf-raster-exif-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let plain = dir.join("plain.jpg");
+        let turned = dir.join("turned.jpg");
+        std::fs::write(&plain, jpeg_with_orientation(1)).unwrap();
+        std::fs::write(&turned, jpeg_with_orientation(6)).unwrap();
+        assert_eq!(read_image_size(&plain).unwrap(), (8, 16));
+        assert_eq!(read_image_size(&turned).unwrap(), (16, 8));
+        let image = read_image(&turned).unwrap();
+        assert_eq!((image.height, image.width), (16, 8));
+        // Turned clockwise, the black left half is on top.
+        let at = |y: usize, x: usize| image.data[3 * (y * image.width + x)];
+        assert!(
+            at(3, 4) < 40.0 && at(12, 4) > 215.0,
+            "{} {}",
+            at(3, 4),
+            at(12, 4)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn binarised_keeps_only_zero_one_and_ignore() {
