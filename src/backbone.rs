@@ -30,11 +30,8 @@ pub use weights::{
 pub enum BackboneError {
     #[error("config key `layers`: {0} is not a ResNet depth this project builds (18, 34, 50, 101); or set `vgg: true`")]
     UnsupportedDepth(usize),
-    #[error("cannot read backbone weights {path}: {source}; convert a PyTorch .pth state dict with scripts/convert_weights.py")]
-    Read {
-        path: PathBuf,
-        source: tch::TchError,
-    },
+    #[error(transparent)]
+    Read(#[from] crate::checkpoint::CheckpointError),
     #[error("cannot write weights {path}: {source}")]
     Write {
         path: PathBuf,

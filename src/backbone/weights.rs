@@ -128,12 +128,13 @@ fn pfenet_name(name: &str) -> Option<String> {
     Some(name.to_string())
 }
 
-/// Reads a safetensors file and maps its names to PFENet's.
-pub fn read_backbone_weights(path: &Path) -> Result<HashMap<String, Tensor>, BackboneError> {
-    let entries = Tensor::read_safetensors(path).map_err(|source| BackboneError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+/// Reads a safetensors file (refused, naming `origin`, when missing, damaged or not safetensors)
+/// and maps its names to PFENet's.
+pub fn read_backbone_weights(
+    path: &Path,
+    origin: &str,
+) -> Result<HashMap<String, Tensor>, BackboneError> {
+    let entries = crate::checkpoint::read_tensors(path, origin)?;
     Ok(entries
         .into_iter()
         .filter_map(|(name, t)| pfenet_name(&name).map(|n| (n, t)))
@@ -194,10 +195,11 @@ pub fn load_pretrained(
     config: &Config,
 ) -> Result<DecompositionReport, BackboneError> {
     // Decompose where the model lives: on a GPU the SVDs are much faster.
-    let file: HashMap<String, Tensor> = read_backbone_weights(path)?
-        .into_iter()
-        .map(|(n, t)| (n, t.to_device(vs.device())))
-        .collect();
+    let file: HashMap<String, Tensor> =
+        read_backbone_weights(path, "config key `backbone_weights`")?
+            .into_iter()
+            .map(|(n, t)| (n, t.to_device(vs.device())))
+            .collect();
     let (weights, report) = match (is_decomposed(&file), config.svf) {
         (false, true) => svf::decompose_weights(&file, &SvfOptions::from_config(config)),
         (true, false) => {
@@ -233,7 +235,7 @@ pub fn decompose_pretrained(
     config: &Config,
     device: Device,
 ) -> Result<DecompositionReport, BackboneError> {
-    let weights: HashMap<String, Tensor> = read_backbone_weights(input)?
+    let weights: HashMap<String, Tensor> = read_backbone_weights(input, "--weights")?
         .into_iter()
         .map(|(n, t)| (n, t.to_device(device)))
         .collect();
