@@ -463,7 +463,18 @@ fn loading_maps_pspnet_and_torchvision_names_and_is_strict() {
     assert!(message.contains("layer1.2.conv1.weight"), "{message}");
 
     let err = backbone::load_pretrained(&vs, &dir.join("absent.safetensors"), &config).unwrap_err();
-    assert!(err.to_string().contains("convert_weights.py"), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("does not exist (from config key `backbone_weights`)"),
+        "{message}"
+    );
+    // A file that is not safetensors (a .pth, say) points at the converter.
+    let pth = dir.join("resnet50_v2.pth");
+    std::fs::write(&pth, b"PK\x03\x04 a zip archive").unwrap();
+    let message = backbone::load_pretrained(&vs, &pth, &config)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("convert_weights.py"), "{message}");
 }
 
 #[test]
