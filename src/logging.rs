@@ -1,17 +1,23 @@
 //! Logging through `tracing` to the terminal and to the run directory's `log.txt`, and progress
 //! bars that log lines do not tear.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 static PROGRESS: OnceLock<MultiProgress> = OnceLock::new();
+
+/// The target of log lines that report progress as the progress bars do (training's line every
+/// `print_freq` iterations): always in `log.txt`, on the terminal only when the bars are hidden
+/// (stderr not a terminal: nohup, `| tee`, CI), where they are the only sign of life.
+pub const PROGRESS_TARGET: &str = "progress";
 
 fn progress() -> &'static MultiProgress {
     PROGRESS.get_or_init(MultiProgress::new)
@@ -55,9 +61,13 @@ impl<'a> MakeWriter<'a> for TerminalWriter {
 pub fn init(verbose: bool, run_dir: Option<&Path>) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(if verbose { "debug" } else { "info" }));
+    let bars_shown = std::io::stderr().is_terminal();
     let terminal = tracing_subscriber::fmt::layer()
         .with_writer(TerminalWriter)
-        .with_target(false);
+        .with_target(false)
+        .with_filter(filter_fn(move |meta| {
+            !(bars_shown && meta.target() == PROGRESS_TARGET)
+        }));
     let file = match run_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir).map_err(|e| {
