@@ -151,7 +151,11 @@ fn print_summary(summary: &PrepareSummary) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    svf::cli::exit_status(run())
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     svf::logging::init(cli.verbose, None)?;
     match cli.command {

@@ -15,7 +15,11 @@ struct Cli {
     out: Option<PathBuf>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    svf::cli::exit_status(run())
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let results: Vec<_> = svf::report::find_results(&cli.dir)?
         .into_iter()
