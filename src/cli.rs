@@ -80,7 +80,24 @@ impl RuntimeArgs {
     /// The start of every command that runs a model: logging to the terminal (and to `log_dir`'s
     /// `log.txt`), `--threads`, `--device` resolved, and the start-up line.
     pub fn start(&self, log_dir: Option<&std::path::Path>) -> anyhow::Result<tch::Device> {
-        crate::logging::init(self.verbose, log_dir)?;
+        let device = self.start_run(log_dir)?;
+        crate::logging::open_run_log().map_err(|e| {
+            anyhow::anyhow!(
+                "cannot write {}: {e}",
+                log_dir
+                    .unwrap_or(".".as_ref())
+                    .join(crate::logging::LOG_FILE)
+                    .display()
+            )
+        })?;
+        Ok(device)
+    }
+
+    /// [`RuntimeArgs::start`] for a run that may still be refused: the lines for `run_dir`'s
+    /// `log.txt` wait until [`crate::logging::open_run_log`] (svf-train's trainer calls it once the
+    /// run may start), so that a refused start leaves the run directory untouched.
+    pub fn start_run(&self, run_dir: Option<&std::path::Path>) -> anyhow::Result<tch::Device> {
+        crate::logging::init(self.verbose, run_dir);
         crate::device::keep_freed_host_memory();
         if let Some(threads) = self.threads {
             tch::set_num_threads(threads);

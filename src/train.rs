@@ -175,6 +175,8 @@ pub struct TrainSummary {
     pub interrupted: bool,
     /// Stopped because `stop_interval` epochs passed without a new best validation mIoU.
     pub stopped_early: bool,
+    /// A resumed run that had already trained and validated its last epoch: nothing was done.
+    pub already_finished: bool,
 }
 
 /// Ways to observe and steer a run from the library (Ctrl-C, tests).
@@ -425,21 +427,33 @@ pub fn train(
 ) -> Result<TrainSummary, TrainError> {
     amp::prepare(config, device);
     let dir = resume.map_or_else(|| config.save_path.clone(), Path::to_path_buf);
-    std::fs::create_dir_all(&dir).map_err(run_dir_error(&dir))?;
-    let _lock = lock_run_dir(&dir)?;
-    if resume.is_none() && checkpoint::exists(&dir, LAST)? {
-        return Err(TrainError::RunExists { dir });
-    }
     match config.stage {
         Stage::Meta => {
             let task = EpisodicTask::open(config, device, resume.is_none())?;
+            let _lock = claim_run_dir(&dir, resume.is_none())?;
             run(task, config, dir, resume.is_some(), &mut hooks)
         }
         Stage::Base => {
             let task = BaseTask::open(config, device)?;
+            let _lock = claim_run_dir(&dir, resume.is_none())?;
             run(task, config, dir, resume.is_some(), &mut hooks)
         }
     }
+}
+
+/// Takes `dir` for a run whose data opened: created and locked, refused for a `fresh` start over
+/// a run's checkpoint, and only then given the log's lines: a start that fails on its data creates
+/// nothing, a refused one writes nothing but the lock file.
+fn claim_run_dir(dir: &Path, fresh: bool) -> Result<RunDirLock, TrainError> {
+    std::fs::create_dir_all(dir).map_err(run_dir_error(dir))?;
+    let lock = lock_run_dir(dir)?;
+    if fresh && checkpoint::exists(dir, LAST)? {
+        return Err(TrainError::RunExists {
+            dir: dir.to_path_buf(),
+        });
+    }
+    crate::logging::open_run_log().map_err(run_dir_error(&dir.join(crate::logging::LOG_FILE)))?;
+    Ok(lock)
 }
 
 /// Trains `task` in `dir`, continuing its `last` checkpoint when `resume`.
@@ -491,7 +505,10 @@ fn run<T: TrainingTask>(
     let metrics =
         MetricsLog::open(&dir, keep).map_err(run_dir_error(&dir.join(MetricsLog::FILE_NAME)))?;
     let schedule = LrSchedule::from_config(config, iterations_per_epoch);
-    log_learning_rates(&sgd, &schedule, config.weight_decay, state.iteration + 1);
+    // A finished run has no next iteration to give the rates of.
+    if state.iteration < iterations_per_epoch * config.epochs as u64 {
+        log_learning_rates(&sgd, &schedule, config.weight_decay, state.iteration + 1);
+    }
     let mut run = Run {
         config,
         schedule,
@@ -730,6 +747,16 @@ impl<T: TrainingTask> Run<'_, T> {
                 self.stop()?;
                 return Ok(self.summary(true, None, &throughput));
             }
+            Validation::NotDue if self.state.epochs_done() >= self.config.epochs => {
+                tracing::info!(
+                    "run already finished (epoch {0}/{0}); nothing to do",
+                    self.config.epochs
+                );
+                return Ok(TrainSummary {
+                    already_finished: true,
+                    ..self.summary(false, None, &throughput)
+                });
+            }
             Validation::NotDue => {}
         }
         let mut last_epoch_loss = None;
@@ -864,6 +891,7 @@ impl<T: TrainingTask> Run<'_, T> {
             interrupted,
             stopped_early: self.config.stop_interval > 0
                 && self.state.epochs_without_improvement >= self.config.stop_interval,
+            already_finished: false,
         }
     }
 

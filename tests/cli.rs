@@ -95,3 +95,47 @@ fn train_error_is_reported_once_and_kept_in_the_run_log() {
     let log = std::fs::read_to_string(dir.join("run/log.txt")).unwrap();
     assert!(log.contains("ERROR") && log.contains("loss is"), "{log}");
 }
+
+/// A start that fails on its data creates no run directory; one refused because another
+/// svf-train holds the directory names that process and leaves the directory's log.txt alone.
+#[test]
+fn failed_or_refused_train_start_leaves_the_run_directory_alone() {
+    let dir = common::scratch("train-refused");
+    let run = dir.join("run");
+    let config_path = dir.join("tiny.yaml");
+    // 60 images over 20 classes: no class has 30 images for a 30-shot episode.
+    let config = svf::config::Config {
+        shot: 30,
+        ..common::tiny_config(run.clone())
+    };
+    std::fs::write(&config_path, config.to_yaml()).unwrap();
+    let train = |config_path: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_svf-train"))
+            .arg("--config")
+            .arg(config_path)
+            .args(["--device", "cpu"])
+            .output()
+            .unwrap()
+    };
+    let output = train(&config_path);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(!run.exists(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    std::fs::write(&config_path, common::tiny_config(run.clone()).to_yaml()).unwrap();
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("log.txt"), "the other run's log\n").unwrap();
+    let _held = svf::train::lock_run_dir(&run).unwrap();
+    let output = train(&config_path);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "run directory {} is in use by another svf-train (pid {}); wait for it or choose another save_path",
+            run.display(),
+            std::process::id()
+        )),
+        "{stderr}"
+    );
+    let log = std::fs::read_to_string(run.join("log.txt")).unwrap();
+    assert_eq!(log, "the other run's log\n");
+}

@@ -222,6 +222,14 @@ fn resume_in_a_fresh_process_matches_the_straight_run() {
     for ((i, la), (_, lb)) in losses_a.iter().zip(&losses_b) {
         assert!((la - lb).abs() <= 1e-5, "iteration {i}: {la} vs {lb}");
     }
+    // Resuming the finished run trains nothing more and says so.
+    let output = common::run_ok(svf_train().arg("--resume").arg(&split.save_path));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("run already finished (epoch 3/3); nothing to do"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("learning rate of"), "{stderr}");
     // A second fresh start into the same directory is refused instead of overwriting it.
     let err = train::train(&split, Device::Cpu, None, TrainHooks::default()).unwrap_err();
     assert!(matches!(err, TrainError::RunExists { .. }), "{err}");
@@ -892,6 +900,8 @@ fn data_error_during_training_saves_last_first() {
 /// writes anything there.
 #[test]
 fn run_directory_in_use_is_refused() {
+    // The refusal comes after the model is built, which seeds libtorch's generator.
+    let _rng = exclusive_torch();
     let config = tiny_config("locked");
     let lock = train::lock_run_dir(&config.save_path).unwrap();
     for resume in [None, Some(config.save_path.as_path())] {

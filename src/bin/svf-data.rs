@@ -157,7 +157,7 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    svf::logging::init(cli.verbose, None)?;
+    svf::logging::init(cli.verbose, None);
     match cli.command {
         Command::Synth {
             out,

@@ -41,13 +41,16 @@ fn run() -> anyhow::Result<ExitCode> {
             anyhow::bail!("give --config FILE to start a run or --resume RUN_DIR to continue one")
         }
     };
-    let device = cli.runtime.start(Some(&config.save_path))?;
+    let device = cli.runtime.start_run(Some(&config.save_path))?;
     let interrupt = svf::cli::stop_on_signals()?;
     let hooks = svf::train::TrainHooks {
         interrupt: Some(&interrupt),
         ..Default::default()
     };
     let summary = svf::train::train(&config, device, cli.resume.as_deref(), hooks)?;
+    if summary.already_finished {
+        return Ok(ExitCode::SUCCESS);
+    }
     let state = &summary.state;
     let percent = |m: Option<f64>| m.map_or("-".to_string(), |m| format!("{:.2}", 100.0 * m));
     if summary.interrupted {
