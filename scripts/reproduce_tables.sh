@@ -18,7 +18,7 @@
 # training was interrupted (a `last` checkpoint, no `train_done` mark) resumes with
 # `svf-train --resume`. Re-running the script therefore continues the grid where it stopped.
 set -euo pipefail
-# svf-train saves and exits cleanly on Ctrl-C; stop here too instead of marking the run trained.
+# svf-train saves `last` on Ctrl-C; stop here too instead of marking the run trained.
 trap 'echo "reproduce_tables.sh: interrupted; run it again to continue" >&2; exit 130' INT
 
 usage() {
@@ -133,6 +133,15 @@ show() {
     printf '\n'
 }
 
+# Stops the script after svf-train of run $1 ended with status $2 instead of finishing: 130 when
+# Ctrl-C or SIGTERM reached svf-train alone (`kill -INT`, this script started in the background),
+# with `last` saved; else an error. The run is not marked trained, so running the script again
+# resumes it.
+training_stopped() {
+    echo "reproduce_tables.sh: training of $1 stopped (svf-train exit status $2); run the script again to continue" >&2
+    exit "$2"
+}
+
 # Trains run directory $1 with the training command that follows, or resumes it, unless it finished
 # (a `train_done` mark).
 train_run() {
@@ -142,11 +151,11 @@ train_run() {
         echo "== $name: already trained"
     elif [[ -f "$dir/last.safetensors" ]]; then
         echo "== $name: resuming training"
-        "$bin_dir/svf-train" --resume "$dir" --device "$device"
+        "$bin_dir/svf-train" --resume "$dir" --device "$device" || training_stopped "$name" $?
         touch "$dir/train_done"
     else
         echo "== $name: training"
-        "$@"
+        "$@" || training_stopped "$name" $?
         touch "$dir/train_done"
     fi
 }

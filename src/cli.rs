@@ -1,11 +1,64 @@
 //! Command-line arguments shared by every binary.
 
 use std::path::PathBuf;
+use std::process::{ExitCode, Termination};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use clap::Args;
 
 use crate::config::Config;
 use crate::device::DeviceArg;
+
+/// Exit status of a run stopped before its end by Ctrl-C or SIGTERM, as a shell reports a command
+/// killed by Ctrl-C: `svf-train … && svf-eval …` must not go on to evaluate an unfinished model.
+pub const INTERRUPTED: u8 = 130;
+
+/// Every binary's `main` ends here (`fn main() -> ExitCode { exit_status(run()) }`): an error is
+/// reported once, as its chain of causes (`{:#}`) and never with a backtrace (which
+/// `RUST_BACKTRACE=1` would add to anyhow's report of a user mistake), through the log once
+/// logging is set up (so that it reaches the run's `log.txt` too), else on stderr; exit code 1.
+pub fn exit_status(result: anyhow::Result<impl Termination>) -> ExitCode {
+    match result {
+        Ok(outcome) => outcome.report(),
+        Err(error) => {
+            if tracing::dispatcher::has_been_set() {
+                tracing::error!("{error:#}");
+            } else {
+                eprintln!("Error: {error:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A flag raised by the first SIGINT (Ctrl-C) or SIGTERM (`kill`, `timeout`, a batch scheduler's
+/// pre-emption), for svf-train to save `last` and stop; the signal is acknowledged in the log at
+/// once, since a validation can take minutes to notice it. A second signal exits at once with
+/// [`INTERRUPTED`], without saving.
+pub fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        // Registered first: the shutdown fires only when the flag is already raised.
+        signal_hook::flag::register_conditional_shutdown(signal, INTERRUPTED.into(), flag.clone())?;
+        signal_hook::flag::register(signal, flag.clone())?;
+    }
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            let name = if signal == SIGTERM {
+                "SIGTERM"
+            } else {
+                "Ctrl-C"
+            };
+            tracing::warn!(
+                "{name}: saving `last` and stopping (Ctrl-C again quits without saving)"
+            );
+        }
+    });
+    Ok(flag)
+}
 
 /// `--device`, `--threads` and `--verbose`, which every command takes.
 #[derive(Debug, Clone, Args)]
@@ -27,7 +80,24 @@ impl RuntimeArgs {
     /// The start of every command that runs a model: logging to the terminal (and to `log_dir`'s
     /// `log.txt`), `--threads`, `--device` resolved, and the start-up line.
     pub fn start(&self, log_dir: Option<&std::path::Path>) -> anyhow::Result<tch::Device> {
-        crate::logging::init(self.verbose, log_dir)?;
+        let device = self.start_run(log_dir)?;
+        crate::logging::open_run_log().map_err(|e| {
+            anyhow::anyhow!(
+                "cannot write {}: {e}",
+                log_dir
+                    .unwrap_or(".".as_ref())
+                    .join(crate::logging::LOG_FILE)
+                    .display()
+            )
+        })?;
+        Ok(device)
+    }
+
+    /// [`RuntimeArgs::start`] for a run that may still be refused: the lines for `run_dir`'s
+    /// `log.txt` wait until [`crate::logging::open_run_log`] (svf-train's trainer calls it once the
+    /// run may start), so that a refused start leaves the run directory untouched.
+    pub fn start_run(&self, run_dir: Option<&std::path::Path>) -> anyhow::Result<tch::Device> {
+        crate::logging::init(self.verbose, run_dir);
         crate::device::keep_freed_host_memory();
         if let Some(threads) = self.threads {
             tch::set_num_threads(threads);

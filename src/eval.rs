@@ -5,6 +5,7 @@
 //! label at its original size; BAM's protocol repeats this for several seeds and reports the mean.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,6 +35,9 @@ pub enum EvalError {
     Result(#[from] ResultError),
     #[error(transparent)]
     Panel(#[from] VisualError),
+    /// The caller's stop flag was raised (Ctrl-C during training's validation).
+    #[error("evaluation stopped before its end")]
+    Stopped,
 }
 
 /// How to evaluate: which episodes, how many seeds, and what to write besides the figures.
@@ -123,10 +127,12 @@ pub fn evaluate(
     };
     let dataset = Arc::new(FewShotDataset::open(&config, Split::Val)?);
     amp::prepare(&config, device);
-    evaluate_on(model, &dataset, &config, device, options)
+    evaluate_on(model, &dataset, &config, device, options, None)
 }
 
 /// [`evaluate`] on a dataset already opened (training validates every epoch on the same one).
+/// Raising `stop` ends it at the next batch with [`EvalError::Stopped`], so that Ctrl-C need not
+/// wait for a validation of minutes.
 /// `dataset` must be the validation split with `options.shot` supports.
 pub fn evaluate_on(
     model: &FewShotModel,
@@ -134,6 +140,7 @@ pub fn evaluate_on(
     config: &Config,
     device: Device,
     options: &EvalOptions,
+    stop: Option<&AtomicBool>,
 ) -> Result<EvalResult, EvalError> {
     if options.seeds.is_empty() {
         return Err(ResultError::NoSeeds.into());
@@ -152,6 +159,10 @@ pub fn evaluate_on(
             device,
         );
         for batch in loader {
+            if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+                bar.abandon();
+                return Err(EvalError::Stopped);
+            }
             let batch = batch?;
             let logits = inference_logits(
                 model,

@@ -1,17 +1,23 @@
 //! Logging through `tracing` to the terminal and to the run directory's `log.txt`, and progress
 //! bars that log lines do not tear.
 
-use std::io::Write;
-use std::path::Path;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 static PROGRESS: OnceLock<MultiProgress> = OnceLock::new();
+
+/// The target of log lines that report progress as the progress bars do (training's line every
+/// `print_freq` iterations): always in `log.txt`, on the terminal only when the bars are hidden
+/// (stderr not a terminal: nohup, `| tee`, CI), where they are the only sign of life.
+pub const PROGRESS_TARGET: &str = "progress";
 
 fn progress() -> &'static MultiProgress {
     PROGRESS.get_or_init(MultiProgress::new)
@@ -50,39 +56,94 @@ impl<'a> MakeWriter<'a> for TerminalWriter {
     }
 }
 
+/// The log file of a run directory (svf-train's `save_path`, svf-eval's `--out`).
+pub const LOG_FILE: &str = "log.txt";
+
+/// The `log.txt` that [`init`] was given. Its lines wait in memory until [`open_run_log`], so that
+/// a start that fails or is refused (a bad data list, a run directory in use) leaves the directory
+/// as it was.
+enum RunLog {
+    Waiting { dir: PathBuf, lines: Vec<u8> },
+    Open(std::fs::File),
+}
+
+static RUN_LOG: Mutex<Option<RunLog>> = Mutex::new(None);
+
+fn run_log() -> std::sync::MutexGuard<'static, Option<RunLog>> {
+    RUN_LOG
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Writer of the file layer: into [`RUN_LOG`], waiting or open.
+#[derive(Clone, Copy)]
+struct RunLogWriter;
+
+impl Write for RunLogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match run_log().as_mut() {
+            Some(RunLog::Waiting { lines, .. }) => lines.extend_from_slice(buf),
+            Some(RunLog::Open(file)) => file.write_all(buf)?,
+            None => {}
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for RunLogWriter {
+    type Writer = RunLogWriter;
+    fn make_writer(&'a self) -> Self::Writer {
+        *self
+    }
+}
+
+/// Creates the run directory [`init`] was given and appends to its [`LOG_FILE`] the lines logged
+/// so far, then every later one. Nothing without a run directory, or when already open.
+pub fn open_run_log() -> std::io::Result<()> {
+    let mut log = run_log();
+    let Some(RunLog::Waiting { dir, lines }) = log.as_ref() else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(LOG_FILE))?;
+    file.write_all(lines)?;
+    *log = Some(RunLog::Open(file));
+    Ok(())
+}
+
 /// Installs the global subscriber: level from `RUST_LOG`, else `debug` with `verbose`, else `info`.
-/// With `run_dir`, also appends to `run_dir/log.txt` (created if needed). Call once per process.
-pub fn init(verbose: bool, run_dir: Option<&Path>) -> anyhow::Result<()> {
+/// With `run_dir`, also to `run_dir/log.txt`, from [`open_run_log`] on (with the lines before it).
+/// Call once per process.
+pub fn init(verbose: bool, run_dir: Option<&Path>) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(if verbose { "debug" } else { "info" }));
+    let bars_shown = std::io::stderr().is_terminal();
     let terminal = tracing_subscriber::fmt::layer()
         .with_writer(TerminalWriter)
-        .with_target(false);
-    let file = match run_dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                anyhow::anyhow!("cannot create run directory {}: {e}", dir.display())
-            })?;
-            let path = dir.join("log.txt");
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| anyhow::anyhow!("cannot open log file {}: {e}", path.display()))?;
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(Mutex::new(file))
-                    .with_ansi(false)
-                    .with_target(false),
-            )
-        }
-        None => None,
-    };
+        .with_target(false)
+        .with_filter(filter_fn(move |meta| {
+            !(bars_shown && meta.target() == PROGRESS_TARGET)
+        }));
+    let file = run_dir.map(|dir| {
+        *run_log() = Some(RunLog::Waiting {
+            dir: dir.to_path_buf(),
+            lines: Vec::new(),
+        });
+        tracing_subscriber::fmt::layer()
+            .with_writer(RunLogWriter)
+            .with_ansi(false)
+            .with_target(false)
+    });
     // A second init (tests, or a library user with their own subscriber) keeps the first one.
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(terminal)
         .with(file)
         .try_init();
-    Ok(())
 }

@@ -48,6 +48,8 @@ use base::{BaseLearnerMeta, BaseTask};
 
 /// The resolved configuration inside a run directory.
 pub const CONFIG_FILE: &str = "config.yaml";
+/// The file of a run directory that the svf-train training it holds locked (with its pid inside).
+pub const LOCK_FILE: &str = "svf-train.lock";
 /// Stream tag of the per-iteration libtorch seeds (the data's streams are 0, 1, ... and u64::MAX).
 const STEP_SEED_STREAM: u64 = u64::MAX - 1;
 
@@ -73,6 +75,8 @@ pub enum TrainError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("run directory {dir} is in use by another svf-train (pid {pid}); wait for it or choose another save_path")]
+    RunDirInUse { dir: PathBuf, pid: String },
     #[error("run directory {dir} already holds a checkpoint; continue it with `svf-train --resume {dir}` or set another save_path (--set save_path=...)")]
     RunExists { dir: PathBuf },
     #[error("base learner {path} does not fit this config: {detail}; train the base stage for this dataset and fold (configs/bam/*_base.yaml), or point `base_learner` at its run directory")]
@@ -134,6 +138,26 @@ impl TrainState {
     pub fn epochs_done(&self) -> usize {
         (self.iteration / self.iterations_per_epoch) as usize
     }
+
+    /// Where the run stands, in the one numbering of every stop and resume message (epochs from
+    /// 1, as the progress bar and the epoch lines): "iteration 37 (epoch 1, 37/40)", "iteration 40
+    /// (end of epoch 1)".
+    pub fn position(&self) -> String {
+        let (done, into) = (
+            self.epochs_done(),
+            self.iteration % self.iterations_per_epoch,
+        );
+        match (into, done) {
+            (0, 0) => "iteration 0 (before training)".to_string(),
+            (0, _) => format!("iteration {} (end of epoch {done})", self.iteration),
+            _ => format!(
+                "iteration {} (epoch {}, {into}/{})",
+                self.iteration,
+                done + 1,
+                self.iterations_per_epoch
+            ),
+        }
+    }
 }
 
 /// What a finished (or stopped) run reports.
@@ -151,6 +175,8 @@ pub struct TrainSummary {
     pub interrupted: bool,
     /// Stopped because `stop_interval` epochs passed without a new best validation mIoU.
     pub stopped_early: bool,
+    /// A resumed run that had already trained and validated its last epoch: nothing was done.
+    pub already_finished: bool,
 }
 
 /// Ways to observe and steer a run from the library (Ctrl-C, tests).
@@ -214,8 +240,9 @@ trait TrainingTask {
         lr: f64,
         map_loss: Option<&mut dyn FnMut(Tensor) -> Tensor>,
     ) -> Losses;
-    /// `(mIoU, FB-IoU)` of the current weights on the validation data.
-    fn validate(&self) -> Result<(f64, f64), TrainError>;
+    /// `(mIoU, FB-IoU)` of the current weights on the validation data; `None` when `stop` was
+    /// raised before the end.
+    fn validate(&self, stop: Option<&AtomicBool>) -> Result<Option<(f64, f64)>, TrainError>;
 }
 
 /// The few-shot model (PFENet, or BAM's meta stage) trained on episodes.
@@ -354,7 +381,7 @@ impl TrainingTask for EpisodicTask<'_> {
         )
     }
 
-    fn validate(&self) -> Result<(f64, f64), TrainError> {
+    fn validate(&self, stop: Option<&AtomicBool>) -> Result<Option<(f64, f64)>, TrainError> {
         let val = self
             .val
             .as_ref()
@@ -367,8 +394,11 @@ impl TrainingTask for EpisodicTask<'_> {
             None
         };
         let model = fused.as_ref().map_or(&self.net, |(_, net)| net);
-        let result = eval::evaluate_on(model, val, self.config, self.device, &options)?;
-        Ok((result.miou.mean, result.fb_iou.mean))
+        match eval::evaluate_on(model, val, self.config, self.device, &options, stop) {
+            Ok(result) => Ok(Some((result.miou.mean, result.fb_iou.mean))),
+            Err(EvalError::Stopped) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -397,20 +427,33 @@ pub fn train(
 ) -> Result<TrainSummary, TrainError> {
     amp::prepare(config, device);
     let dir = resume.map_or_else(|| config.save_path.clone(), Path::to_path_buf);
-    std::fs::create_dir_all(&dir).map_err(run_dir_error(&dir))?;
-    if resume.is_none() && checkpoint::exists(&dir, LAST)? {
-        return Err(TrainError::RunExists { dir });
-    }
     match config.stage {
         Stage::Meta => {
             let task = EpisodicTask::open(config, device, resume.is_none())?;
+            let _lock = claim_run_dir(&dir, resume.is_none())?;
             run(task, config, dir, resume.is_some(), &mut hooks)
         }
         Stage::Base => {
             let task = BaseTask::open(config, device)?;
+            let _lock = claim_run_dir(&dir, resume.is_none())?;
             run(task, config, dir, resume.is_some(), &mut hooks)
         }
     }
+}
+
+/// Takes `dir` for a run whose data opened: created and locked, refused for a `fresh` start over
+/// a run's checkpoint, and only then given the log's lines: a start that fails on its data creates
+/// nothing, a refused one writes nothing but the lock file.
+fn claim_run_dir(dir: &Path, fresh: bool) -> Result<RunDirLock, TrainError> {
+    std::fs::create_dir_all(dir).map_err(run_dir_error(dir))?;
+    let lock = lock_run_dir(dir)?;
+    if fresh && checkpoint::exists(dir, LAST)? {
+        return Err(TrainError::RunExists {
+            dir: dir.to_path_buf(),
+        });
+    }
+    crate::logging::open_run_log().map_err(run_dir_error(&dir.join(crate::logging::LOG_FILE)))?;
+    Ok(lock)
 }
 
 /// Trains `task` in `dir`, continuing its `last` checkpoint when `resume`.
@@ -462,7 +505,10 @@ fn run<T: TrainingTask>(
     let metrics =
         MetricsLog::open(&dir, keep).map_err(run_dir_error(&dir.join(MetricsLog::FILE_NAME)))?;
     let schedule = LrSchedule::from_config(config, iterations_per_epoch);
-    log_learning_rates(&sgd, &schedule, config.weight_decay, state.iteration + 1);
+    // A finished run has no next iteration to give the rates of.
+    if state.iteration < iterations_per_epoch * config.epochs as u64 {
+        log_learning_rates(&sgd, &schedule, config.weight_decay, state.iteration + 1);
+    }
     let mut run = Run {
         config,
         schedule,
@@ -475,6 +521,42 @@ fn run<T: TrainingTask>(
         untrained_miou: None,
     };
     run.train_epochs(hooks)
+}
+
+/// An exclusive lock on a run directory (its [`LOCK_FILE`]) for as long as the value lives: two
+/// processes training into one directory would mix their checkpoints, metrics and config.yaml.
+/// The operating system releases it when the process ends, however it ends.
+pub struct RunDirLock {
+    _file: std::fs::File,
+}
+
+/// Locks `dir` for this process, or says which process holds it.
+pub fn lock_run_dir(dir: &Path) -> Result<RunDirLock, TrainError> {
+    use std::io::{Read, Write};
+    let path = dir.join(LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(run_dir_error(&path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            return Err(TrainError::RunDirInUse {
+                dir: dir.to_path_buf(),
+                pid: pid.trim().to_string(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(run_dir_error(&path)(e)),
+    }
+    file.set_len(0)
+        .and_then(|()| write!(file, "{}", std::process::id()))
+        .map_err(run_dir_error(&path))?;
+    Ok(RunDirLock { _file: file })
 }
 
 fn run_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError {
@@ -602,12 +684,7 @@ fn restore(
     }
     crate::model::copy_into(vs, &saved.weights, &CheckpointFiles::new(dir, LAST).weights)?;
     sgd.load_state(saved.optimizer.unwrap_or_default())?;
-    tracing::info!(
-        "resuming {} at iteration {} (epoch {})",
-        dir.display(),
-        saved.state.iteration,
-        saved.state.epochs_done()
-    );
+    tracing::info!("resuming {} at {}", dir.display(), saved.state.position());
     Ok(saved.state)
 }
 
@@ -634,6 +711,15 @@ fn silencing_panics<R>(f: impl FnOnce() -> R) -> R {
     result
 }
 
+/// What a due validation point came to.
+#[derive(PartialEq)]
+enum Validation {
+    NotDue,
+    Done,
+    /// Stopped by Ctrl-C before its end; nothing recorded, still due.
+    Stopped,
+}
+
 /// How an epoch ended.
 enum EpochEnd {
     Finished {
@@ -652,12 +738,27 @@ struct Throughput {
 
 impl<T: TrainingTask> Run<'_, T> {
     fn train_epochs(&mut self, hooks: &mut TrainHooks) -> Result<TrainSummary, TrainError> {
+        let mut throughput = Throughput::default();
         // Validation before training (epoch 0), or of an epoch whose run stopped between its last
         // iteration and its validation.
-        if self.validate_if_due(self.state.epochs_done())? {
-            self.save_last()?;
+        match self.validate_if_due(self.state.epochs_done(), hooks.interrupt)? {
+            Validation::Done => self.save_last()?,
+            Validation::Stopped => {
+                self.stop()?;
+                return Ok(self.summary(true, None, &throughput));
+            }
+            Validation::NotDue if self.state.epochs_done() >= self.config.epochs => {
+                tracing::info!(
+                    "run already finished (epoch {0}/{0}); nothing to do",
+                    self.config.epochs
+                );
+                return Ok(TrainSummary {
+                    already_finished: true,
+                    ..self.summary(false, None, &throughput)
+                });
+            }
+            Validation::NotDue => {}
         }
-        let mut throughput = Throughput::default();
         let mut last_epoch_loss = None;
         for epoch in self.state.epochs_done()..self.config.epochs {
             // Also on resume: a run that stopped early stays stopped.
@@ -670,7 +771,12 @@ impl<T: TrainingTask> Run<'_, T> {
                 }
                 EpochEnd::Finished { mean_loss } => last_epoch_loss = Some(mean_loss),
             }
-            self.validate_if_due(epoch + 1)?;
+            // `last` then holds the epoch's end with its validation still to do, which a resumed
+            // run does first.
+            if self.validate_if_due(epoch + 1, hooks.interrupt)? == Validation::Stopped {
+                self.stop()?;
+                return Ok(self.summary(true, last_epoch_loss, &throughput));
+            }
             self.save_last()?;
         }
         Ok(self.summary(false, last_epoch_loss, &throughput))
@@ -711,14 +817,23 @@ impl<T: TrainingTask> Run<'_, T> {
         );
         bar.set_position(first * batch);
         // A run resumed exactly at the middle of the epoch may not have validated there yet.
-        self.validate_mid_epoch_if_due(epoch)?;
+        if self.validate_mid_epoch_if_due(epoch, hooks.interrupt)? == Validation::Stopped {
+            bar.abandon();
+            self.stop()?;
+            return Ok(EpochEnd::Stopped);
+        }
         let started = Instant::now();
         let (mut loss_sum, mut steps) = (0.0, 0u64);
         for next in self.task.batches(epoch, first * batch..per_epoch * batch) {
-            let losses = self.guarded_step(&next?, epoch, hooks)?;
+            let batch_items = match next {
+                Ok(items) => items,
+                Err(e) => return Err(self.saving_last(e.into())),
+            };
+            let losses = self.guarded_step(&batch_items, epoch, hooks)?;
             loss_sum += losses.total;
             steps += 1;
-            self.validate_mid_epoch_if_due(epoch)?;
+            // A validation stopped by Ctrl-C stops the run just below.
+            self.validate_mid_epoch_if_due(epoch, hooks.interrupt)?;
             bar.inc(batch);
             bar.set_message(format!("loss {:.4} lr {:.2e}", losses.total, self.state.lr));
             let rate = (steps * batch) as f64 / started.elapsed().as_secs_f64();
@@ -735,13 +850,7 @@ impl<T: TrainingTask> Run<'_, T> {
                 bar.abandon();
                 throughput.episodes += steps * batch;
                 throughput.seconds += started.elapsed().as_secs_f64();
-                self.save_last()?;
-                tracing::warn!(
-                    "stopped at iteration {} (epoch {}); continue with `svf-train --resume {}`",
-                    self.state.iteration,
-                    epoch + 1,
-                    self.dir.display()
-                );
+                self.stop()?;
                 return Ok(EpochEnd::Stopped);
             }
             // The epoch's last iteration is saved after its validation, once.
@@ -782,6 +891,7 @@ impl<T: TrainingTask> Run<'_, T> {
             interrupted,
             stopped_early: self.config.stop_interval > 0
                 && self.state.epochs_without_improvement >= self.config.stop_interval,
+            already_finished: false,
         }
     }
 
@@ -874,14 +984,20 @@ impl<T: TrainingTask> Run<'_, T> {
         losses: &Losses,
         rate: f64,
     ) -> Result<(), TrainError> {
-        tracing::debug!(
-            "epoch {} iteration {}: loss {:.4} (main {:.4}, aux {:.4}), lr {:.3e}",
+        let epoch_end = (epoch as u64 + 1) * self.state.iterations_per_epoch;
+        let left = (epoch_end - self.state.iteration) * self.config.batch_size as u64;
+        tracing::info!(
+            target: crate::logging::PROGRESS_TARGET,
+            "epoch {}/{} iteration {}: loss {:.4} (main {:.4}, aux {:.4}), lr {:.3e}, {rate:.2} {}/s, epoch ETA {}",
             epoch + 1,
+            self.config.epochs,
             self.state.iteration,
             losses.total,
             losses.main,
             losses.aux,
-            self.state.lr
+            self.state.lr,
+            T::ITEMS,
+            indicatif::HumanDuration(std::time::Duration::from_secs_f64(left as f64 / rate.max(1e-9)))
         );
         self.append(&MetricsRecord::Train {
             epoch: epoch + 1,
@@ -902,14 +1018,18 @@ impl<T: TrainingTask> Run<'_, T> {
     }
 
     /// After `epoch` epochs (0 = before training): validates when due and not yet done, and keeps
-    /// the best checkpoint. Returns whether it validated.
-    fn validate_if_due(&mut self, epoch: usize) -> Result<bool, TrainError> {
+    /// the best checkpoint.
+    fn validate_if_due(
+        &mut self,
+        epoch: usize,
+        stop: Option<&AtomicBool>,
+    ) -> Result<Validation, TrainError> {
         let due =
             self.validates_after(epoch) && self.state.validated_epoch.is_none_or(|v| v < epoch);
-        if due {
-            self.validate(epoch, false)?;
+        if !due {
+            return Ok(Validation::NotDue);
         }
-        Ok(due)
+        self.validate(epoch, false, stop)
     }
 
     /// Whether the end of epoch `epoch` (1-based; 0 = before training) is a validation point.
@@ -919,26 +1039,40 @@ impl<T: TrainingTask> Run<'_, T> {
     }
 
     /// With `val_half_epoch`, validates at the middle iteration of epoch `epoch` (0-based) of an
-    /// epoch whose end validates, once. Returns whether it validated.
-    fn validate_mid_epoch_if_due(&mut self, epoch: usize) -> Result<bool, TrainError> {
+    /// epoch whose end validates, once.
+    fn validate_mid_epoch_if_due(
+        &mut self,
+        epoch: usize,
+        stop: Option<&AtomicBool>,
+    ) -> Result<Validation, TrainError> {
         let per_epoch = self.state.iterations_per_epoch;
         // An epoch of one iteration has no middle apart from its end.
         if !self.config.val_half_epoch || per_epoch < 2 || !self.validates_after(epoch + 1) {
-            return Ok(false);
+            return Ok(Validation::NotDue);
         }
         let middle = epoch as u64 * per_epoch + per_epoch / 2;
         let due = self.state.iteration == middle
             && self.state.validated_iteration.is_none_or(|v| v < middle);
-        if due {
-            self.validate(epoch + 1, true)?;
+        if !due {
+            return Ok(Validation::NotDue);
         }
-        Ok(due)
+        self.validate(epoch + 1, true, stop)
     }
 
     /// Validates now, as of epoch `epoch` (the epochs done, or for `mid_epoch` the epoch in
-    /// progress, 1-based), keeps the best checkpoint and updates the early-stopping count.
-    fn validate(&mut self, epoch: usize, mid_epoch: bool) -> Result<(), TrainError> {
-        let (miou, fb_iou) = self.task.validate()?;
+    /// progress, 1-based), keeps the best checkpoint and updates the early-stopping count. Raising
+    /// `stop` abandons it with nothing recorded, so that it stays due.
+    fn validate(
+        &mut self,
+        epoch: usize,
+        mid_epoch: bool,
+        stop: Option<&AtomicBool>,
+    ) -> Result<Validation, TrainError> {
+        let (miou, fb_iou) = match self.task.validate(stop) {
+            Ok(Some(scores)) => scores,
+            Ok(None) => return Ok(Validation::Stopped),
+            Err(e) => return Err(self.saving_last(e)),
+        };
         let best = self.state.best_miou.is_none_or(|b| miou > b);
         if epoch == 0 {
             self.untrained_miou = Some(miou);
@@ -977,7 +1111,7 @@ impl<T: TrainingTask> Run<'_, T> {
             mid_epoch,
         })?;
         self.redraw_curves();
-        Ok(())
+        Ok(Validation::Done)
     }
 
     /// Redraws `curves.png` from `metrics.jsonl`. A picture that cannot be drawn is worth a warning,
@@ -990,6 +1124,34 @@ impl<T: TrainingTask> Run<'_, T> {
         if let Err(message) = drawn {
             tracing::warn!("training curves not drawn: {message}");
         }
+    }
+
+    /// Saves `last` and says how to continue: the end of a run stopped by Ctrl-C or `stop_after`.
+    fn stop(&mut self) -> Result<(), TrainError> {
+        self.save_last()?;
+        tracing::warn!(
+            "stopped at {}; continue with `svf-train --resume {}`",
+            self.state.position(),
+            self.dir.display()
+        );
+        Ok(())
+    }
+
+    /// `error`, after saving `last` when iterations were done since it was last saved: for errors
+    /// between iterations (data, validation), where the weights and the state agree.
+    fn saving_last(&mut self, error: TrainError) -> TrainError {
+        if self.last_saved.unwrap_or(0) == self.state.iteration {
+            return error;
+        }
+        match self.save_last() {
+            Ok(()) => tracing::warn!(
+                "saved `last` at {} before stopping; once the error below is fixed, continue with `svf-train --resume {}`",
+                self.state.position(),
+                self.dir.display()
+            ),
+            Err(e) => tracing::warn!("could not save `last` before stopping: {e}"),
+        }
+        error
     }
 
     fn save_last(&mut self) -> Result<(), TrainError> {

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -221,6 +222,14 @@ fn resume_in_a_fresh_process_matches_the_straight_run() {
     for ((i, la), (_, lb)) in losses_a.iter().zip(&losses_b) {
         assert!((la - lb).abs() <= 1e-5, "iteration {i}: {la} vs {lb}");
     }
+    // Resuming the finished run trains nothing more and says so.
+    let output = common::run_ok(svf_train().arg("--resume").arg(&split.save_path));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("run already finished (epoch 3/3); nothing to do"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("learning rate of"), "{stderr}");
     // A second fresh start into the same directory is refused instead of overwriting it.
     let err = train::train(&split, Device::Cpu, None, TrainHooks::default()).unwrap_err();
     assert!(matches!(err, TrainError::RunExists { .. }), "{err}");
@@ -351,12 +360,9 @@ fn training_child(tag: &str, size: i64) -> (Config, std::process::Child) {
     (config, child)
 }
 
-fn sigint(child: &std::process::Child) {
-    // SAFETY: sends SIGINT to a child this test spawned.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
-        0
-    );
+fn send(signal: libc::c_int, child: &std::process::Child) {
+    // SAFETY: sends a signal to a child this test spawned.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
 }
 
 #[test]
@@ -364,9 +370,9 @@ fn second_ctrl_c_exits_at_once() {
     // Iterations of a few hundred milliseconds: the second signal arrives while the first is still
     // waiting for the iteration to end (signals sent back to back would merge into one).
     let (_, child) = training_child("ctrl-c-twice", 193);
-    sigint(&child);
+    send(libc::SIGINT, &child);
     std::thread::sleep(Duration::from_millis(30));
-    sigint(&child);
+    send(libc::SIGINT, &child);
     let output = child.wait_with_output().unwrap();
     assert_eq!(
         output.status.code(),
@@ -376,22 +382,27 @@ fn second_ctrl_c_exits_at_once() {
     );
 }
 
+/// Ctrl-C, or SIGTERM (`kill`, `timeout`, a batch scheduler), saves `last`, says so at once and
+/// exits 130: an unfinished run must not pass for a finished one (`svf-train … && svf-eval …`).
 #[test]
-fn ctrl_c_saves_the_last_checkpoint_and_exits_cleanly() {
-    let (config, child) = training_child("ctrl-c", 65);
-    sigint(&child);
-    let output = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(stdout.contains("svf-train --resume"), "{stdout}");
-    let saved: checkpoint::Checkpoint<train::TrainState> =
-        checkpoint::load(&config.save_path, "last").unwrap();
-    assert!(saved.state.iteration >= 2 && saved.state.iteration < 200);
-    assert!(saved.optimizer.is_some());
+fn ctrl_c_or_sigterm_saves_the_last_checkpoint_and_exits_130() {
+    for (signal, name) in [(libc::SIGINT, "Ctrl-C"), (libc::SIGTERM, "SIGTERM")] {
+        let (config, child) = training_child(&format!("stop-signal-{signal}"), 65);
+        send(signal, &child);
+        let output = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(130), "{name}: {stderr}");
+        assert!(stdout.contains("svf-train --resume"), "{stdout}");
+        assert!(
+            stderr.contains(&format!("{name}: saving `last` and stopping")),
+            "{stderr}"
+        );
+        let saved: checkpoint::Checkpoint<train::TrainState> =
+            checkpoint::load(&config.save_path, "last").unwrap();
+        assert!(saved.state.iteration >= 2 && saved.state.iteration < 200);
+        assert!(saved.optimizer.is_some());
+    }
 }
 
 /// Foreground (intersection, union) of a predicted mask PNG against the label's `class` pixels.
@@ -763,4 +774,149 @@ fn half_epoch_validation_keeps_one_best_across_both_points() {
     )
     .unwrap();
     assert_eq!(validations(&split.save_path), records);
+}
+
+/// Ctrl-C during a validation stops it at once and saves `last` with that validation still to do:
+/// the resumed run does it first, so an interrupted run ends as the uninterrupted one does.
+#[test]
+fn ctrl_c_during_validation_saves_last_and_the_resumed_run_matches_the_straight_run() {
+    let _rng = exclusive_torch();
+    // 2 epochs of 4 iterations, validated before training, in the middle (iteration 2, 6) and at
+    // the end (4, 8) of each epoch.
+    let halves = |tag: &str| Config {
+        val_freq: 1,
+        val_episodes: 4,
+        val_half_epoch: true,
+        epochs: 2,
+        ..tiny_config(tag)
+    };
+    let straight = halves("val-ctrl-c-straight");
+    train::train(&straight, Device::Cpu, None, TrainHooks::default()).unwrap();
+
+    let split = halves("val-ctrl-c-split");
+    // Ctrl-C during iteration `at` is seen by the validation right after it: the middle one of
+    // epoch 1 (iteration 2), then the last one of the run (iteration 8).
+    let ctrl_c_at = |at: u64, resume: bool| {
+        let interrupt = AtomicBool::new(false);
+        let hooks = TrainHooks {
+            interrupt: Some(&interrupt),
+            map_loss: Some(Box::new(|iteration, loss| {
+                if iteration == at {
+                    interrupt.store(true, Ordering::SeqCst);
+                }
+                loss
+            })),
+            ..TrainHooks::default()
+        };
+        let resume = resume.then_some(split.save_path.as_path());
+        let summary = train::train(&split, Device::Cpu, resume, hooks).unwrap();
+        assert!(summary.interrupted);
+        let saved: checkpoint::Checkpoint<train::TrainState> =
+            checkpoint::load(&split.save_path, "last").unwrap();
+        assert_eq!(saved.state.iteration, at);
+        assert!(
+            saved.state.validated_iteration < Some(at),
+            "validation recorded"
+        );
+    };
+    ctrl_c_at(2, false);
+    ctrl_c_at(8, true);
+    let last = train::train(
+        &split,
+        Device::Cpu,
+        Some(&split.save_path),
+        TrainHooks::default(),
+    )
+    .unwrap();
+    assert!(!last.interrupted);
+
+    assert_eq!(
+        validations(&split.save_path),
+        validations(&straight.save_path)
+    );
+    assert_eq!(
+        train_losses(&split.save_path),
+        train_losses(&straight.save_path)
+    );
+    for name in ["last.safetensors", "best.safetensors"] {
+        let (a, b) = (
+            weights(&straight.save_path.join(name)),
+            weights(&split.save_path.join(name)),
+        );
+        assert_eq!(a.len(), b.len());
+        for (tensor_name, tensor) in &a {
+            assert!(
+                tensor.equal(&b[tensor_name]),
+                "{name}: {tensor_name} differs"
+            );
+        }
+    }
+}
+
+/// A run that dies on its data (images that became unreadable) keeps its work in `last`.
+#[test]
+fn data_error_during_training_saves_last_first() {
+    let _rng = exclusive_torch();
+    let data = scratch("data-error-data");
+    let options = SynthOptions {
+        train_images: 60,
+        val_images: 60,
+        size: 112,
+        seed: 7,
+    };
+    write_dataset(&data, &options).unwrap();
+    let config = Config {
+        data_root: data.clone(),
+        train_list: data.join("lists/train.txt"),
+        val_list: data.join("lists/val.txt"),
+        // One epoch of 20 iterations: no checkpoint is due before the data fails.
+        train_episodes: Some(40),
+        epochs: 1,
+        save_freq: 1000,
+        ..tiny_config("data-error")
+    };
+    let hooks = TrainHooks {
+        // During iteration 3 every image becomes unreadable (a disk or network mount failing).
+        map_loss: Some(Box::new(|iteration, loss| {
+            if iteration == 3 {
+                for entry in std::fs::read_dir(data.join("JPEGImages")).unwrap() {
+                    std::fs::write(entry.unwrap().path(), b"not a jpeg").unwrap();
+                }
+            }
+            loss
+        })),
+        ..TrainHooks::default()
+    };
+    let err = train::train(&config, Device::Cpu, None, hooks).unwrap_err();
+    assert!(matches!(err, TrainError::Data(_)), "{err}");
+    let saved: checkpoint::Checkpoint<train::TrainState> =
+        checkpoint::load(&config.save_path, "last").unwrap();
+    let iteration = saved.state.iteration;
+    assert!((3..20).contains(&iteration), "{iteration}");
+    assert!(saved.optimizer.is_some());
+}
+
+/// A second svf-train on a run directory in use is refused with the holder's pid, before it
+/// writes anything there.
+#[test]
+fn run_directory_in_use_is_refused() {
+    // The refusal comes after the model is built, which seeds libtorch's generator.
+    let _rng = exclusive_torch();
+    let config = tiny_config("locked");
+    let lock = train::lock_run_dir(&config.save_path).unwrap();
+    for resume in [None, Some(config.save_path.as_path())] {
+        let err = train::train(&config, Device::Cpu, resume, TrainHooks::default()).unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, TrainError::RunDirInUse { .. }), "{message}");
+        assert!(
+            message.contains(&format!(
+                "is in use by another svf-train (pid {})",
+                std::process::id()
+            )),
+            "{message}"
+        );
+    }
+    assert!(!config.save_path.join("config.yaml").exists());
+    drop(lock);
+    train::lock_run_dir(&config.save_path).unwrap();
 }

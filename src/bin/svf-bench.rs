@@ -41,7 +41,11 @@ struct Cli {
     track_frozen: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    svf::cli::exit_status(run())
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.config.load()?;
     let device = cli.runtime.start(None)?;

@@ -152,9 +152,13 @@ fn print_summary(summary: &PrepareSummary) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    svf::cli::exit_status(run())
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    svf::logging::init(cli.verbose, None)?;
+    svf::logging::init(cli.verbose, None);
     match cli.command {
         Command::Synth {
             out,

@@ -23,7 +23,11 @@ struct Cli {
     runtime: RuntimeArgs,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    svf::cli::exit_status(run())
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = cli.config.load()?;
     let device = cli.runtime.start(None)?;

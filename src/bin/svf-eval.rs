@@ -51,7 +51,11 @@ struct Cli {
     no_fuse: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    svf::cli::exit_status(run())
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if cli.protocol == Protocol::Paper && (!cli.seeds.is_empty() || cli.master_seed.is_some()) {
         anyhow::bail!("--protocol paper fixes the seeds (510, 365, 382, 322, 988); drop --seeds / --master-seed, or use --protocol pfenet with them");

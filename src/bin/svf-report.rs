@@ -15,7 +15,11 @@ struct Cli {
     out: Option<PathBuf>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    svf::cli::exit_status(run())
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (results, warnings) = svf::report::one_per_cell(svf::report::find_results(&cli.dir)?);
     for warning in warnings {

@@ -1,7 +1,6 @@
 //! `svf-train`: training of PFENet or BAM (+ SVF) from a YAML config, BAM's base stage included.
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::process::ExitCode;
 
 use clap::Parser;
 use svf::cli::{ConfigArgs, RuntimeArgs};
@@ -10,9 +9,15 @@ use svf::cli::{ConfigArgs, RuntimeArgs};
 /// Fine-tuning), or BAM's base learner (`method: bam`, `stage: base`).
 ///
 /// The run directory (`save_path`) receives config.yaml, log.txt, metrics.jsonl and the `last` /
-/// `best` checkpoints. Ctrl-C saves `last` and exits; `--resume RUN_DIR` continues exactly there.
+/// `best` checkpoints. Ctrl-C (or SIGTERM) saves `last` and exits with status 130, also during a
+/// validation, which the resumed run then does first; a second Ctrl-C quits at once without
+/// saving. `--resume RUN_DIR` continues exactly where `last` stands.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    override_usage = "svf-train --config FILE [--set KEY=VALUE]... [OPTIONS]\n       svf-train --resume RUN_DIR [OPTIONS]"
+)]
 struct Cli {
     #[command(flatten)]
     config: Option<ConfigArgs>,
@@ -23,7 +28,11 @@ struct Cli {
     runtime: RuntimeArgs,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    svf::cli::exit_status(run())
+}
+
+fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let config = match (&cli.resume, &cli.config) {
         (Some(run_dir), _) => svf::train::resume_config(run_dir)?,
@@ -32,30 +41,25 @@ fn main() -> anyhow::Result<()> {
             anyhow::bail!("give --config FILE to start a run or --resume RUN_DIR to continue one")
         }
     };
-    let device = cli.runtime.start(Some(&config.save_path))?;
-    // First Ctrl-C: the trainer saves `last` after the current iteration and returns. Second one:
-    // exit at once (the conditional shutdown fires only when the flag is already raised).
-    let interrupt = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register_conditional_shutdown(
-        signal_hook::consts::SIGINT,
-        130,
-        interrupt.clone(),
-    )?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupt.clone())?;
+    let device = cli.runtime.start_run(Some(&config.save_path))?;
+    let interrupt = svf::cli::stop_on_signals()?;
     let hooks = svf::train::TrainHooks {
         interrupt: Some(&interrupt),
         ..Default::default()
     };
     let summary = svf::train::train(&config, device, cli.resume.as_deref(), hooks)?;
+    if summary.already_finished {
+        return Ok(ExitCode::SUCCESS);
+    }
     let state = &summary.state;
     let percent = |m: Option<f64>| m.map_or("-".to_string(), |m| format!("{:.2}", 100.0 * m));
     if summary.interrupted {
         println!(
-            "stopped after iteration {} (epoch {}); continue with: svf-train --resume {}",
-            state.iteration,
-            state.epochs_done(),
+            "stopped at {}; continue with: svf-train --resume {}",
+            state.position(),
             summary.run_dir.display()
         );
+        return Ok(ExitCode::from(svf::cli::INTERRUPTED));
     } else {
         if summary.stopped_early {
             println!(
@@ -78,5 +82,5 @@ fn main() -> anyhow::Result<()> {
             summary.run_dir.display()
         );
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -10,6 +10,7 @@
 //! meta stage checks them when it loads the base learner ([`load_base_learner`]).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -115,18 +116,22 @@ fn dataset_name(config: &Config) -> &'static str {
 
 /// Validation `(mIoU over the base classes, FB-IoU)` of `model` on `data` (batches of
 /// `batch_size`). Each base class is scored as a binary map, so FB-IoU is the mean of the
-/// background and foreground IoU over those maps.
+/// background and foreground IoU over those maps. `None` when `stop` was raised before the end.
 pub fn base_miou(
     model: &PspNet,
     data: &SegmentationDataset,
     batch_size: usize,
     workers: usize,
     device: Device,
-) -> Result<(f64, f64), DataError> {
+    stop: Option<&AtomicBool>,
+) -> Result<Option<(f64, f64)>, DataError> {
     let map = data.class_map();
     let mut iou = IoUAccumulator::new(&map.base);
     let indices: Vec<usize> = (0..data.len()).collect();
     for chunk in indices.chunks(batch_size) {
+        if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            return Ok(None);
+        }
         let batch = data.batch(chunk, 0, 0, workers)?;
         let labels = batch.labels.to_device(device);
         let pred =
@@ -141,7 +146,7 @@ pub fn base_miou(
             iou.add(&pred.eq(channel).to_kind(Kind::Int64), &binary_label, class);
         }
     }
-    Ok((iou.miou(), iou.fb_iou()))
+    Ok(Some((iou.miou(), iou.fb_iou())))
 }
 
 /// BAM's base stage: the PSPNet base learner on whole images.
@@ -252,7 +257,7 @@ impl TrainingTask for BaseTask<'_> {
         optimise(sgd, loss, no_aux, 0.0, lr, map_loss)
     }
 
-    fn validate(&self) -> Result<(f64, f64), TrainError> {
+    fn validate(&self, stop: Option<&AtomicBool>) -> Result<Option<(f64, f64)>, TrainError> {
         let val = self
             .val
             .as_ref()
@@ -263,6 +268,7 @@ impl TrainingTask for BaseTask<'_> {
             self.config.batch_size_val,
             self.config.workers,
             self.device,
+            stop,
         )?)
     }
 }
