@@ -416,7 +416,8 @@ fn a_bad_file_mid_run_is_replaced_and_too_many_abort() {
 
 /// Runs `svf-data check` on `config` (written as YAML) and returns (success, stderr).
 fn run_check(config: &Config) -> (bool, String) {
-    let path = config.data_root.join("check.yaml");
+    std::fs::create_dir_all(&config.save_path).unwrap();
+    let path = config.save_path.join("check.yaml");
     std::fs::write(&path, config.to_yaml()).unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_svf-data"))
         .args(["check", "--config"])
@@ -671,18 +672,8 @@ fn a_data_root_that_is_no_folder_is_one_error_naming_the_key() {
     );
     assert!(message.contains("--set data_root=DIR"), "{message}");
     // `svf-data check` says it once per list, not once per image.
-    config.save_path = std::env::temp_dir();
-    let check = missing.parent().unwrap().join("check");
-    std::fs::create_dir_all(&check).unwrap();
-    let path = check.join("check.yaml");
-    std::fs::write(&path, config.to_yaml()).unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_svf-data"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
+    let (ok, stderr) = run_check(&config);
+    assert!(!ok);
     assert_eq!(stderr.matches("is not a folder").count(), 2, "{stderr}");
     assert!(stderr.contains("2 problem(s)"), "{stderr}");
 }

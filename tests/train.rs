@@ -858,13 +858,7 @@ fn ctrl_c_during_validation_saves_last_and_the_resumed_run_matches_the_straight_
 fn data_error_during_training_saves_last_first() {
     let _rng = exclusive_torch();
     let data = scratch("data-error-data");
-    let options = SynthOptions {
-        train_images: 60,
-        val_images: 60,
-        size: 112,
-        seed: 7,
-    };
-    write_dataset(&data, &options).unwrap();
+    common::write_synthetic_dataset(&data);
     let config = Config {
         data_root: data.clone(),
         train_list: data.join("lists/train.txt"),

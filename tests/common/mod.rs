@@ -19,19 +19,24 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// The synthetic dataset of this test binary (60 train and 60 val images of 112 pixels, 20
-/// classes), written on first use.
+/// Writes the tests' synthetic dataset into `dir`: 60 train and 60 val images of 112 pixels, 20
+/// classes.
+pub fn write_synthetic_dataset(dir: &Path) {
+    let options = SynthOptions {
+        train_images: 60,
+        val_images: 60,
+        size: 112,
+        seed: 7,
+    };
+    write_dataset(dir, &options).unwrap();
+}
+
+/// The synthetic dataset of this test binary ([`write_synthetic_dataset`]), written on first use.
 pub fn synthetic_dataset() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = scratch("synth");
-        let options = SynthOptions {
-            train_images: 60,
-            val_images: 60,
-            size: 112,
-            seed: 7,
-        };
-        write_dataset(&dir, &options).unwrap();
+        write_synthetic_dataset(&dir);
         dir
     })
 }
