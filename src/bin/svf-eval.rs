@@ -35,8 +35,8 @@ struct Cli {
     #[arg(long, requires = "master_seed", value_parser = clap::value_parser!(u64).range(1..))]
     seed_count: Option<u64>,
     /// Support images per episode [default: the config's shot].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    shot: Option<u64>,
+    #[arg(long)]
+    shot: Option<usize>,
     /// Where eval.json, eval.md and the panels go [default: the config's save_path].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -44,8 +44,8 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 0)]
     save_vis: usize,
     /// Loader threads [default: the config's workers]; results do not depend on it.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    workers: Option<u64>,
+    #[arg(long)]
+    workers: Option<usize>,
     /// Run SVF models with their SVD convolutions instead of folding them into full-rank weights.
     #[arg(long)]
     no_fuse: bool,
