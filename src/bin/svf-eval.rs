@@ -86,6 +86,13 @@ fn run() -> anyhow::Result<()> {
     }
     if cli.save_vis > 0 {
         options.panels = Some((out.join("vis"), cli.save_vis));
+        if cli.save_vis as u64 > options.episodes {
+            tracing::warn!(
+                "--save-vis {}: the panels are the first seed's episodes, {} of them",
+                cli.save_vis,
+                options.episodes
+            );
+        }
     }
 
     let weights = cli.weights.resolve()?;
