@@ -133,8 +133,8 @@ show() {
     printf '\n'
 }
 
-# Stops the script after svf-train of run $1 ended with status $2 instead of finishing: 130 when
-# Ctrl-C or SIGTERM reached svf-train alone (`kill -INT`, this script started in the background),
+# Stops the script after svf-train of run $1 ended with status $2 instead of finishing: 130 (143)
+# when Ctrl-C (SIGTERM) reached svf-train alone (`kill -INT`, this script started in the background),
 # with `last` saved; else an error. The run is not marked trained, so running the script again
 # resumes it.
 training_stopped() {

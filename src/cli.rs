@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::{ExitCode, Termination};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
 use clap::Args;
@@ -10,9 +10,19 @@ use clap::Args;
 use crate::config::Config;
 use crate::device::DeviceArg;
 
+/// The signal that stopped the run ([`stop_on_signals`]); 0 while none has.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
 /// Exit status of a run stopped before its end by Ctrl-C or SIGTERM, as a shell reports a command
-/// killed by Ctrl-C: `svf-train … && svf-eval …` must not go on to evaluate an unfinished model.
-pub const INTERRUPTED: u8 = 130;
+/// killed by that signal (128 + its number: 130, 143): `svf-train … && svf-eval …` must not go on
+/// to evaluate an unfinished model.
+pub fn interrupted_status() -> u8 {
+    let signal = match STOP_SIGNAL.load(Ordering::SeqCst) {
+        0 => signal_hook::consts::SIGINT,
+        signal => signal,
+    };
+    128 + signal as u8
+}
 
 /// Every binary's `main` ends here (`fn main() -> ExitCode { exit_status(run()) }`): an error is
 /// reported once, as its chain of causes (`{:#}`) and never with a backtrace (which
@@ -35,26 +45,25 @@ pub fn exit_status(result: anyhow::Result<impl Termination>) -> ExitCode {
 /// A flag raised by the first SIGINT (Ctrl-C) or SIGTERM (`kill`, `timeout`, a batch scheduler's
 /// pre-emption), for svf-train to save `last` and stop; the signal is acknowledged in the log at
 /// once, since a validation can take minutes to notice it. A second signal exits at once with
-/// [`INTERRUPTED`], without saving.
+/// [`interrupted_status`]'s status, without saving.
 pub fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let flag = Arc::new(AtomicBool::new(false));
     for signal in [SIGINT, SIGTERM] {
         // Registered first: the shutdown fires only when the flag is already raised.
-        signal_hook::flag::register_conditional_shutdown(signal, INTERRUPTED.into(), flag.clone())?;
+        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, flag.clone())?;
         signal_hook::flag::register(signal, flag.clone())?;
     }
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
-            let name = if signal == SIGTERM {
-                "SIGTERM"
+            STOP_SIGNAL.store(signal, Ordering::SeqCst);
+            let (name, again) = if signal == SIGTERM {
+                ("SIGTERM", "a second signal")
             } else {
-                "Ctrl-C"
+                ("Ctrl-C", "Ctrl-C again")
             };
-            tracing::warn!(
-                "{name}: saving `last` and stopping (Ctrl-C again quits without saving)"
-            );
+            tracing::warn!("{name}: saving `last` and stopping ({again} quits without saving)");
         }
     });
     Ok(flag)

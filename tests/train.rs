@@ -385,14 +385,14 @@ fn second_ctrl_c_exits_at_once() {
 /// Ctrl-C, or SIGTERM (`kill`, `timeout`, a batch scheduler), saves `last`, says so at once and
 /// exits 130: an unfinished run must not pass for a finished one (`svf-train … && svf-eval …`).
 #[test]
-fn ctrl_c_or_sigterm_saves_the_last_checkpoint_and_exits_130() {
+fn ctrl_c_or_sigterm_saves_the_last_checkpoint_and_exits_as_killed_by_it() {
     for (signal, name) in [(libc::SIGINT, "Ctrl-C"), (libc::SIGTERM, "SIGTERM")] {
         let (config, child) = training_child(&format!("stop-signal-{signal}"), 65);
         send(signal, &child);
         let output = child.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(130), "{name}: {stderr}");
+        assert_eq!(output.status.code(), Some(128 + signal), "{name}: {stderr}");
         assert!(stdout.contains("svf-train --resume"), "{stdout}");
         assert!(
             stderr.contains(&format!("{name}: saving `last` and stopping")),

@@ -9,9 +9,9 @@ use svf::cli::{ConfigArgs, RuntimeArgs};
 /// Fine-tuning), or BAM's base learner (`method: bam`, `stage: base`).
 ///
 /// The run directory (`save_path`) receives config.yaml, log.txt, metrics.jsonl and the `last` /
-/// `best` checkpoints. Ctrl-C (or SIGTERM) saves `last` and exits with status 130, also during a
-/// validation, which the resumed run then does first; a second Ctrl-C quits at once without
-/// saving. `--resume RUN_DIR` continues exactly where `last` stands.
+/// `best` checkpoints. Ctrl-C (or SIGTERM) saves `last` and exits with status 130 (143), also
+/// during a validation, which the resumed run then does first; a second Ctrl-C quits at once
+/// without saving. `--resume RUN_DIR` continues exactly where `last` stands.
 #[derive(Parser, Debug)]
 #[command(
     version,
@@ -59,7 +59,7 @@ fn run() -> anyhow::Result<ExitCode> {
             state.position(),
             summary.run_dir.display()
         );
-        return Ok(ExitCode::from(svf::cli::INTERRUPTED));
+        return Ok(ExitCode::from(svf::cli::interrupted_status()));
     } else {
         if summary.stopped_early {
             println!(
