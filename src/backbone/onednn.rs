@@ -117,14 +117,16 @@ enum InputGradient {
 }
 
 impl InputGradient {
-    /// For `weight` (packed for `input_size`) in `geometry`; `None` at strides other than 1 (the
-    /// input gradient is a transposed convolution), paddings over `dilation·(kernel−1)`, or where
-    /// oneDNN turns the transposed weight down.
+    /// For `weight` (packed for `input_size`) in `geometry`, at stride 1 (other strides make the
+    /// input gradient a transposed convolution; the caller leaves them to libtorch); `None` for
+    /// paddings over `dilation·(kernel−1)`, non-square kernels, or where oneDNN turns the
+    /// transposed weight down.
     fn new(weight: &Tensor, geometry: ConvGeometry, input_size: &[i64]) -> Option<InputGradient> {
+        debug_assert_eq!(geometry.stride, 1);
         let size = weight.size();
         let (out_channels, kernel) = (size[0], size[2]);
         let padding = geometry.dilation * (kernel - 1) - geometry.padding;
-        if geometry.stride != 1 || padding < 0 || kernel != size[3] {
+        if padding < 0 || kernel != size[3] {
             return None;
         }
         if kernel == 1 {
@@ -196,7 +198,11 @@ impl PackCache {
         epilogue: Epilogue,
     ) -> Tensor {
         let frozen = !weight.requires_grad() && bias.is_none_or(|b| !b.requires_grad());
-        let packable = frozen && weight.kind() == Kind::Float && PackedConv::applies_to(x);
+        // An input that tracks gradients needs its gradient, a packed convolution at stride 1 only.
+        let packable = frozen
+            && weight.kind() == Kind::Float
+            && PackedConv::applies_to(x)
+            && (!x.requires_grad() || geometry.stride == 1);
         if let Some((packed, input_gradient)) =
             packable.then(|| self.packed(weight, geometry, x)).flatten()
         {
@@ -469,7 +475,7 @@ mod tests {
         }
     }
 
-    fn geometry(stride: i64, padding: i64, dilation: i64) -> ConvGeometry {
+    const fn geometry(stride: i64, padding: i64, dilation: i64) -> ConvGeometry {
         ConvGeometry {
             stride,
             padding,
@@ -479,46 +485,20 @@ mod tests {
 
     /// Stride 2, dilations 2 and 4, 1×1 and 7×7 kernels.
     const GEOMETRIES: [(i64, ConvGeometry); 5] = [
-        (
-            3,
-            ConvGeometry {
-                stride: 1,
-                padding: 1,
-                dilation: 1,
-            },
-        ),
-        (
-            3,
-            ConvGeometry {
-                stride: 2,
-                padding: 2,
-                dilation: 2,
-            },
-        ),
-        (
-            3,
-            ConvGeometry {
-                stride: 1,
-                padding: 4,
-                dilation: 4,
-            },
-        ),
+        (3, geometry(1, 1, 1)),
+        (3, geometry(2, 2, 2)),
+        (3, geometry(1, 4, 4)),
         (1, ConvGeometry::PLAIN),
-        (
-            7,
-            ConvGeometry {
-                stride: 2,
-                padding: 3,
-                dilation: 1,
-            },
-        ),
+        (7, geometry(2, 3, 1)),
     ];
 
-    fn packed_forms(cache: &PackCache) -> (bool, Option<bool>) {
+    /// What `cache` holds: `None` if nothing, else whether the weight is packed and whether an
+    /// input gradient was looked for (and found).
+    fn packed_forms(cache: &PackCache) -> Option<(bool, Option<bool>)> {
         let entry = cache.0.lock().unwrap();
-        let entry = entry.as_ref().expect("nothing cached");
+        let entry = entry.as_ref()?;
         let gradient = entry.input_gradient.as_ref().map(Option::is_some);
-        (entry.packed.is_some(), gradient)
+        Some((entry.packed.is_some(), gradient))
     }
 
     #[test]
@@ -548,7 +528,7 @@ mod tests {
                     let diff = max_diff(&packed, &expected);
                     assert!(diff < 1e-4, "k{kernel} {geometry:?} {shape:?}: {diff}");
                 }
-                let (packed, _) = packed_forms(&cache);
+                let packed = packed_forms(&cache).is_some_and(|(packed, _)| packed);
                 assert!(
                     packed,
                     "nothing packed: was the oneDNN bridge built (build.rs)?"
@@ -600,12 +580,9 @@ mod tests {
                     }
                 }
             }
-            let transposed = packed_forms(&cache).1;
-            assert_eq!(
-                transposed,
-                Some(geometry.stride == 1),
-                "k{kernel} {geometry:?}"
-            );
+            // Stride 1: packed with its input gradient; otherwise nothing packed at all.
+            let expected = (geometry.stride == 1).then_some((true, Some(true)));
+            assert_eq!(packed_forms(&cache), expected, "k{kernel} {geometry:?}");
         }
     }
 
