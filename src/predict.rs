@@ -70,6 +70,8 @@ const SOFTWARE: &str = "svf-predict";
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
     supports: Vec<SupportExample>,
+    /// The supports' masks, read (and checked against their images' sizes) once.
+    masks: Vec<GrayImage>,
     /// `(query, mask output, overlay output)`.
     queries: Vec<(PathBuf, PathBuf, PathBuf)>,
     out: PathBuf,
@@ -99,10 +101,12 @@ impl Job {
                 ));
             }
         }
-        let inputs: Vec<(&'static str, &PathBuf)> = supports
+        // Inputs as (flag, path, canonical path), each resolved once.
+        let inputs: Vec<(&'static str, &PathBuf, Option<PathBuf>)> = supports
             .iter()
             .flat_map(|s| [("--support", &s.image), ("--mask", &s.mask)])
             .chain(queries.iter().map(|q| ("--query", q)))
+            .map(|(flag, path)| (flag, path, path.canonicalize().ok()))
             .collect();
         let queries: Vec<(PathBuf, PathBuf, PathBuf)> = queries
             .iter()
@@ -120,9 +124,9 @@ impl Job {
             let Ok(canonical) = output.canonicalize() else {
                 continue;
             };
-            if let Some((flag, input)) = inputs
+            if let Some((flag, input, _)) = inputs
                 .iter()
-                .find(|(_, input)| input.canonicalize().is_ok_and(|c| c == canonical))
+                .find(|(_, _, c)| c.as_ref() == Some(&canonical))
             {
                 return Err(PredictError::OverwritesInput {
                     output: output.clone(),
@@ -134,13 +138,27 @@ impl Job {
                 return Err(PredictError::Exists(output.clone()));
             }
         }
+        let mut masks = Vec::with_capacity(supports.len());
         for support in &supports {
-            if !read_mask(&support.mask)?.pixels().any(|p| p[0] != 0) {
+            let mask = read_mask(&support.mask)?;
+            if !mask.pixels().any(|p| p[0] != 0) {
                 return Err(PredictError::EmptyMask(support.mask.clone()));
             }
+            let (height, width) = raster::read_image_size(&support.image)?;
+            let image_size = (width as u32, height as u32);
+            if mask.dimensions() != image_size {
+                return Err(PredictError::MaskSize {
+                    mask: support.mask.clone(),
+                    image: support.image.clone(),
+                    mask_size: mask.dimensions(),
+                    image_size,
+                });
+            }
+            masks.push(mask);
         }
         Ok(Job {
             supports,
+            masks,
             queries,
             out: out.to_path_buf(),
         })
@@ -176,14 +194,19 @@ fn write_marked_png(
             message,
         })
     };
+    // Unbuffered, and finished explicitly: the encoder's drop would write the end of the file
+    // and swallow its error (a full disk would leave a truncated PNG reported as written).
     let file = std::fs::File::create(path).map_err(|e| failed(e.to_string()))?;
-    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
+    let mut encoder = png::Encoder::new(file, width, height);
     encoder.set_color(colour);
     encoder.set_depth(png::BitDepth::Eight);
     encoder
         .add_text_chunk("Software".to_string(), SOFTWARE.to_string())
         .and_then(|()| encoder.write_header())
-        .and_then(|mut writer| writer.write_image_data(data))
+        .and_then(|mut writer| {
+            writer.write_image_data(data)?;
+            writer.finish()
+        })
         .map_err(|e| failed(e.to_string()))
 }
 
@@ -217,17 +240,8 @@ pub fn predict(
     amp::prepare(config, device);
     let size = config.val_size as usize;
     let (mut support_images, mut support_labels) = (Vec::new(), Vec::new());
-    for support in supports {
+    for (support, mask) in supports.iter().zip(&job.masks) {
         let image = raster::read_image(&support.image)?;
-        let mask = read_mask(&support.mask)?;
-        if mask.dimensions() != (image.width as u32, image.height as u32) {
-            return Err(PredictError::MaskSize {
-                mask: support.mask.clone(),
-                image: support.image.clone(),
-                mask_size: mask.dimensions(),
-                image_size: (image.width as u32, image.height as u32),
-            });
-        }
         let label = LabelMap {
             height: image.height,
             width: image.width,
@@ -395,8 +409,16 @@ mod tests {
         let (_, mask_out, overlay_out) = &planned.queries[0];
         write_marked_png(mask_out, (4, 3), png::ColorType::Grayscale, &[0; 12]).unwrap();
         write_marked_png(overlay_out, (4, 3), png::ColorType::Rgb, &[0; 36]).unwrap();
-        assert_eq!(read_mask(mask_out).unwrap().dimensions(), (4, 3));
+        // Complete files (the PNG's end written): they decode to the pixels given.
+        assert!(read_mask(mask_out).unwrap().pixels().all(|p| p[0] == 0));
         assert!(job(&query, &dir, false).is_ok());
+        // A support mask of another size than its image is refused before any model runs.
+        GrayImage::from_pixel(3, 4, Luma([1])).save(&mask).unwrap();
+        let message = job(&query, &dir.join("out"), false).unwrap_err();
+        assert!(
+            message.contains("is (3, 4) (w, h) but its image") && message.contains("(4, 3)"),
+            "{message}"
+        );
         // A support mask without an object pixel is refused.
         GrayImage::new(4, 3).save(&mask).unwrap();
         let message = job(&query, &dir.join("out"), false).unwrap_err();
