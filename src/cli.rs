@@ -2,23 +2,28 @@
 
 use std::path::PathBuf;
 use std::process::{ExitCode, Termination};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use clap::Args;
 
 use crate::config::Config;
 use crate::device::DeviceArg;
 
-/// The signal that stopped the run ([`stop_on_signals`]); 0 while none has.
-static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// The signal that stopped the run, set in the signal handler itself ([`stop_on_signals`]); 0
+/// while none has.
+static STOP_SIGNAL: OnceLock<Arc<AtomicUsize>> = OnceLock::new();
+
+fn stop_signal() -> &'static Arc<AtomicUsize> {
+    STOP_SIGNAL.get_or_init(Arc::default)
+}
 
 /// Exit status of a run stopped before its end by Ctrl-C or SIGTERM, as a shell reports a command
 /// killed by that signal (128 + its number: 130, 143): `svf-train … && svf-eval …` must not go on
 /// to evaluate an unfinished model.
 pub fn interrupted_status() -> u8 {
-    let signal = match STOP_SIGNAL.load(Ordering::SeqCst) {
-        0 => signal_hook::consts::SIGINT,
+    let signal = match stop_signal().load(Ordering::SeqCst) {
+        0 => signal_hook::consts::SIGINT as usize,
         signal => signal,
     };
     128 + signal as u8
@@ -52,12 +57,13 @@ pub fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
     for signal in [SIGINT, SIGTERM] {
         // Registered first: the shutdown fires only when the flag is already raised.
         signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, flag.clone())?;
+        // The signal is recorded before the flag is raised, so the exit status names it.
+        signal_hook::flag::register_usize(signal, stop_signal().clone(), signal as usize)?;
         signal_hook::flag::register(signal, flag.clone())?;
     }
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
-            STOP_SIGNAL.store(signal, Ordering::SeqCst);
             let (name, again) = if signal == SIGTERM {
                 ("SIGTERM", "a second signal")
             } else {
@@ -90,15 +96,7 @@ impl RuntimeArgs {
     /// `log.txt`), `--threads`, `--device` resolved, and the start-up line.
     pub fn start(&self, log_dir: Option<&std::path::Path>) -> anyhow::Result<tch::Device> {
         let device = self.start_run(log_dir)?;
-        crate::logging::open_run_log().map_err(|e| {
-            anyhow::anyhow!(
-                "cannot write {}: {e}",
-                log_dir
-                    .unwrap_or(".".as_ref())
-                    .join(crate::logging::LOG_FILE)
-                    .display()
-            )
-        })?;
+        crate::logging::open_run_log()?;
         Ok(device)
     }
 

@@ -100,21 +100,37 @@ impl<'a> MakeWriter<'a> for RunLogWriter {
     }
 }
 
+/// The run's `log.txt` could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write {path}: {source}; check that the run directory is writable")]
+pub struct RunLogError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
 /// Creates the run directory [`init`] was given and appends to its [`LOG_FILE`] the lines logged
 /// so far, then every later one. Nothing without a run directory, or when already open.
-pub fn open_run_log() -> std::io::Result<()> {
+pub fn open_run_log() -> Result<(), RunLogError> {
     let mut log = run_log();
     let Some(RunLog::Waiting { dir, lines }) = log.as_ref() else {
         return Ok(());
     };
-    std::fs::create_dir_all(dir)?;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(LOG_FILE))?;
-    file.write_all(lines)?;
-    *log = Some(RunLog::Open(file));
-    Ok(())
+    let path = dir.join(LOG_FILE);
+    let opened = std::fs::create_dir_all(dir)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+        })
+        .and_then(|mut file| file.write_all(lines).map(|()| file));
+    match opened {
+        Ok(file) => {
+            *log = Some(RunLog::Open(file));
+            Ok(())
+        }
+        Err(source) => Err(RunLogError { path, source }),
+    }
 }
 
 /// Installs the global subscriber: level from `RUST_LOG`, else `debug` with `verbose`, else `info`.

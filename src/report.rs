@@ -266,7 +266,9 @@ type CellKey = (String, String, String, usize, usize);
 /// warning names the files and which one is shown.
 pub fn one_per_cell(results: Vec<(PathBuf, EvalResult)>) -> (Vec<EvalResult>, Vec<String>) {
     let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let mut cells: BTreeMap<CellKey, (PathBuf, EvalResult)> = BTreeMap::new();
+    // Each kept file with its modification time, read once.
+    type Kept = (PathBuf, Option<std::time::SystemTime>, EvalResult);
+    let mut cells: BTreeMap<CellKey, Kept> = BTreeMap::new();
     let mut warnings = Vec::new();
     for (path, result) in results {
         let s = &result.setting;
@@ -277,8 +279,9 @@ pub fn one_per_cell(results: Vec<(PathBuf, EvalResult)>) -> (Vec<EvalResult>, Ve
             s.shot,
             s.fold,
         );
-        if let Some((other, _)) = cells.get(&key) {
-            let newer = modified(&path) >= modified(other);
+        let time = modified(&path);
+        if let Some((other, other_time, _)) = cells.get(&key) {
+            let newer = time >= *other_time;
             let (kept, dropped) = if newer {
                 (&path, other)
             } else {
@@ -300,9 +303,9 @@ pub fn one_per_cell(results: Vec<(PathBuf, EvalResult)>) -> (Vec<EvalResult>, Ve
                 continue;
             }
         }
-        cells.insert(key, (path, result));
+        cells.insert(key, (path, time, result));
     }
-    (cells.into_values().map(|(_, r)| r).collect(), warnings)
+    (cells.into_values().map(|(_, _, r)| r).collect(), warnings)
 }
 
 /// How a cell was measured, for its footnote.
@@ -355,8 +358,8 @@ impl Metric {
     }
 }
 
-/// Datasets (PASCAL-5i, then COCO-20i, then any other) → rows → folds. A later result for the same
-/// dataset, row and fold replaces an earlier one (results come in path order).
+/// Datasets (PASCAL-5i, then COCO-20i, then any other) → rows → folds. Expects one result per
+/// cell ([`one_per_cell`] chooses and warns); of several, the last would be shown.
 fn table_grid(results: &[EvalResult]) -> BTreeMap<(usize, String), Rows<'_>> {
     let mut grid: BTreeMap<(usize, String), Rows> = BTreeMap::new();
     for result in results {
@@ -412,8 +415,7 @@ pub fn write_paper_chart(results: &[EvalResult], path: &Path) -> Result<(), Plot
 }
 
 /// The Markdown tables of `results`: per dataset (PASCAL-5i, then COCO-20i, then any other), one
-/// mIoU and one FB-IoU table. A later result for the same dataset, row and fold replaces an earlier
-/// one (results come in path order).
+/// mIoU and one FB-IoU table. Expects one result per cell ([`one_per_cell`]).
 pub fn paper_tables(results: &[EvalResult]) -> String {
     let grid = table_grid(results);
     // One protocol: one sentence for all cells; several: a marker per cell and a footnote each.

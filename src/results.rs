@@ -206,7 +206,7 @@ impl EvalResult {
         if json_path.exists() {
             let kept = (1..)
                 .map(|n| dir.join(format!("eval.{n}.json")))
-                .find(|p| !p.exists())
+                .find(|p| !p.exists() && !p.with_extension("md").exists())
                 .expect("a free number");
             let rename = |from: &Path, to: &Path| {
                 std::fs::rename(from, to).map_err(|source| ResultError::Write {

@@ -452,7 +452,10 @@ fn claim_run_dir(dir: &Path, fresh: bool) -> Result<RunDirLock, TrainError> {
             dir: dir.to_path_buf(),
         });
     }
-    crate::logging::open_run_log().map_err(run_dir_error(&dir.join(crate::logging::LOG_FILE)))?;
+    crate::logging::open_run_log().map_err(|e| TrainError::RunDir {
+        path: e.path,
+        source: e.source,
+    })?;
     Ok(lock)
 }
 
