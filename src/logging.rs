@@ -146,20 +146,40 @@ pub fn init(verbose: bool, run_dir: Option<&Path>) {
         .with_filter(filter_fn(move |meta| {
             !(bars_shown && meta.target() == PROGRESS_TARGET)
         }));
-    let file = run_dir.map(|dir| {
-        *run_log() = Some(RunLog::Waiting {
-            dir: dir.to_path_buf(),
-            lines: Vec::new(),
-        });
+    let file = run_dir.map(|_| {
         tracing_subscriber::fmt::layer()
             .with_writer(RunLogWriter)
             .with_ansi(false)
             .with_target(false)
     });
-    // A second init (tests, or a library user with their own subscriber) keeps the first one.
-    let _ = tracing_subscriber::registry()
+    // A second init (tests, or a library user with their own subscriber) keeps the first one,
+    // and its run directory: no log.txt is opened for a subscriber that is not installed.
+    let installed = tracing_subscriber::registry()
         .with(filter)
         .with(terminal)
         .with(file)
-        .try_init();
+        .try_init()
+        .is_ok();
+    if let (true, Some(dir)) = (installed, run_dir) {
+        *run_log() = Some(RunLog::Waiting {
+            dir: dir.to_path_buf(),
+            lines: Vec::new(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_second_init_opens_no_run_log() {
+        let dir = std::env::temp_dir().join(format!("svf-log-second-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // The first init of this process installs the subscriber (or another test's did).
+        init(false, None);
+        init(false, Some(&dir));
+        open_run_log().unwrap();
+        assert!(!dir.exists(), "{} was created", dir.display());
+    }
 }

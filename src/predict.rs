@@ -11,7 +11,7 @@ use image::{GrayImage, Luma, RgbImage};
 use tch::{Device, Kind, Tensor};
 
 use crate::amp;
-use crate::config::Config;
+use crate::config::{Config, Method};
 use crate::data::raster::{self, LabelMap};
 use crate::data::transform::{normalise_into, val_resize};
 use crate::data::DataError;
@@ -78,9 +78,10 @@ pub struct Job {
 }
 
 impl Job {
-    /// Checks the inputs and output paths (see [`Job`]); `overwrite` allows replacing existing
-    /// files that are not inputs.
+    /// Checks the inputs and output paths (see [`Job`]), and the support count against the model
+    /// `config` builds; `overwrite` allows replacing existing files that are not inputs.
     pub fn new(
+        config: &Config,
         supports: Vec<SupportExample>,
         queries: &[PathBuf],
         out: &Path,
@@ -88,6 +89,12 @@ impl Job {
     ) -> Result<Job, PredictError> {
         if supports.is_empty() {
             return Err(PredictError::NoSupport);
+        }
+        if config.method == Method::Bam && supports.len() != config.shot {
+            return Err(PredictError::BamShot {
+                given: supports.len(),
+                shot: config.shot,
+            });
         }
         let mut names = HashSet::new();
         for (i, query) in queries.iter().enumerate() {
@@ -231,12 +238,6 @@ pub fn predict(
     job: &Job,
 ) -> Result<Vec<Prediction>, PredictError> {
     let supports = &job.supports;
-    if matches!(model, FewShotModel::Bam(_)) && supports.len() != config.shot {
-        return Err(PredictError::BamShot {
-            given: supports.len(),
-            shot: config.shot,
-        });
-    }
     amp::prepare(config, device);
     let size = config.val_size as usize;
     let (mut support_images, mut support_labels) = (Vec::new(), Vec::new());
@@ -366,6 +367,43 @@ mod tests {
     }
 
     #[test]
+    fn a_bam_job_needs_its_configs_shot_count_before_any_model_loads() {
+        let dir = temp_dir("bam-shot");
+        let image = dir.join("s.png");
+        RgbImage::new(4, 3).save(&image).unwrap();
+        let mask = dir.join("m.png");
+        GrayImage::from_pixel(4, 3, Luma([255]))
+            .save(&mask)
+            .unwrap();
+        let support = SupportExample { image, mask };
+        let bam = |shot| Config {
+            method: Method::Bam,
+            shot,
+            ..Config::default()
+        };
+        let job = |config: &Config, supports: usize| {
+            Job::new(
+                config,
+                vec![support.clone(); supports],
+                &[dir.join("q.png")],
+                &dir.join("out"),
+                false,
+            )
+        };
+        let message = job(&bam(1), 2).unwrap_err().to_string();
+        assert!(
+            message.starts_with(
+                "2 support(s) given, but a BAM model is built for its config's shot (1)"
+            ),
+            "{message}"
+        );
+        assert!(job(&bam(2), 2).is_ok());
+        // PFENet averages any number of supports.
+        assert!(job(&Config::default(), 2).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_job_never_writes_over_inputs_or_files_it_did_not_write() {
         let dir = temp_dir("job");
         let image = dir.join("s1.png");
@@ -379,8 +417,14 @@ mod tests {
             mask: mask.clone(),
         }];
         let job = |query: &Path, out: &Path, overwrite: bool| {
-            Job::new(supports.clone(), &[query.to_path_buf()], out, overwrite)
-                .map_err(|e| e.to_string())
+            Job::new(
+                &Config::default(),
+                supports.clone(),
+                &[query.to_path_buf()],
+                out,
+                overwrite,
+            )
+            .map_err(|e| e.to_string())
         };
         // Query s1 into the support's folder: its mask output is the --mask input, even when named
         // through another path to the same file, and even with --overwrite.

@@ -225,21 +225,40 @@ pub const PUBLISHED: &[Published] = &[
     published(COCO, "BAM†+SVF", VGG, 5, None, 49.07),
 ];
 
-/// Every `eval.json` under `dir` (recursively), in path order.
-pub fn find_results(dir: &Path) -> Result<Vec<(PathBuf, EvalResult)>, ReportError> {
+/// The results under `dir` to tabulate: every `eval.json` (recursively), one per table cell
+/// (dataset, method, backbone, shot, fold). Where several files fill one cell the later-modified
+/// one is kept (the newer evaluation) and a warning names the files and which one is shown.
+pub fn find_results(dir: &Path) -> Result<FoundResults, ReportError> {
     let mut paths = Vec::new();
     collect_eval_files(dir, &mut paths)?;
     paths.sort();
     if paths.is_empty() {
         return Err(ReportError::NoResults(dir.to_path_buf()));
     }
-    paths
+    let results = paths
         .into_iter()
         .map(|path| {
             let result = EvalResult::read(&path)?;
             Ok((path, result))
         })
-        .collect()
+        .collect::<Result<Vec<_>, ReportError>>()?;
+    Ok(one_per_cell(results))
+}
+
+/// What [`find_results`] gathered.
+#[derive(Debug)]
+pub struct FoundResults {
+    /// One per table cell, each with the file it came from, in cell order.
+    pub results: Vec<(PathBuf, EvalResult)>,
+    /// One line per cell filled by more than one file.
+    pub warnings: Vec<String>,
+}
+
+impl FoundResults {
+    /// The results alone, as [`paper_tables`] and [`write_paper_chart`] take them.
+    pub fn evaluations(&self) -> Vec<EvalResult> {
+        self.results.iter().map(|(_, r)| r.clone()).collect()
+    }
 }
 
 fn collect_eval_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ReportError> {
@@ -261,10 +280,8 @@ fn collect_eval_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ReportEr
 /// A table cell: dataset, method, backbone, shot, fold.
 type CellKey = (String, String, String, usize, usize);
 
-/// The results to tabulate, one per table cell (dataset, method, backbone, shot, fold): where
-/// several files fill one cell, the later-modified one is kept (the newer evaluation), and a
-/// warning names the files and which one is shown.
-pub fn one_per_cell(results: Vec<(PathBuf, EvalResult)>) -> (Vec<EvalResult>, Vec<String>) {
+/// One result per table cell, the later-modified file of several, with a warning per duplicate.
+fn one_per_cell(results: Vec<(PathBuf, EvalResult)>) -> FoundResults {
     let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
     // Each kept file with its modification time, read once.
     type Kept = (PathBuf, Option<std::time::SystemTime>, EvalResult);
@@ -305,7 +322,13 @@ pub fn one_per_cell(results: Vec<(PathBuf, EvalResult)>) -> (Vec<EvalResult>, Ve
         }
         cells.insert(key, (path, time, result));
     }
-    (cells.into_values().map(|(_, _, r)| r).collect(), warnings)
+    FoundResults {
+        results: cells
+            .into_values()
+            .map(|(path, _, result)| (path, result))
+            .collect(),
+        warnings,
+    }
 }
 
 /// How a cell was measured, for its footnote.
@@ -359,7 +382,7 @@ impl Metric {
 }
 
 /// Datasets (PASCAL-5i, then COCO-20i, then any other) → rows → folds. Expects one result per
-/// cell ([`one_per_cell`] chooses and warns); of several, the last would be shown.
+/// cell ([`find_results`] chooses and warns); of several, the last would be shown.
 fn table_grid(results: &[EvalResult]) -> BTreeMap<(usize, String), Rows<'_>> {
     let mut grid: BTreeMap<(usize, String), Rows> = BTreeMap::new();
     for result in results {
@@ -415,7 +438,7 @@ pub fn write_paper_chart(results: &[EvalResult], path: &Path) -> Result<(), Plot
 }
 
 /// The Markdown tables of `results`: per dataset (PASCAL-5i, then COCO-20i, then any other), one
-/// mIoU and one FB-IoU table. Expects one result per cell ([`one_per_cell`]).
+/// mIoU and one FB-IoU table. Expects one result per cell ([`find_results`]).
 pub fn paper_tables(results: &[EvalResult]) -> String {
     let grid = table_grid(results);
     // One protocol: one sentence for all cells; several: a marker per cell and a footnote each.
@@ -687,9 +710,13 @@ mod tests {
             .write(&dir.join("c"))
             .unwrap();
         let found = find_results(&dir).unwrap();
-        assert_eq!(found.len(), 2);
-        assert_eq!(found[0].0, dir.join("a/b/eval.json"));
-        assert_eq!(found[0].1.setting.method, "PFENet+SVF");
+        assert_eq!(found.results.len(), 2);
+        assert!(found.warnings.is_empty(), "{:?}", found.warnings);
+        // In cell order (PFENet before PFENet+SVF), each with its file.
+        assert_eq!(found.results[0].0, dir.join("c/eval.json"));
+        assert_eq!(found.results[0].1.setting.method, "PFENet");
+        assert_eq!(found.results[1].0, dir.join("a/b/eval.json"));
+        assert_eq!(found.results[1].1.setting.method, "PFENet+SVF");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -710,9 +737,13 @@ mod tests {
             .unwrap()
             .set_modified(later)
             .unwrap();
-        let (kept, warnings) = one_per_cell(find_results(&dir).unwrap());
+        let FoundResults {
+            results: kept,
+            warnings,
+        } = find_results(&dir).unwrap();
         assert_eq!(kept.len(), 1);
-        assert_eq!(kept[0].miou.mean, 0.7);
+        assert_eq!(kept[0].0, dir.join("paper/eval.json"));
+        assert_eq!(kept[0].1.miou.mean, 0.7);
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         let shown = dir.join("paper/eval.json").display().to_string();
         let hidden = dir.join("quick/eval.json").display().to_string();

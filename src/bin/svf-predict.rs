@@ -60,7 +60,7 @@ fn run() -> anyhow::Result<()> {
             mask: mask.clone(),
         })
         .collect();
-    let job = Job::new(supports, &cli.queries, &cli.out, cli.overwrite)?;
+    let job = Job::new(&config, supports, &cli.queries, &cli.out, cli.overwrite)?;
     let weights = cli.weights.resolve()?;
     let (_vs, model) = svf::inference::load_model(&config, &weights, device, true)?;
     for p in svf::predict::predict(&model, &config, device, &job)? {

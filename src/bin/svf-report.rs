@@ -21,10 +21,11 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let (results, warnings) = svf::report::one_per_cell(svf::report::find_results(&cli.dir)?);
-    for warning in warnings {
+    let found = svf::report::find_results(&cli.dir)?;
+    for warning in &found.warnings {
         eprintln!("warning: {warning}");
     }
+    let results = found.evaluations();
     let tables = svf::report::paper_tables(&results);
     if let Some(out) = &cli.out {
         std::fs::write(out, &tables)
