@@ -37,14 +37,29 @@ pub fn exit_status(result: anyhow::Result<impl Termination>) -> ExitCode {
     match result {
         Ok(outcome) => outcome.report(),
         Err(error) => {
+            let report = error_report(&error);
             if tracing::dispatcher::has_been_set() {
-                tracing::error!("{error:#}");
+                tracing::error!("{report}");
             } else {
-                eprintln!("Error: {error:#}");
+                eprintln!("Error: {report}");
             }
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, `: `-separated as anyhow's `{:#}`, but a cause that the text before
+/// it already says is left out: an error whose message quotes its `source` would repeat it.
+fn error_report(error: &anyhow::Error) -> String {
+    let mut report = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !report.contains(&cause) {
+            report.push_str(": ");
+            report.push_str(&cause);
+        }
+    }
+    report
 }
 
 /// A flag raised by the first SIGINT (Ctrl-C) or SIGTERM (`kill`, `timeout`, a batch scheduler's
@@ -169,5 +184,34 @@ impl ConfigArgs {
             )
             .collect();
         Ok(Config::load(&self.config, &overrides)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_report_says_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot read a.yaml: {source}; check --config")]
+        struct Quoting {
+            source: std::io::Error,
+        }
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let quoting = anyhow::Error::new(Quoting { source: io() }).context("loading the run");
+        assert_eq!(
+            error_report(&quoting),
+            "loading the run: cannot read a.yaml: no such file; check --config"
+        );
+        // Causes that are not quoted are all there, in order, as in anyhow's `{:#}`.
+        let chained = anyhow::Error::new(io())
+            .context("reading a.yaml")
+            .context("loading the run");
+        assert_eq!(error_report(&chained), format!("{chained:#}"));
+        assert_eq!(
+            error_report(&chained),
+            "loading the run: reading a.yaml: no such file"
+        );
     }
 }
