@@ -57,12 +57,14 @@ pub enum DataError {
     #[error("label {path} {message}")]
     BadLabel { path: PathBuf, message: String },
     #[error(
-        "image {image} is {image_size:?} (h, w) but its label {label} is {label_size:?}; \
-         an image and its label must have the same size"
+        "size mismatch: image {image} is {}x{} but its label {label} is {}x{} (width x height); \
+         an image and its label must have the same size",
+        .image_size.1, .image_size.0, .label_size.1, .label_size.0
     )]
     SizeMismatch {
         image: PathBuf,
         label: PathBuf,
+        /// (height, width), as [`raster::read_image_size`] returns it.
         image_size: (usize, usize),
         label_size: (usize, usize),
     },

@@ -459,7 +459,31 @@ fn check_reports_each_planted_defect_by_file() {
     assert!(line("train_00001.jpg").contains("missing"));
     assert!(line("train_00002.jpg").contains("truncated"));
     assert!(line("train_00003.png").contains("size mismatch"));
+    assert!(line("train_00003.png").contains("is 10x12 (width x height)"));
     assert!(line("val_00004.png").contains("[42]"));
+}
+
+#[test]
+fn a_label_of_another_size_is_named_width_x_height_when_indexed() {
+    let config = synthetic("size-mismatch", 40, 40);
+    let label = config
+        .data_root
+        .join("SegmentationClassAug/train_00000.png");
+    let image =
+        image::image_dimensions(config.data_root.join("JPEGImages/train_00000.jpg")).unwrap();
+    image::GrayImage::new(60, 50).save(&label).unwrap();
+    let message = FewShotDataset::open(&config, Split::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains(&format!(
+            "is {}x{} but its label {} is 60x50 (width x height)",
+            image.0,
+            image.1,
+            label.display()
+        )),
+        "{message}"
+    );
 }
 
 /// Classes (1..=254) and their pixel counts in a label PNG, read with the `image` crate directly

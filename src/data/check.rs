@@ -7,7 +7,7 @@ use super::classes::FoldClasses;
 use super::index::{map_parallel, MIN_CLASS_PIXELS};
 use super::lists::{read_list, ListEntry};
 use super::raster::{read_image, read_label};
-use super::Split;
+use super::{DataError, Split};
 use crate::config::Config;
 
 /// Images of one class in one list.
@@ -71,15 +71,13 @@ fn check_entry(
     };
     if let Some(image) = image {
         if (image.height, image.width) != (label.height, label.width) {
-            problems.push(format!(
-                "size mismatch: image {} is {}x{} but label {} is {}x{} (width x height)",
-                image_path.display(),
-                image.width,
-                image.height,
-                label_path.display(),
-                label.width,
-                label.height
-            ));
+            let mismatch = DataError::SizeMismatch {
+                image: image_path,
+                label: label_path.clone(),
+                image_size: (image.height, image.width),
+                label_size: (label.height, label.width),
+            };
+            problems.push(mismatch.to_string());
         }
     }
     let histogram = label.histogram();
