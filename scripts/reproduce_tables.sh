@@ -32,13 +32,14 @@ Usage: scripts/reproduce_tables.sh [options]
                          runs/tables, runs/tables-pfenet for --recipe pfenet)
   --config-dir DIR       configs folder (default: configs/paper; configs for --recipe pfenet)
   --bam-config-dir DIR   BAM's configs folder (default: configs/bam)
-  --methods "LIST"       paper recipe: subset of "pfenet bam"
+  --methods "LIST"       subset of "pfenet bam" (the pfenet recipe: pfenet only)
   --bin-dir DIR          folder holding svf-train, svf-eval, svf-report (default: cargo build --release)
   --datasets "LIST"      subset of "pascal coco"
   --folds "LIST"         subset of "0 1 2 3"
   --shots "LIST"         subset of "1 5"
   --svf "LIST"           subset of "false true"
-  --backbones "LIST"     paper recipe: subset of "resnet50 vgg16" (names in the config file names)
+  --backbones "LIST"     subset of "resnet50 vgg16", names in the config file names (other names
+                         with --config-dir / --bam-config-dir; the pfenet recipe: resnet50 only)
   --episodes N           evaluation episodes per seed (default: the protocol's 1000)
   --seed-count N         pfenet recipe: seeds drawn from master seed 123 (default 5)
   --device DEV           auto, cpu, cuda, cuda:N (default auto)
@@ -51,13 +52,13 @@ recipe=paper
 out=""
 config_dir=""
 bam_config_dir="$root/configs/bam"
-methods="pfenet bam"
+methods=""
 bin_dir=""
 datasets="pascal coco"
 folds="0 1 2 3"
 shots="1 5"
 svf_modes="false true"
-backbones="resnet50 vgg16"
+backbones=""
 only=""
 episodes=""
 seed_count=5
@@ -65,6 +66,7 @@ master_seed=123
 device=auto
 dry_run=0
 sets=()
+config_dirs_given=0
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -76,8 +78,8 @@ while [[ $# -gt 0 ]]; do
         --dry-run) dry_run=1; shift ;;
         --only) only="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
-        --config-dir) config_dir="$2"; shift 2 ;;
-        --bam-config-dir) bam_config_dir="$2"; shift 2 ;;
+        --config-dir) config_dir="$2"; config_dirs_given=1; shift 2 ;;
+        --bam-config-dir) bam_config_dir="$2"; config_dirs_given=1; shift 2 ;;
         --methods) methods="$2"; shift 2 ;;
         --bin-dir) bin_dir="$2"; shift 2 ;;
         --datasets) datasets="$2"; shift 2 ;;
@@ -107,12 +109,29 @@ check_subset --datasets "$datasets" "pascal coco"
 check_subset --folds "$folds" "0 1 2 3"
 check_subset --shots "$shots" "1 5"
 check_subset --svf "$svf_modes" "false true"
+# Other backbone names are those of the configs in a --config-dir or --bam-config-dir.
+if [[ $config_dirs_given -eq 0 ]]; then
+    check_subset --backbones "$backbones" "resnet50 vgg16"
+fi
 
 case "$recipe" in
     paper)
         config_dir="${config_dir:-$root/configs/paper}"
-        out="${out:-${SVF_TABLES_OUT:-runs/tables}}" ;;
+        out="${out:-${SVF_TABLES_OUT:-runs/tables}}"
+        methods="${methods:-pfenet bam}"
+        backbones="${backbones:-resnet50 vgg16}" ;;
     pfenet)
+        # Its configs, {pascal,coco}_split{F}.yaml, are PFENet on ResNet-50 only.
+        for word in $backbones; do
+            if [[ "$word" != resnet50 ]]; then
+                echo "reproduce_tables.sh: --recipe pfenet trains ResNet-50 only (configs/{pascal,coco}_split{F}.yaml), not $word; the VGG-16 rows are in --recipe paper (--backbones vgg16)" >&2
+                exit 2
+            fi
+        done
+        if [[ " $methods " == *" bam "* ]]; then
+            echo "reproduce_tables.sh: --recipe pfenet trains PFENet only; BAM's rows are in --recipe paper (--methods bam)" >&2
+            exit 2
+        fi
         config_dir="${config_dir:-$root/configs}"
         out="${out:-${SVF_TABLES_OUT:-runs/tables-pfenet}}"
         backbones="resnet50"

@@ -625,11 +625,48 @@ fn parse_override(arg: &str) -> Result<(String, serde_yaml::Value), ConfigError>
             message: "the key is empty; expected key=value".into(),
         });
     }
+    if value.trim().is_empty() {
+        if let Some(message) = empty_value_message(key) {
+            return Err(ConfigError::Override {
+                arg: arg.to_string(),
+                message,
+            });
+        }
+    }
     let value = serde_yaml::from_str(value).map_err(|e| ConfigError::Override {
         arg: arg.to_string(),
         message: format!("the value is not valid YAML: {e}"),
     })?;
     Ok((key.to_string(), value))
+}
+
+/// What to write instead of an empty value for `key` (YAML reads nothing as null, which would
+/// either clear a nullable key unasked or fail as a "unit value"); `None` for an unknown key, left
+/// to the unknown-field error.
+fn empty_value_message(key: &str) -> Option<String> {
+    let as_yaml =
+        |config: Config| serde_yaml::to_value(config).expect("a Config always serialises");
+    let mut single = serde_yaml::Mapping::new();
+    single.insert(key.into(), serde_yaml::Value::Null);
+    // serde_yaml also reads null as an empty list: nullable means null survives the round trip.
+    let nullable = serde_yaml::from_value::<Config>(serde_yaml::Value::Mapping(single))
+        .is_ok_and(|config| as_yaml(config).get(key) == Some(&serde_yaml::Value::Null));
+    if nullable {
+        return Some(format!(
+            "the value is empty; give one, or write `--set {key}=null` for none"
+        ));
+    }
+    let defaults = as_yaml(Config::default());
+    let default = defaults.get(key)?;
+    let example = serde_yaml::to_string(default)
+        .ok()
+        .map(|text| text.trim().to_string())
+        .filter(|text| !text.contains('\n'))
+        .map(|text| format!(", e.g. `--set {key}={text}` (its default)"))
+        .unwrap_or_default();
+    Some(format!(
+        "the value is empty; `{key}` needs a value{example}"
+    ))
 }
 
 #[cfg(test)]
@@ -868,5 +905,32 @@ mod tests {
         assert!(message.contains("key=value"), "{message}");
         let message = load("", &["train_h=100"]).unwrap_err().to_string();
         assert!(message.contains("train_h"), "{message}");
+    }
+
+    #[test]
+    fn an_empty_set_value_says_what_to_write() {
+        let message = load("", &["shot="]).unwrap_err().to_string();
+        assert_eq!(
+            message,
+            "--set shot=: the value is empty; `shot` needs a value, e.g. `--set shot=1` (its default)"
+        );
+        let message = load("", &["ppm_scales= "]).unwrap_err().to_string();
+        assert!(message.ends_with("`ppm_scales` needs a value"), "{message}");
+        // A nullable key is not cleared by an empty value: null is written out.
+        let message = load("backbone_weights: w.safetensors", &["backbone_weights="])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("write `--set backbone_weights=null` for none"),
+            "{message}"
+        );
+        let config = load(
+            "backbone_weights: w.safetensors",
+            &["backbone_weights=null"],
+        )
+        .unwrap();
+        assert_eq!(config.backbone_weights, None);
+        let message = load("", &["nosuchkey="]).unwrap_err().to_string();
+        assert!(message.contains("unknown field `nosuchkey`"), "{message}");
     }
 }

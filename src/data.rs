@@ -23,7 +23,7 @@ pub mod segmentation;
 pub mod synth;
 pub mod transform;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use classes::FoldClasses;
 pub use dataset::{write_bam_fold_lists, ExportedLists, FewShotDataset};
@@ -46,6 +46,18 @@ pub enum DataError {
          set `data_root` in the config (or --set data_root=DIR) to the dataset's folder"
     )]
     DataRoot { data_root: PathBuf, list: PathBuf },
+    #[error(
+        "list file {list} holds absolute paths of which none exists here (e.g. {example}): it was \
+         written on another machine, as BAM's shipped lists are, with their authors' data_root in \
+         every path; make the paths relative to `data_root` by stripping that folder{}",
+        strip_command(.list, .prefix.as_deref())
+    )]
+    ForeignPaths {
+        list: PathBuf,
+        example: PathBuf,
+        /// The folder common to every path, when deeper than the root.
+        prefix: Option<PathBuf>,
+    },
     #[error("list file {path}, line {line}: {message}")]
     ListLine {
         path: PathBuf,
@@ -57,12 +69,14 @@ pub enum DataError {
     #[error("label {path} {message}")]
     BadLabel { path: PathBuf, message: String },
     #[error(
-        "image {image} is {image_size:?} (h, w) but its label {label} is {label_size:?}; \
-         an image and its label must have the same size"
+        "size mismatch: image {image} is {}x{} but its label {label} is {}x{} (width x height); \
+         an image and its label must have the same size",
+        .image_size.1, .image_size.0, .label_size.1, .label_size.0
     )]
     SizeMismatch {
         image: PathBuf,
         label: PathBuf,
+        /// (height, width), as [`raster::read_image_size`] returns it.
         image_size: (usize, usize),
         label_size: (usize, usize),
     },
@@ -105,6 +119,17 @@ pub enum DataError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// `, e.g. `sed …`` removing `prefix` from every path of `list`, as the README advises.
+fn strip_command(list: &Path, prefix: Option<&Path>) -> String {
+    prefix.map_or(String::new(), |prefix| {
+        format!(
+            ", e.g. `sed -i 's|{}/||g' {}`",
+            prefix.display(),
+            list.display()
+        )
+    })
 }
 
 impl DataError {

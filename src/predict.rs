@@ -24,10 +24,11 @@ use crate::visual::{mask_image, overlay, VisualError, MASK_COLOUR};
 pub enum PredictError {
     #[error("cannot read mask {path}: {message}; give a PNG whose non-zero pixels are the object")]
     MaskRead { path: PathBuf, message: String },
-    #[error("mask {mask} is {mask_size:?} (w, h) but its image {image} is {image_size:?}; a support's mask must have its image's size")]
+    #[error("mask {mask} is {}x{} but its image {image} is {}x{} (width x height); a support's mask must have its image's size", .mask_size.0, .mask_size.1, .image_size.0, .image_size.1)]
     MaskSize {
         mask: PathBuf,
         image: PathBuf,
+        /// (width, height), as the `image` crate gives it.
         mask_size: (u32, u32),
         image_size: (u32, u32),
     },
@@ -460,7 +461,7 @@ mod tests {
         GrayImage::from_pixel(3, 4, Luma([1])).save(&mask).unwrap();
         let message = job(&query, &dir.join("out"), false).unwrap_err();
         assert!(
-            message.contains("is (3, 4) (w, h) but its image") && message.contains("(4, 3)"),
+            message.contains("is 3x4 but its image") && message.contains("is 4x3 (width x height)"),
             "{message}"
         );
         // A support mask without an object pixel is refused.

@@ -459,7 +459,92 @@ fn check_reports_each_planted_defect_by_file() {
     assert!(line("train_00001.jpg").contains("missing"));
     assert!(line("train_00002.jpg").contains("truncated"));
     assert!(line("train_00003.png").contains("size mismatch"));
+    assert!(line("train_00003.png").contains("is 10x12 (width x height)"));
     assert!(line("val_00004.png").contains("[42]"));
+}
+
+#[test]
+fn a_label_of_another_size_is_named_width_x_height_when_indexed() {
+    let config = synthetic("size-mismatch", 40, 40);
+    let label = config
+        .data_root
+        .join("SegmentationClassAug/train_00000.png");
+    let image =
+        image::image_dimensions(config.data_root.join("JPEGImages/train_00000.jpg")).unwrap();
+    image::GrayImage::new(60, 50).save(&label).unwrap();
+    let message = FewShotDataset::open(&config, Split::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains(&format!(
+            "is {}x{} but its label {} is 60x50 (width x height)",
+            image.0,
+            image.1,
+            label.display()
+        )),
+        "{message}"
+    );
+}
+
+#[test]
+fn check_names_every_malformed_line_and_still_checks_the_rest() {
+    let config = synthetic("malformed", 100, 40);
+    let text = std::fs::read_to_string(&config.train_list).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines[2] = lines[2].split(' ').next().unwrap().to_string();
+    lines[6] += " extra";
+    std::fs::write(&config.train_list, lines.join("\n")).unwrap();
+    std::fs::remove_file(config.data_root.join("JPEGImages/train_00010.jpg")).unwrap();
+    let (ok, stderr) = run_check(&config);
+    assert!(!ok);
+    let list = config.train_list.display();
+    for (line, fields) in [(3, 1), (7, 3)] {
+        assert!(
+            stderr.contains(&format!("{list}, line {line}: expected `IMAGE LABEL`"))
+                && stderr.contains(&format!("found {fields} field(s)")),
+            "{stderr}"
+        );
+    }
+    assert!(
+        stderr.contains("missing image file") && stderr.contains("train_00010.jpg"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("3 problem(s)"), "{stderr}");
+    // Training refuses the list at its first malformed line.
+    let message = FewShotDataset::open(&config, Split::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains(&format!("{list}, line 3:")), "{message}");
+}
+
+#[test]
+fn a_list_of_another_machines_absolute_paths_is_one_error_saying_what_to_strip() {
+    let mut config = synthetic("foreign", 40, 40);
+    let foreign = "/nonexistent-machine/home/them/VOC2012";
+    let text = std::fs::read_to_string(&config.train_list).unwrap();
+    let list = config.data_root.join("lists/foreign.txt");
+    let absolute: String = text
+        .lines()
+        .map(|line| line.replace("JPEGImages", &format!("{foreign}/JPEGImages")))
+        .map(|line| line.replace(" Seg", &format!(" {foreign}/Seg")) + "\n")
+        .collect();
+    std::fs::write(&list, absolute).unwrap();
+    config.train_list = list.clone();
+    let (ok, stderr) = run_check(&config);
+    assert!(!ok);
+    assert_eq!(stderr.matches(foreign).count(), 2, "{stderr}");
+    assert_eq!(
+        stderr.matches("holds absolute paths").count(),
+        1,
+        "{stderr}"
+    );
+    let strip = format!("`sed -i 's|{foreign}/||g' {}`", list.display());
+    assert!(stderr.contains(&strip), "{stderr}");
+    assert!(stderr.contains("1 problem(s)"), "{stderr}");
+    let message = FewShotDataset::open(&config, Split::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains(&strip), "{message}");
 }
 
 /// Classes (1..=254) and their pixel counts in a label PNG, read with the `image` crate directly
@@ -597,8 +682,28 @@ fn bam_filter_drops_exactly_the_images_showing_a_novel_class() {
             && message.contains("class 6 is not a training class of fold 1"),
         "{message}"
     );
+    assert!(
+        message.contains("holds the training classes of fold 0")
+            && message.contains("or set `split: 0`"),
+        "{message}"
+    );
     let text = std::fs::read_to_string(&sub_class_list).unwrap();
     assert!(text.starts_with("{6: [('JPEGImages/"), "{}", &text[..60]);
+    // `svf-data check` says it too, instead of one "0 eligible images" line per class.
+    let (ok, stderr) = run_check(&Config {
+        train_list: sub_class_list.clone(),
+        split: 1,
+        save_path: config.save_path.join("check-fold1"),
+        ..config.clone()
+    });
+    assert!(!ok);
+    assert!(
+        stderr.contains("class 6 is not a training class of fold 1")
+            && stderr.contains("holds the training classes of fold 0"),
+        "{stderr}"
+    );
+    let too_few = format!("in {}, but train episodes", sub_class_list.display());
+    assert!(!stderr.contains(&too_few), "{stderr}");
 
     // A claim the labels contradict: one error naming the file and line.
     let (image, label) = std::fs::read_to_string(&config.train_list)

@@ -333,7 +333,23 @@ fn reproduce_tables_refuses_a_missing_value_words_outside_the_grid_and_missing_c
             2,
             "--svf takes words of \"false true\", not yes",
         ),
-        (&["--backbones", "resnet101"][..], 1, "missing config"),
+        (
+            &["--backbones", "resnet101"][..],
+            2,
+            "--backbones takes words of \"resnet50 vgg16\", not resnet101",
+        ),
+        // PFENet's own recipe has ResNet-50 PFENet configs only.
+        (
+            &["--recipe", "pfenet", "--backbones", "vgg16"][..],
+            2,
+            "--recipe pfenet trains ResNet-50 only",
+        ),
+        (
+            &["--recipe", "pfenet", "--methods", "pfenet bam"][..],
+            2,
+            "--recipe pfenet trains PFENet only",
+        ),
+        (&["--config-dir", "/nonexistent"][..], 1, "missing config"),
     ] {
         let output = Command::new("bash")
             .arg(root.join("scripts/reproduce_tables.sh"))

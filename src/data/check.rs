@@ -4,10 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use super::classes::FoldClasses;
+use super::dataset::check_listed_classes;
 use super::index::{map_parallel, MIN_CLASS_PIXELS};
-use super::lists::{read_list, ListEntry};
+use super::lists::{read_list_lenient, ListEntry};
 use super::raster::{read_image, read_label};
-use super::Split;
+use super::{DataError, Split};
 use crate::config::Config;
 
 /// Images of one class in one list.
@@ -71,15 +72,13 @@ fn check_entry(
     };
     if let Some(image) = image {
         if (image.height, image.width) != (label.height, label.width) {
-            problems.push(format!(
-                "size mismatch: image {} is {}x{} but label {} is {}x{} (width x height)",
-                image_path.display(),
-                image.width,
-                image.height,
-                label_path.display(),
-                label.width,
-                label.height
-            ));
+            let mismatch = DataError::SizeMismatch {
+                image: image_path,
+                label: label_path.clone(),
+                image_size: (image.height, image.width),
+                label_size: (label.height, label.width),
+            };
+            problems.push(mismatch.to_string());
         }
     }
     let histogram = label.histogram();
@@ -93,25 +92,36 @@ fn check_entry(
     (Some(histogram), problems)
 }
 
-/// Checks both lists of `config`: missing, unreadable or truncated files, image/label size
-/// mismatches, label values outside {0..classes, 255}, and classes of the fold with fewer than
-/// `shot + 1` eligible images; counts each class's images for the fold.
+/// Checks both lists of `config`: malformed lines (the well-formed ones are still checked), a
+/// `sub_class_file_list` of another fold or split, missing, unreadable or truncated files,
+/// image/label size mismatches, label values outside {0..classes, 255}, and classes of the fold
+/// with fewer than `shot + 1` eligible images; counts each class's images for the fold.
 pub fn check_dataset(config: &Config) -> CheckReport {
-    let fold = FoldClasses::of(config);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let classes = config.dataset_classes();
     let mut report = CheckReport::default();
-    for (split, list, key, split_classes) in [
-        (Split::Train, &config.train_list, "train_list", &fold.train),
-        (Split::Val, &config.val_list, "val_list", &fold.novel),
+    for (split, list, key) in [
+        (Split::Train, &config.train_list, "train_list"),
+        (Split::Val, &config.val_list, "val_list"),
     ] {
-        let entries = match read_list(list, key, &config.data_root) {
-            Ok(entries) => entries,
+        let file = match read_list_lenient(list, key, &config.data_root) {
+            Ok(file) => file,
             Err(e) => {
                 report.problems.push(e.to_string());
                 continue;
             }
         };
+        report.problems.extend(
+            file.malformed
+                .iter()
+                .map(|line| line.error(list).to_string()),
+        );
+        // Another fold's sub_class_file_list explains its classes' missing images by itself.
+        let other_fold = check_listed_classes(config, split, list, &file.classes)
+            .map_err(|e| report.problems.push(e.to_string()))
+            .is_err();
+        let split_classes = FoldClasses::of(config).of_split(split);
+        let entries = file.entries;
         let checked = map_parallel(&entries, threads, "check", |e| {
             check_entry(e, &config.data_root, classes)
         });
@@ -132,7 +142,10 @@ pub fn check_dataset(config: &Config) -> CheckReport {
                 count.eligible += usize::from(pixels >= MIN_CLASS_PIXELS);
             }
         }
-        for count in counts.iter().filter(|c| c.eligible < config.shot + 1) {
+        for count in counts
+            .iter()
+            .filter(|c| !other_fold && c.eligible < config.shot + 1)
+        {
             report.problems.push(format!(
                 "class {} has {} eligible image(s) (at least {MIN_CLASS_PIXELS} pixels) in {}, but {} \
                  episodes with shot {} need {}",

@@ -1,5 +1,6 @@
 //! Which dataset classes a fold trains on and which it holds out as novel (PASCAL-5i, COCO-20i).
 
+use super::Split;
 use crate::config::Config;
 
 /// The two disjoint class sets of one fold, in ascending order, 1-based dataset ids.
@@ -15,6 +16,14 @@ impl FoldClasses {
     /// The fold of `config`: `use_coco`, `use_split_coco` and `split` (0..=3).
     pub fn of(config: &Config) -> FoldClasses {
         FoldClasses::new(config.use_coco, config.use_split_coco, config.split)
+    }
+
+    /// The classes of `split`'s episodes: the training classes, or the novel ones.
+    pub fn of_split(self, split: Split) -> Vec<usize> {
+        match split {
+            Split::Train => self.train,
+            Split::Val => self.novel,
+        }
     }
 
     /// PASCAL-5i: novel 5i+1..5i+5 of 1..20. COCO-20i: novel i+1, i+5, ..., i+77 of 1..80 with

@@ -49,6 +49,74 @@ pub fn write_bam_fold_lists(config: &Config, dir: &Path) -> Result<Vec<ExportedL
     Ok(written)
 }
 
+/// Refuses a `sub_class_file_list` (its `listed` classes with their lines; none for the line
+/// format) of another fold or split than `config`'s `split`: it would mix novel objects into
+/// training (or base classes into validation) without any other sign. BAM writes every class of
+/// its fold's split as a key, so the keys tell which fold and split the file was written for.
+pub(super) fn check_listed_classes(
+    config: &Config,
+    split: Split,
+    list: &Path,
+    listed: &[(usize, usize)],
+) -> Result<(), DataError> {
+    let Some(&(_, first_line)) = listed.first() else {
+        return Ok(());
+    };
+    let classes = FoldClasses::of(config).of_split(split);
+    let kind = |split: Split| match split {
+        Split::Train => "training",
+        Split::Val => "novel",
+    };
+    let (fold, split_kind) = (config.split, kind(split));
+    let (line, problem) = if let Some(&(class, line)) =
+        listed.iter().find(|(c, _)| !classes.contains(c))
+    {
+        (
+            line,
+            format!("class {class} is not a {split_kind} class of fold {fold} ({classes:?})"),
+        )
+    } else if let Some(class) = classes
+        .iter()
+        .find(|&&c| !listed.iter().any(|&(l, _)| l == c))
+    {
+        (
+            first_line,
+            format!("the {split_kind} class {class} of fold {fold} has no entry, though BAM writes every class of its fold's split (even one without images)"),
+        )
+    } else {
+        return Ok(());
+    };
+    let mut keys: Vec<usize> = listed.iter().map(|&(c, _)| c).collect();
+    keys.sort_unstable();
+    let written_for = (0..4)
+        .flat_map(|f| [(f, Split::Train), (f, Split::Val)])
+        .find(|&(f, s)| {
+            FoldClasses::new(config.use_coco, config.use_split_coco, f).of_split(s) == keys
+        });
+    let fix = format!(
+        "use `{}/sub_class_file_list_{fold}.txt` of BAM's lists",
+        split.name()
+    );
+    let cause = match written_for {
+        Some((f, s)) if s == split => format!(
+            "this sub_class_file_list holds the {} classes of fold {f} (BAM's `{}/sub_class_file_list_{f}.txt`): {fix}, or set `split: {f}`",
+            kind(s),
+            s.name()
+        ),
+        Some((f, s)) => format!(
+            "this sub_class_file_list holds the {} classes of fold {f} (BAM's `{}/sub_class_file_list_{f}.txt`), not the {split_kind} classes: {fix}",
+            kind(s),
+            s.name()
+        ),
+        None => format!("this sub_class_file_list belongs to another fold or split: {fix} or change `split`"),
+    };
+    Err(DataError::ListLine {
+        path: list.to_path_buf(),
+        line,
+        message: format!("{problem}; {cause}"),
+    })
+}
+
 /// A query candidate: an image with at least one eligible class of the split.
 #[derive(Debug, Clone)]
 struct DatasetItem {
@@ -106,33 +174,8 @@ impl FewShotDataset {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let cache_dirs = [config.data_root.clone(), config.save_path.clone()];
         let index = ClassIndex::build(&config.data_root, list, key, &cache_dirs, threads)?;
-        let fold = FoldClasses::of(config);
-        let classes = match split {
-            Split::Train => fold.train,
-            Split::Val => fold.novel,
-        };
-        // A sub_class_file_list names its fold's classes: another fold's would mix novel objects
-        // into training (or base classes into validation) without any other sign.
-        if let Some(&(class, line)) = index
-            .listed_classes
-            .iter()
-            .find(|(c, _)| !classes.contains(c))
-        {
-            let kind = match split {
-                Split::Train => "training",
-                Split::Val => "novel",
-            };
-            return Err(DataError::ListLine {
-                path: list.to_path_buf(),
-                line,
-                message: format!(
-                    "class {class} is not a {kind} class of fold {} ({classes:?}); this sub_class_file_list belongs to another fold or split: use `{}/sub_class_file_list_{}.txt` of BAM's lists or change `split`",
-                    config.split,
-                    split.name(),
-                    config.split
-                ),
-            });
-        }
+        check_listed_classes(config, split, list, &index.listed_classes)?;
+        let classes = FoldClasses::of(config).of_split(split);
         let transform = match split {
             Split::Train => EpisodeTransform::Train(TrainTransform::from_config(config)),
             Split::Val => EpisodeTransform::Val {
@@ -399,5 +442,51 @@ impl FewShotDataset {
             supports,
             original_label: (self.split == Split::Val).then_some(original),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sub_class_file_list_of_another_fold_or_split_is_named_by_its_keys() {
+        let config = Config {
+            split: 1,
+            ..Config::default()
+        };
+        let keys = |classes: Vec<usize>| -> Vec<(usize, usize)> {
+            classes.into_iter().map(|c| (c, 1)).collect()
+        };
+        let check = |split, listed: Vec<usize>| {
+            check_listed_classes(&config, split, Path::new("s.txt"), &keys(listed))
+                .map_err(|e| e.to_string())
+        };
+        let fold = |f| FoldClasses::new(false, false, f);
+        assert!(check(Split::Train, fold(1).train).is_ok());
+        assert!(check(Split::Val, fold(1).novel).is_ok());
+        // The line format lists no classes.
+        assert!(check(Split::Train, vec![]).is_ok());
+        let message = check(Split::Train, fold(0).train).unwrap_err();
+        assert!(
+            message.contains("class 6 is not a training class of fold 1")
+                && message.contains("holds the training classes of fold 0")
+                && message.contains("use `train/sub_class_file_list_1.txt`")
+                && message.contains("or set `split: 0`"),
+            "{message}"
+        );
+        let message = check(Split::Val, fold(1).train).unwrap_err();
+        assert!(
+            message.contains("holds the training classes of fold 1")
+                && message.contains("not the novel classes: use `val/sub_class_file_list_1.txt`"),
+            "{message}"
+        );
+        // Keys of no fold: a class of the split missing says the file is not this split's.
+        let message = check(Split::Val, vec![6, 7, 9, 10]).unwrap_err();
+        assert!(
+            message.contains("the novel class 8 of fold 1 has no entry")
+                && message.contains("belongs to another fold or split"),
+            "{message}"
+        );
     }
 }

@@ -10,7 +10,7 @@
 //! The format of a file is told by its content: a dict starts with `{`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use super::DataError;
 
@@ -40,59 +40,87 @@ pub struct ClassClaim {
     pub line: usize,
 }
 
-/// A parsed list file: its distinct entries in order of first appearance, and for a
+/// A line of the line format without exactly two fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MalformedLine {
+    pub line: usize,
+    pub fields: usize,
+}
+
+impl MalformedLine {
+    /// The error naming this line of list `path`.
+    pub fn error(&self, path: &Path) -> DataError {
+        DataError::ListLine {
+            path: path.to_path_buf(),
+            line: self.line,
+            message: format!(
+                "expected `IMAGE LABEL` (two paths relative to data_root), found {} field(s)",
+                self.fields
+            ),
+        }
+    }
+}
+
+/// A parsed list file: its distinct entries in order of first appearance, for a
 /// `sub_class_file_list` its classes (the dict's keys, with their lines) and per-class claims
-/// (both empty for the line format).
+/// (both empty for the line format), and for the line format its malformed lines, kept so that
+/// `svf-data check` can name every one and still check the rest.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ListFile {
     pub entries: Vec<ListEntry>,
     pub classes: Vec<(usize, usize)>,
     pub claims: Vec<ClassClaim>,
+    pub malformed: Vec<MalformedLine>,
 }
 
-/// Parses list text in either format; `path` names the file in errors. Blank lines are skipped.
+impl ListFile {
+    /// The file itself, or the error of its first malformed line (`path` names the file).
+    fn refuse_malformed(self, path: &Path) -> Result<ListFile, DataError> {
+        match self.malformed.first() {
+            Some(line) => Err(line.error(path)),
+            None => Ok(self),
+        }
+    }
+}
+
+/// Parses list text in either format, refusing a malformed line; `path` names the file in errors.
+/// Blank lines are skipped.
 pub fn parse_list(text: &str, path: &Path) -> Result<Vec<ListEntry>, DataError> {
-    parse_list_file(text, path).map(|file| file.entries)
+    parse_list_file(text, path)
+        .and_then(|file| file.refuse_malformed(path))
+        .map(|file| file.entries)
 }
 
-/// [`parse_list`] keeping a `sub_class_file_list`'s class claims.
+/// Parses list text in either format, keeping a `sub_class_file_list`'s class claims and the line
+/// format's malformed lines. A dict's syntax error fails the whole file.
 pub fn parse_list_file(text: &str, path: &Path) -> Result<ListFile, DataError> {
     if text.trim_start().starts_with('{') {
         return SubClassParser::new(text, path).parse();
     }
-    parse_lines(text, path).map(|entries| ListFile {
-        entries,
-        ..ListFile::default()
-    })
+    Ok(parse_lines(text))
 }
 
-fn parse_lines(text: &str, path: &Path) -> Result<Vec<ListEntry>, DataError> {
-    let mut entries = Vec::new();
+fn parse_lines(text: &str) -> ListFile {
+    let mut file = ListFile::default();
     for (number, line) in text.lines().enumerate() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         match fields.as_slice() {
             [] => {}
-            [image, label] => entries.push(ListEntry {
+            [image, label] => file.entries.push(ListEntry {
                 image: image.to_string(),
                 label: label.to_string(),
             }),
-            _ => {
-                return Err(DataError::ListLine {
-                    path: path.to_path_buf(),
-                    line: number + 1,
-                    message: format!(
-                    "expected `IMAGE LABEL` (two paths relative to data_root), found {} field(s)",
-                    fields.len()
-                ),
-                })
-            }
+            _ => file.malformed.push(MalformedLine {
+                line: number + 1,
+                fields: fields.len(),
+            }),
         }
     }
-    Ok(entries)
+    file
 }
 
-/// Reads a list file whose relative entries lie under `data_root`; `key` is the config key that
-/// named it (`train_list`, `val_list`).
+/// Reads a list file whose relative entries lie under `data_root`, refusing a malformed line;
+/// `key` is the config key that named it (`train_list`, `val_list`).
 pub fn read_list(
     path: &Path,
     key: &'static str,
@@ -101,9 +129,19 @@ pub fn read_list(
     read_list_file(path, key, data_root).map(|file| file.entries)
 }
 
-/// [`read_list`] keeping a `sub_class_file_list`'s class claims. A `data_root` that is no folder
-/// fails here, once, rather than as one unreadable file per entry.
+/// [`read_list`] keeping a `sub_class_file_list`'s class claims.
 pub fn read_list_file(
+    path: &Path,
+    key: &'static str,
+    data_root: &Path,
+) -> Result<ListFile, DataError> {
+    read_list_lenient(path, key, data_root)?.refuse_malformed(path)
+}
+
+/// [`read_list_file`] keeping malformed lines in [`ListFile::malformed`] instead of failing. A
+/// `data_root` that is no folder, or absolute paths of which none exists (a list written on
+/// another machine), fail here, once, rather than as one unreadable file per entry.
+pub fn read_list_lenient(
     path: &Path,
     key: &'static str,
     data_root: &Path,
@@ -114,19 +152,39 @@ pub fn read_list_file(
         source,
     })?;
     let file = parse_list_file(&text, path)?;
-    let relative = |name: &String| Path::new(name).is_relative();
-    if !data_root.is_dir()
-        && file
-            .entries
-            .iter()
-            .any(|e| relative(&e.image) || relative(&e.label))
-    {
+    let names = || file.entries.iter().flat_map(|e| [&e.image, &e.label]);
+    let absolute: Vec<&Path> = names()
+        .map(Path::new)
+        .filter(|name| name.is_absolute())
+        .collect();
+    if !absolute.is_empty() && !absolute.iter().any(|name| name.exists()) {
+        return Err(DataError::ForeignPaths {
+            list: path.to_path_buf(),
+            example: absolute[0].to_path_buf(),
+            prefix: common_folder(&absolute),
+        });
+    }
+    if !data_root.is_dir() && names().any(|name| Path::new(name).is_relative()) {
         return Err(DataError::DataRoot {
             data_root: data_root.to_path_buf(),
             list: path.to_path_buf(),
         });
     }
     Ok(file)
+}
+
+/// The deepest folder holding every one of `paths` (absolute), or `None` when only the root does.
+fn common_folder(paths: &[&Path]) -> Option<PathBuf> {
+    let mut common: Vec<Component> = paths[0].parent()?.components().collect();
+    for path in &paths[1..] {
+        let shared = common
+            .iter()
+            .zip(path.components())
+            .take_while(|(a, b)| *a == b)
+            .count();
+        common.truncate(shared.min(path.components().count() - 1));
+    }
+    (common.len() > 1).then(|| common.iter().collect())
 }
 
 /// BAM's `data_list_{fold}.txt`: `IMG LABEL` per line.
@@ -384,6 +442,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(message.contains("l.txt, line 2"), "{message}");
+    }
+
+    #[test]
+    fn malformed_lines_are_kept_beside_the_well_formed_ones() {
+        let text = "a b\nc\nd e\nf g h\n";
+        let file = parse_list_file(text, Path::new("l.txt")).unwrap();
+        assert_eq!(file.entries, [entry("a", "b"), entry("d", "e")]);
+        assert_eq!(
+            file.malformed,
+            [
+                MalformedLine { line: 2, fields: 1 },
+                MalformedLine { line: 4, fields: 3 }
+            ]
+        );
+        let message = file.malformed[1].error(Path::new("l.txt")).to_string();
+        assert!(
+            message.starts_with("list file l.txt, line 4: expected `IMAGE LABEL`")
+                && message.contains("found 3 field(s)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_common_folder_of_absolute_paths_is_deeper_than_the_root() {
+        let common = |paths: &[&str]| {
+            let paths: Vec<&Path> = paths.iter().map(Path::new).collect();
+            common_folder(&paths)
+        };
+        assert_eq!(
+            common(&[
+                "/h/u/VOC/JPEGImages/a.jpg",
+                "/h/u/VOC/SegmentationClassAug/a.png"
+            ]),
+            Some(PathBuf::from("/h/u/VOC"))
+        );
+        assert_eq!(
+            common(&["/h/u/VOC/JPEGImages/a.jpg"]),
+            Some(PathBuf::from("/h/u/VOC/JPEGImages"))
+        );
+        assert_eq!(common(&["/a/x.jpg", "/b/x.png"]), None);
+        assert_eq!(common(&["/x.jpg"]), None);
     }
 
     fn entry(image: &str, label: &str) -> ListEntry {
