@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod dir_lock;
 pub mod eval;
 pub mod inference;
 pub mod logging;

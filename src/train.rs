@@ -41,6 +41,7 @@ use crate::backbone::{self, BackboneError, Init};
 use crate::checkpoint::{self, CheckpointError, CheckpointFiles, BEST, LAST};
 use crate::config::{Config, ConfigError, LrScheduleKind, Method, Stage};
 use crate::data::{DataError, EpisodeBatch, EpisodeLoader, FewShotDataset, Split};
+use crate::dir_lock::{lock_dir, DirLock, DirLockError};
 use crate::eval::{self, EvalError, EvalOptions};
 use crate::model::{self, FewShotModel, ModelError};
 
@@ -444,7 +445,7 @@ pub fn train(
 /// Takes `dir` for a run whose data opened: created and locked, refused for a `fresh` start over
 /// a run's checkpoint, and only then given the log's lines: a start that fails on its data creates
 /// nothing, a refused one writes nothing but the lock file.
-fn claim_run_dir(dir: &Path, fresh: bool) -> Result<RunDirLock, TrainError> {
+fn claim_run_dir(dir: &Path, fresh: bool) -> Result<DirLock, TrainError> {
     std::fs::create_dir_all(dir).map_err(run_dir_error(dir))?;
     let lock = lock_run_dir(dir)?;
     if fresh && checkpoint::exists(dir, LAST)? {
@@ -526,40 +527,17 @@ fn run<T: TrainingTask>(
     run.train_epochs(hooks)
 }
 
-/// An exclusive lock on a run directory (its [`LOCK_FILE`]) for as long as the value lives: two
-/// processes training into one directory would mix their checkpoints, metrics and config.yaml.
-/// The operating system releases it when the process ends, however it ends.
-pub struct RunDirLock {
-    _file: std::fs::File,
-}
-
-/// Locks `dir` for this process, or says which process holds it.
-pub fn lock_run_dir(dir: &Path) -> Result<RunDirLock, TrainError> {
-    use std::io::{Read, Write};
-    let path = dir.join(LOCK_FILE);
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(run_dir_error(&path))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            return Err(TrainError::RunDirInUse {
-                dir: dir.to_path_buf(),
-                pid: pid.trim().to_string(),
-            });
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(run_dir_error(&path)(e)),
-    }
-    file.set_len(0)
-        .and_then(|()| write!(file, "{}", std::process::id()))
-        .map_err(run_dir_error(&path))?;
-    Ok(RunDirLock { _file: file })
+/// Locks run directory `dir` (its [`LOCK_FILE`]) for as long as the value lives: two processes
+/// training into one directory would mix their checkpoints, metrics and config.yaml. Refused with
+/// the pid of the process that holds it.
+pub fn lock_run_dir(dir: &Path) -> Result<DirLock, TrainError> {
+    lock_dir(dir, LOCK_FILE).map_err(|e| match e {
+        DirLockError::Held { pid, .. } => TrainError::RunDirInUse {
+            dir: dir.to_path_buf(),
+            pid,
+        },
+        DirLockError::Io { path, source } => TrainError::RunDir { path, source },
+    })
 }
 
 fn run_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError {

@@ -16,7 +16,7 @@ use svf::config::Config;
 use svf::data::check::check_dataset;
 use svf::data::prepare::coco::{prepare_coco, CocoOptions, CrowdLabel};
 use svf::data::prepare::pascal::{prepare_pascal, PascalOptions, TRAIN_LIST, VAL_LIST};
-use svf::data::prepare::{ImageMode, PrepareError, PrepareSummary};
+use svf::data::prepare::{ImageMode, PrepareError, PrepareSummary, LOCK_FILE};
 use svf::data::raster::{read_label, LabelMap};
 use svf::data::rng::EpisodeRng;
 
@@ -612,6 +612,27 @@ fn coco_fixture(root: &Path, python: &Path) -> CocoFixture {
             annotations.push(annotate(6003, 1, json!([[1, 1, 9, 1, 9, 9]]), 0));
             // An image without annotations: left out of the list.
             add_image(6004, 48, 48, true);
+            // Polygon lists as pycocotools reads them: odd lengths (the last number ignored: 7
+            // numbers are a triangle, 5 a line), short polygons after the first one.
+            names.push(add_image(6005, 48, 48, true));
+            annotations.push(annotate(6005, 2, json!([[3, 3, 40, 3, 40, 40, 3]]), 0));
+            annotations.push(annotate(
+                6005,
+                3,
+                json!([[5, 30, 20, 30, 20, 45, 5, 45, 9], [1], [], [2, 2, 4, 4]]),
+                0,
+            ));
+            annotations.push(annotate(6005, 4, json!([[30.5, 5.5, 44.2, 9.1, 35.3]]), 0));
+            // Lists that pycocotools raises on (a first polygon of 4 numbers, which it takes for
+            // boxes; of 2; none): their images are skipped.
+            for (id, segmentation) in [
+                (6006, json!([[1, 1, 9, 1], [1, 1, 9, 1, 9, 9]])),
+                (6007, json!([[1, 1]])),
+                (6008, json!([])),
+            ] {
+                add_image(id, 48, 48, true);
+                annotations.push(annotate(id, 1, segmentation, 0));
+            }
         }
         let file = coco_file(&images, &annotations, &ids);
         let path = coco.join(format!("annotations/instances_{split}.json"));
@@ -638,7 +659,8 @@ fn coco_fixture(root: &Path, python: &Path) -> CocoFixture {
 }
 
 /// Compresses the marked RLEs with pycocotools, then writes the expected label of every good image
-/// with pycocotools' annToMask: objects in file order, later on top, crowd as its class or 255.
+/// with pycocotools' annToMask: objects in file order, later on top, crowd as its class or 255; and
+/// the ids of the images whose annotations annToMask raises on, to `raises.txt`.
 const COCO_EXPECTED: &str = r#"
 import json, os, sys
 import numpy as np
@@ -646,6 +668,7 @@ from pycocotools.coco import COCO
 from pycocotools import mask as mu
 coco_dir, out = sys.argv[1], sys.argv[2]
 bad = {6000, 6001, 6002, 6003}
+raises = set()
 for split in ["train2014", "val2014"]:
     path = os.path.join(coco_dir, "annotations", "instances_%s.json" % split)
     data = json.load(open(path))
@@ -664,19 +687,32 @@ for split in ["train2014", "val2014"]:
             if img["id"] in bad or not anns:
                 continue
             label = np.zeros((img["height"], img["width"]), np.uint8)
-            for a in anns:
-                m = coco.annToMask(a)
-                label[m > 0] = 255 if (a["iscrowd"] and mode == "ignore") else index[a["category_id"]]
+            try:
+                for a in anns:
+                    m = coco.annToMask(a)
+                    label[m > 0] = 255 if (a["iscrowd"] and mode == "ignore") else index[a["category_id"]]
+            except Exception:
+                raises.add(img["id"])
+                continue
             label.tofile(os.path.join(out, mode, split, img["file_name"][:-4] + ".bin"))
+open(os.path.join(out, "raises.txt"), "w").write("".join("%d\n" % i for i in sorted(raises)))
 "#;
 
+/// Both --crowd choices into one output folder, one after the other: the second run rewrites the
+/// labels with crowd regions (and only those), since a label is kept only when it was made from
+/// the same inputs and options.
 #[test]
 fn coco_labels_match_pycocotools_and_pass_check() {
     let python = python_with(&["pycocotools", "numpy"]);
     let root = scratch("coco");
     let fixture = coco_fixture(&root, &python);
+    assert_eq!(
+        std::fs::read_to_string(root.join("expected/raises.txt")).unwrap(),
+        "6006\n6007\n6008\n",
+        "pycocotools raises on other images than the fixture expects"
+    );
+    let out = root.join("out");
     for (crowd, mode) in [(CrowdLabel::Class, "class"), (CrowdLabel::Ignore, "ignore")] {
-        let out = root.join(format!("out_{mode}"));
         let lists = root.join(format!("lists_{mode}"));
         let summary = prepare_coco(&CocoOptions {
             coco: fixture.coco.clone(),
@@ -728,6 +764,18 @@ fn coco_labels_match_pycocotools_and_pass_check() {
                 "COCO_train2014_000000006003.jpg",
                 "48x48 but its annotation is 48x40",
             ),
+            (
+                "instances_train2014.json",
+                "image 6006 (COCO_train2014_000000006006.jpg): annotation",
+            ),
+            (
+                "instances_train2014.json",
+                "image 6007 (COCO_train2014_000000006007.jpg): annotation",
+            ),
+            (
+                "instances_train2014.json",
+                "image 6008 (COCO_train2014_000000006008.jpg): annotation",
+            ),
         ] {
             assert!(
                 skipped
@@ -736,14 +784,33 @@ fn coco_labels_match_pycocotools_and_pass_check() {
                 "no `{file}: …{reason}…` in {skipped:#?}"
             );
         }
-        assert_eq!(skipped.len(), 5, "{skipped:#?}");
+        let unreadable = skipped
+            .iter()
+            .filter(|s| s.contains("pycocotools' annToMask cannot read this annotation either"))
+            .count();
+        assert_eq!(unreadable, 3, "{skipped:#?}");
+        assert_eq!(skipped.len(), 8, "{skipped:#?}");
+        if crowd == CrowdLabel::Ignore {
+            // The six images with crowd regions; the other labels are the class run's.
+            assert_eq!(
+                (summary.labels_written, summary.labels_outdated),
+                (6, 6),
+                "{summary}"
+            );
+            assert!(
+                summary
+                    .to_string()
+                    .contains("labels: 6 rewritten because their inputs or options changed"),
+                "{summary}"
+            );
+        }
         assert!(
             summary.notes[0].contains("1 without any left out"),
             "{summary}"
         );
         if crowd == CrowdLabel::Class {
             let config = Config {
-                data_root: out,
+                data_root: out.clone(),
                 train_list: lists.join("train_data_list.txt"),
                 val_list: lists.join("val_data_list.txt"),
                 use_coco: true,
@@ -753,5 +820,242 @@ fn coco_labels_match_pycocotools_and_pass_check() {
             let report = check_dataset(&config);
             assert!(report.is_clean(), "{:#?}", report.problems);
         }
+    }
+}
+
+/// A label is kept only while the inputs that would make it now are the ones recorded for it: a
+/// VOC annotation added for an id labelled from SBD's MAT-file replaces that label, a MAT-file
+/// changed since rewrites its label, and labels without a record (from before records were kept)
+/// are rewritten once. A rerun with the same inputs writes nothing.
+#[test]
+fn pascal_rerun_rewrites_labels_whose_inputs_changed() {
+    let python = python_with(&["scipy", "numpy"]);
+    let root = scratch("provenance");
+    let fixture = pascal_fixture(&root, &python);
+    let options = pascal_options(&fixture, &root, ImageMode::Link);
+    let labelled = fixture.train.len() + fixture.val.len();
+    let first = prepare_pascal(&options).unwrap();
+    assert_eq!(first.labels_written, labelled);
+    let rerun = prepare_pascal(&options).unwrap();
+    assert_eq!((rerun.labels_written, rerun.labels_kept), (0, labelled));
+
+    let label = |id: &str| read_label(&root.join(format!("out/SegmentationClassAug/{id}.png")));
+    let voc_label = drawn_label(9, 0, true, 500);
+    assert!(label("sbd_15").unwrap() == fixture.expected["sbd_15"]);
+    write_palette_png(
+        &fixture.voc.join("SegmentationClass/sbd_15.png"),
+        &voc_label,
+    );
+    std::fs::File::options()
+        .write(true)
+        .open(fixture.sbd.join("cls/sbd_16.mat"))
+        .unwrap()
+        .set_modified(SystemTime::now())
+        .unwrap();
+    let changed = prepare_pascal(&options).unwrap();
+    assert_eq!(
+        (changed.labels_written, changed.labels_outdated),
+        (2, 2),
+        "{changed}"
+    );
+    assert!(
+        changed
+            .to_string()
+            .contains("labels: 2 rewritten because their inputs or options changed"),
+        "{changed}"
+    );
+    assert!(
+        label("sbd_15").unwrap() == voc_label,
+        "VOC's annotation must win"
+    );
+    assert!(label("sbd_16").unwrap() == fixture.expected["sbd_16"]);
+
+    std::fs::remove_file(root.join("out/svf-data-labels.jsonl")).unwrap();
+    let unrecorded = prepare_pascal(&options).unwrap();
+    assert_eq!(
+        (unrecorded.labels_written, unrecorded.labels_unrecorded),
+        (labelled, labelled)
+    );
+    assert!(
+        unrecorded.to_string().contains(&format!(
+            "note: {labelled} label(s) already there had no record of what made them"
+        )),
+        "{unrecorded}"
+    );
+    let rerun = prepare_pascal(&options).unwrap();
+    assert_eq!((rerun.labels_written, rerun.labels_kept), (0, labelled));
+}
+
+/// `--copy` after a linking run replaces the links by copies (the download may be deleted next); a
+/// dangling link is replaced in either mode.
+#[test]
+fn copy_replaces_the_links_of_an_earlier_run() {
+    let python = python_with(&["scipy", "numpy"]);
+    let root = scratch("copy-over-links");
+    let fixture = pascal_fixture(&root, &python);
+    let images = fixture.train.len() + fixture.val.len();
+    let image = |id: &str| root.join(format!("out/JPEGImages/{id}.jpg"));
+    prepare_pascal(&pascal_options(&fixture, &root, ImageMode::Link)).unwrap();
+    std::fs::remove_file(image("voc_0")).unwrap();
+    std::os::unix::fs::symlink(root.join("gone.jpg"), image("voc_0")).unwrap();
+    let relinked = prepare_pascal(&pascal_options(&fixture, &root, ImageMode::Link)).unwrap();
+    assert_eq!(relinked.images_placed, 1, "{relinked}");
+    assert!(image("voc_0").is_file());
+
+    let copied = prepare_pascal(&pascal_options(&fixture, &root, ImageMode::Copy)).unwrap();
+    assert_eq!(
+        (copied.images_placed, copied.images_kept),
+        (images, 0),
+        "{copied}"
+    );
+    for id in fixture.train.iter().chain(&fixture.val) {
+        let metadata = image(id).symlink_metadata().unwrap();
+        assert!(metadata.is_file(), "{id} is still a link");
+        let source = fixture.voc.join(format!("JPEGImages/{id}.jpg"));
+        assert!(std::fs::read(image(id)).unwrap() == std::fs::read(source).unwrap());
+    }
+}
+
+/// A COCO download without pycocotools' help, 16×16 images: in train, image 1 with a square and
+/// image 2 whose annotation names a category COCO does not have; in val, image 3 with a square.
+/// With `linked`, the images of the download are links to the files in `store/`.
+fn small_coco(root: &Path, linked: bool) -> PathBuf {
+    let coco = root.join("coco");
+    for (split, ids) in [("train2014", &[1u64, 2][..]), ("val2014", &[3][..])] {
+        let mut images = Vec::new();
+        let mut annotations = Vec::new();
+        for &id in ids {
+            let name = format!("COCO_{split}_{id:012}.jpg");
+            let path = coco.join(split).join(&name);
+            if linked {
+                let stored = root.join("store").join(&name);
+                write_jpeg(&stored, 16, 16, id);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::os::unix::fs::symlink(&stored, &path).unwrap();
+            } else {
+                write_jpeg(&path, 16, 16, id);
+            }
+            images.push(json!({"id": id, "file_name": name, "height": 16, "width": 16}));
+            annotations.push(json!({"id": id, "image_id": id,
+                "category_id": if id == 2 { 12 } else { 1 }, "iscrowd": 0,
+                "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]}));
+        }
+        let path = coco.join(format!("annotations/instances_{split}.json"));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let file = coco_file(&images, &annotations, &category_ids());
+        std::fs::write(&path, serde_json::to_string(&file).unwrap()).unwrap();
+    }
+    coco
+}
+
+fn small_coco_options(coco: &Path, out: &Path, images: ImageMode) -> CocoOptions {
+    CocoOptions {
+        coco: coco.to_path_buf(),
+        out: out.to_path_buf(),
+        lists: out.join("lists"),
+        images,
+        crowd: CrowdLabel::Class,
+        threads: 1,
+    }
+}
+
+/// With `--out` = the download folder the images are their own targets: `--copy` leaves them as
+/// they are, links included.
+#[test]
+fn copy_into_the_download_folder_leaves_its_images_alone() {
+    let root = scratch("copy-in-place");
+    let coco = small_coco(&root, true);
+    let summary = prepare_coco(&small_coco_options(&coco, &coco, ImageMode::Copy)).unwrap();
+    assert_eq!(
+        (summary.images_placed, summary.images_kept),
+        (0, 2),
+        "{summary}"
+    );
+    for name in [
+        "train2014/COCO_train2014_000000000001.jpg",
+        "val2014/COCO_val2014_000000000003.jpg",
+    ] {
+        let metadata = coco.join(name).symlink_metadata().unwrap();
+        assert!(metadata.file_type().is_symlink(), "{name} was replaced");
+    }
+}
+
+/// A second prepare on an output folder in use is refused with the lock file and the holder's pid,
+/// before it writes anything there.
+#[test]
+fn output_folder_in_use_is_refused() {
+    let root = scratch("prepare-locked");
+    let coco = small_coco(&root, false);
+    let out = root.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let held = svf::dir_lock::lock_dir(&out, LOCK_FILE).unwrap();
+    let error = prepare_coco(&small_coco_options(&coco, &out, ImageMode::Link)).unwrap_err();
+    let message = error.to_string();
+    assert!(
+        matches!(error, PrepareError::OutputInUse { .. }),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!(
+            "another svf-data prepare (pid {}) is writing into this output folder: it holds {}",
+            std::process::id(),
+            out.join(LOCK_FILE).display()
+        )),
+        "{message}"
+    );
+    let entries: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    drop(held);
+    prepare_coco(&small_coco_options(&coco, &out, ImageMode::Link)).unwrap();
+}
+
+/// An error that stops a run after a finished split still reports that split: its list and its
+/// skipped files, before the error.
+#[test]
+fn an_error_after_a_finished_split_reports_what_was_done() {
+    let root = scratch("prepare-stopped");
+    let coco = small_coco(&root, false);
+    let val = coco.join("annotations/instances_val2014.json");
+    let text = std::fs::read_to_string(&val).unwrap();
+    std::fs::write(&val, &text[..text.len() / 2]).unwrap();
+    let out = root.join("out");
+    let output = Command::new(env!("CARGO_BIN_EXE_svf-data"))
+        .args(["prepare", "coco", "--coco"])
+        .arg(&coco)
+        .arg("--out")
+        .arg(&out)
+        .arg("--lists")
+        .arg(out.join("lists"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let summary = stderr
+        .find("stopped by the error below; done until then")
+        .unwrap_or_else(|| panic!("no summary in {stderr}"));
+    let error = stderr.find("instances_val2014.json: not a COCO instances file");
+    assert!(error.is_some_and(|e| e > summary), "{stderr}");
+    for line in [
+        "labels: 1 written, 0 already there; images: 1 placed, 0 already there",
+        "train_data_list.txt: 1 images",
+        "1 file(s) skipped",
+        "image 2 (COCO_train2014_000000000002.jpg): annotation 2 has category 12",
+    ] {
+        assert!(stderr.contains(line), "no `{line}` in {stderr}");
+    }
+}
+
+#[test]
+fn lists_help_says_relative_to_the_current_directory() {
+    for dataset in ["pascal", "coco"] {
+        let output = run_ok(
+            Command::new(env!("CARGO_BIN_EXE_svf-data")).args(["prepare", dataset, "--help"]),
+        );
+        let help = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            help.contains("relative to the current directory like --out")
+                && !help.contains("relative to the repository"),
+            "{help}"
+        );
     }
 }

@@ -44,7 +44,7 @@ enum Command {
         seed: u64,
     },
     /// Convert a downloaded dataset into the layout the shipped configs read (labels, images, lists).
-    /// Resumable: a rerun keeps finished files and writes the rest.
+    /// Resumable: a rerun keeps the files made from the same inputs and options, writes the rest.
     #[command(subcommand)]
     Prepare(Prepare),
     /// Validate the dataset of a config: every file of both lists, per-class counts of the fold.
@@ -82,7 +82,8 @@ enum Prepare {
         /// Output folder: the `data_root` of the PASCAL configs.
         #[arg(long, default_value = "data/VOCdevkit2012/VOC2012")]
         out: PathBuf,
-        /// Folder of the list files, as the PASCAL configs name it (relative to the repository).
+        /// Folder of the list files, relative to the current directory like --out (the default
+        /// is where the PASCAL configs look for them, from the repository root).
         #[arg(long, default_value = "data/lists/pascal")]
         lists: PathBuf,
         #[command(flatten)]
@@ -97,7 +98,8 @@ enum Prepare {
         /// Output folder: the `data_root` of the COCO configs (may be the --coco folder itself).
         #[arg(long, default_value = "data/MSCOCO2014")]
         out: PathBuf,
-        /// Folder of the list files, as the COCO configs name it (relative to the repository).
+        /// Folder of the list files, relative to the current directory like --out (the default
+        /// is where the COCO configs look for them, from the repository root).
         #[arg(long, default_value = "data/lists/coco")]
         lists: PathBuf,
         /// What crowd regions become: their class (as the usual pycocotools label loop) or 255.

@@ -2,14 +2,19 @@
 //! ([`coco`]) into the layout the configs read: one 8-bit class-index PNG per image, the images
 //! linked or copied beside them, and PFENet's list files.
 //!
-//! Shared by both: every output is written to `<name>.partial` and renamed into place, so a killed
-//! run leaves only whole files, and a rerun keeps every output that is already there and valid
-//! (a label that decodes, an image that exists) and writes only the rest. Images are worked on in
-//! parallel with a progress bar. A bad input file (missing, truncated, malformed, inconsistent)
-//! skips its image with a reason in the [`PrepareSummary`]; the run goes on, and the image is left
-//! out of the lists, never given a wrong label.
+//! Shared by both: a run holds the output folder's [`LOCK_FILE`], so a second run on the same
+//! folder is refused instead of clobbering the first one's files. Every output is written to
+//! `<name>.partial` and renamed into place, so a killed run leaves only whole files, and a rerun
+//! writes only what is missing or out of date: a label is kept when it decodes and the
+//! [`label_record`] says it was made from the inputs and options that would make it now; an image
+//! is kept when it is there, except a symbolic link under `--copy` (the download may be deleted
+//! next) or one that dangles. Images are worked on in parallel with a progress bar. A bad input
+//! file (missing, truncated, malformed, inconsistent) skips its image with a reason in the
+//! [`PrepareSummary`]; the run goes on, and the image is left out of the lists, never given a wrong
+//! label. An error that stops a run logs the summary of what it had done.
 
 pub mod coco;
+pub mod label_record;
 pub mod mat5;
 pub mod pascal;
 pub mod rle;
@@ -19,6 +24,12 @@ use std::path::{Path, PathBuf};
 
 use super::index::map_parallel;
 use super::raster::{read_image_size, read_label, LabelMap};
+use crate::dir_lock::{lock_dir, DirLock, DirLockError};
+use label_record::{LabelRecord, Recorded, RECORD_FILE};
+
+/// The file of an output folder that the `prepare` run writing into it holds locked (with its pid
+/// inside).
+pub const LOCK_FILE: &str = "svf-data-prepare.lock";
 
 /// How the images reach `<out>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -26,7 +37,7 @@ pub enum ImageMode {
     /// Symbolic links to the downloaded files (no extra disk space; keep the download).
     #[default]
     Link,
-    /// Copies (the download can be deleted afterwards).
+    /// Copies (the download can be deleted afterwards); replaces the links of an earlier run.
     Copy,
 }
 
@@ -48,6 +59,11 @@ pub enum PrepareError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "another svf-data prepare (pid {pid}) is writing into this output folder: it holds {lock}; \
+         wait for it to finish, or give this run another --out"
+    )]
+    OutputInUse { lock: PathBuf, pid: String },
 }
 
 /// An input file that was left out, and why.
@@ -85,7 +101,11 @@ pub struct PrepareSummary {
     pub data_root: PathBuf,
     pub lists: Vec<WrittenList>,
     pub labels_written: usize,
-    /// Labels already there from an earlier run, left untouched.
+    /// Of the labels written: those that replaced a label made from other inputs or options.
+    pub labels_outdated: usize,
+    /// Of the labels written: those that replaced a label without a record of its inputs.
+    pub labels_unrecorded: usize,
+    /// Labels already there from an earlier run with the same inputs and options, left untouched.
     pub labels_kept: usize,
     pub images_placed: usize,
     pub images_kept: usize,
@@ -101,6 +121,13 @@ impl fmt::Display for PrepareSummary {
             "labels: {} written, {} already there; images: {} placed, {} already there",
             self.labels_written, self.labels_kept, self.images_placed, self.images_kept
         )?;
+        if self.labels_outdated > 0 {
+            writeln!(
+                f,
+                "labels: {} rewritten because their inputs or options changed since an earlier run",
+                self.labels_outdated
+            )?;
+        }
         for list in &self.lists {
             writeln!(f, "{}: {} images", list.path.display(), list.entries)?;
             let per_class: Vec<String> = (1..list.images_per_class.len())
@@ -112,6 +139,14 @@ impl fmt::Display for PrepareSummary {
         }
         for note in &self.notes {
             writeln!(f, "note: {note}")?;
+        }
+        if self.labels_unrecorded > 0 {
+            writeln!(
+                f,
+                "note: {} label(s) already there had no record of what made them (made before \
+                 svf-data kept {RECORD_FILE}, or changed since) and were rewritten once",
+                self.labels_unrecorded
+            )?;
         }
         if !self.skipped.is_empty() {
             writeln!(f, "{} file(s) skipped:", self.skipped.len())?;
@@ -130,10 +165,31 @@ impl fmt::Display for PrepareSummary {
     }
 }
 
+impl PrepareSummary {
+    fn did_any_work(&self) -> bool {
+        self.labels_written + self.labels_kept + self.images_placed + self.images_kept > 0
+            || !self.skipped.is_empty()
+            || !self.lists.is_empty()
+    }
+}
+
+/// What became of an image's label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LabelFate {
+    /// Already there, made from the same inputs and options.
+    Kept,
+    /// Missing or unreadable: written.
+    Written,
+    /// Made from other inputs or options: rewritten.
+    Outdated,
+    /// There, without a record of what made it: rewritten.
+    Unrecorded,
+}
+
 /// What happened to one image of a run.
 pub(crate) struct ItemOutcome {
     pub histogram: [u32; 256],
-    pub label_written: bool,
+    pub label: LabelFate,
     pub image_placed: bool,
 }
 
@@ -214,35 +270,52 @@ pub(crate) fn check_label_values(label: &LabelMap, classes: usize) -> Result<[u3
     }
 }
 
-/// Writes `label` to `path` unless a valid one is already there; returns its histogram and
-/// whether it was written.
+/// Writes the label `make` makes from `inputs` to `path` (and records it) unless a valid one is
+/// already there, recorded as made from the same `inputs`; returns its histogram and what became
+/// of it.
 pub(crate) fn place_label(
     path: &Path,
     size: Option<(usize, usize)>,
     classes: usize,
+    record: &LabelRecord,
+    inputs: &str,
     make: impl FnOnce() -> Result<LabelMap, SkippedFile>,
-) -> Result<Result<([u32; 256], bool), SkippedFile>, PrepareError> {
-    if let Some(histogram) = existing_label(path, size, classes) {
-        return Ok(Ok((histogram, false)));
-    }
+) -> Result<Result<([u32; 256], LabelFate), SkippedFile>, PrepareError> {
+    let fate = match existing_label(path, size, classes) {
+        None => LabelFate::Written,
+        Some(histogram) => match record.compare(path, inputs) {
+            Recorded::Same => return Ok(Ok((histogram, LabelFate::Kept))),
+            Recorded::Other => LabelFate::Outdated,
+            Recorded::Missing => LabelFate::Unrecorded,
+        },
+    };
     let label = match make() {
         Ok(label) => label,
         Err(skipped) => return Ok(Err(skipped)),
     };
     write_atomically(path, &encode_label_png(&label))?;
-    Ok(Ok((label.histogram(), true)))
+    record.add(path, inputs)?;
+    Ok(Ok((label.histogram(), fate)))
 }
 
-/// Puts image `source` at `target` (link or copy) unless something is already there; returns
-/// whether it placed it. A target that is the source itself (`--out` = the download folder) is left
+/// Puts image `source` at `target` (link or copy) unless it is already there; returns whether it
+/// placed it. A symbolic link there is replaced when it dangles, or by a copy under
+/// [`ImageMode::Copy`]; a target that is the source itself (`--out` = the download folder) is left
 /// alone.
 pub(crate) fn place_image(
     source: &Path,
     target: &Path,
     mode: ImageMode,
 ) -> Result<bool, PrepareError> {
-    if target.exists() {
-        return Ok(false);
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(found) = target.symlink_metadata() {
+        let is_source = source
+            .symlink_metadata()
+            .is_ok_and(|s| (s.dev(), s.ino()) == (found.dev(), found.ino()));
+        let usable_link = mode == ImageMode::Link && target.exists();
+        if is_source || !found.file_type().is_symlink() || usable_link {
+            return Ok(false);
+        }
     }
     let partial = partial_path(target);
     let _ = std::fs::remove_file(&partial);
@@ -305,9 +378,38 @@ pub(crate) fn require_file(path: &Path, what: &'static str, fix: &str) -> Result
     }
 }
 
+/// Creates output folder `out` and takes it for this run: its [`LOCK_FILE`], then its label
+/// record.
+pub(crate) fn claim_output(out: &Path) -> Result<(DirLock, LabelRecord), PrepareError> {
+    create_dir(out)?;
+    let lock = lock_dir(out, LOCK_FILE).map_err(|e| match e {
+        DirLockError::Held { path, pid } => PrepareError::OutputInUse { lock: path, pid },
+        DirLockError::Io { path, source } => PrepareError::Write { path, source },
+    })?;
+    Ok((lock, LabelRecord::open(out)?))
+}
+
+/// `summary` when the run's `result` is a success; else the error, after logging the summary of
+/// the work done before it (a finished split's lists and skipped files), which the error alone
+/// would lose.
+pub(crate) fn finish(
+    summary: PrepareSummary,
+    result: Result<(), PrepareError>,
+) -> Result<PrepareSummary, PrepareError> {
+    match result {
+        Ok(()) => Ok(summary),
+        Err(error) => {
+            if summary.did_any_work() {
+                tracing::warn!("stopped by the error below; done until then:\n{summary}");
+            }
+            Err(error)
+        }
+    }
+}
+
 /// Runs `work` over `items` on `threads` threads (progress bar named `what`), adds the outcomes to
 /// `summary`, and returns each item's label histogram (`None` when skipped). A write failure stops
-/// the run after the pass.
+/// the run after the pass, with the other items' outcomes in `summary`.
 pub(crate) fn run_items<T: Sync>(
     items: &[T],
     threads: usize,
@@ -317,22 +419,33 @@ pub(crate) fn run_items<T: Sync>(
 ) -> Result<Vec<Option<[u32; 256]>>, PrepareError> {
     let outcomes = map_parallel(items, threads, what, work);
     let mut histograms = Vec::with_capacity(items.len());
+    let mut first_error = None;
     for outcome in outcomes {
-        match outcome? {
-            Ok(done) => {
-                summary.labels_written += usize::from(done.label_written);
-                summary.labels_kept += usize::from(!done.label_written);
+        match outcome {
+            Ok(Ok(done)) => {
+                let written = done.label != LabelFate::Kept;
+                summary.labels_written += usize::from(written);
+                summary.labels_kept += usize::from(!written);
+                summary.labels_outdated += usize::from(done.label == LabelFate::Outdated);
+                summary.labels_unrecorded += usize::from(done.label == LabelFate::Unrecorded);
                 summary.images_placed += usize::from(done.image_placed);
                 summary.images_kept += usize::from(!done.image_placed);
                 histograms.push(Some(done.histogram));
             }
-            Err(skipped) => {
+            Ok(Err(skipped)) => {
                 summary.skipped.push(skipped);
+                histograms.push(None);
+            }
+            Err(error) => {
+                first_error.get_or_insert(error);
                 histograms.push(None);
             }
         }
     }
-    Ok(histograms)
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(histograms),
+    }
 }
 
 /// Writes a list of `(image, label, histogram)` entries (paths relative to the data root) and

@@ -29,10 +29,12 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::label_record::{describe_input, LabelRecord};
 use super::rle::Rle;
 use super::{
-    check_image, create_dir, place_image, place_label, require_dir, require_file, run_items,
-    write_list_of, ImageMode, ItemOutcome, PrepareError, PrepareSummary, SkippedFile,
+    check_image, claim_output, create_dir, finish, place_image, place_label, require_dir,
+    require_file, run_items, write_list_of, ImageMode, ItemOutcome, PrepareError, PrepareSummary,
+    SkippedFile,
 };
 use crate::data::raster::LabelMap;
 use crate::data::IGNORE_LABEL;
@@ -51,6 +53,16 @@ pub enum CrowdLabel {
     Class,
     /// 255, ignored by the loss and the metrics.
     Ignore,
+}
+
+impl CrowdLabel {
+    /// The value of `--crowd` that asks for it.
+    pub fn option_value(self) -> &'static str {
+        match self {
+            CrowdLabel::Class => "class",
+            CrowdLabel::Ignore => "ignore",
+        }
+    }
 }
 
 /// Inputs and outputs of [`prepare_coco`].
@@ -138,10 +150,7 @@ fn object_mask(
     width: usize,
 ) -> Result<Vec<Rle>, String> {
     match segmentation {
-        Segmentation::Polygons(polygons) => polygons
-            .iter()
-            .map(|p| Rle::from_polygon(p, height, width))
-            .collect(),
+        Segmentation::Polygons(polygons) => Rle::from_polygons(polygons, height, width),
         Segmentation::Rle { counts, size } => {
             if *size != [height, width] {
                 return Err(format!(
@@ -275,11 +284,41 @@ fn image_work(
     works
 }
 
+/// What a split's labels are made from (see [`super::label_record`]): its annotation file, and for
+/// an image with crowd regions also the `--crowd` choice.
+struct SplitInputs {
+    plain: String,
+    with_crowd: String,
+}
+
+impl SplitInputs {
+    fn of(json: &Path, crowd: CrowdLabel) -> Result<SplitInputs, PrepareError> {
+        let plain = describe_input(json).map_err(|e| PrepareError::BadInput {
+            path: json.to_path_buf(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let with_crowd = format!("{plain}, --crowd {}", crowd.option_value());
+        Ok(SplitInputs { plain, with_crowd })
+    }
+
+    fn of_image(&self, work: &ImageWork) -> &str {
+        if work.objects.iter().any(|o| o.crowd) {
+            &self.with_crowd
+        } else {
+            &self.plain
+        }
+    }
+}
+
+/// Label (made from `inputs`) and image of one image of split `split_dir`, written (or kept) under
+/// `out`.
 fn prepare_image(
     work: &ImageWork,
     split_dir: &str,
     options: &CocoOptions,
     json: &Path,
+    inputs: &str,
+    labels: &LabelRecord,
 ) -> Result<Result<ItemOutcome, SkippedFile>, PrepareError> {
     let record = &work.record;
     let image = options.coco.join(split_dir).join(&record.file_name);
@@ -302,7 +341,8 @@ fn prepare_image(
             )
         })
     };
-    let (histogram, label_written) = match place_label(&target, Some(size), CLASSES, make)? {
+    let (histogram, label) = match place_label(&target, Some(size), CLASSES, labels, inputs, make)?
+    {
         Ok(done) => done,
         Err(skipped) => return Ok(Err(skipped)),
     };
@@ -310,7 +350,7 @@ fn prepare_image(
     let image_placed = place_image(&image, &image_target, options.images)?;
     Ok(Ok(ItemOutcome {
         histogram,
-        label_written,
+        label,
         image_placed,
     }))
 }
@@ -342,16 +382,29 @@ pub fn prepare_coco(options: &CocoOptions) -> Result<PrepareSummary, PrepareErro
             .join(format!("instances_{split_dir}.json"));
         require_file(&json, "COCO annotation file", fix)?;
     }
+    let (_lock, record) = claim_output(&options.out)?;
     let mut summary = PrepareSummary {
         data_root: options.out.clone(),
         ..PrepareSummary::default()
     };
+    let result = write_splits(options, &record, &splits, &mut summary);
+    finish(summary, result)
+}
+
+/// Labels, images and list of each split in turn.
+fn write_splits(
+    options: &CocoOptions,
+    record: &LabelRecord,
+    splits: &[(&str, &str)],
+    summary: &mut PrepareSummary,
+) -> Result<(), PrepareError> {
     let mut first_classes: Option<HashMap<u64, u8>> = None;
-    for (split_dir, list_name) in splits {
+    for &(split_dir, list_name) in splits {
         let json = options
             .coco
             .join("annotations")
             .join(format!("instances_{split_dir}.json"));
+        let inputs = SplitInputs::of(&json, options.crowd)?;
         tracing::info!("reading {}", json.display());
         let file = read_annotation_file(&json)?;
         let classes = class_map(&file, &json)?;
@@ -366,7 +419,7 @@ pub fn prepare_coco(options: &CocoOptions) -> Result<PrepareSummary, PrepareErro
                     .into(),
             });
         }
-        let works = image_work(file, &classes, &json, &mut summary);
+        let works = image_work(file, &classes, &json, summary);
         first_classes.get_or_insert(classes);
         let (annotated, empty): (Vec<ImageWork>, Vec<ImageWork>) = works
             .into_iter()
@@ -379,8 +432,8 @@ pub fn prepare_coco(options: &CocoOptions) -> Result<PrepareSummary, PrepareErro
         ));
         create_dir(&options.out.join("annotations").join(split_dir))?;
         create_dir(&options.out.join(split_dir))?;
-        let histograms = run_items(&annotated, options.threads, split_dir, &mut summary, |w| {
-            prepare_image(w, split_dir, options, &json)
+        let histograms = run_items(&annotated, options.threads, split_dir, summary, |w| {
+            prepare_image(w, split_dir, options, &json, inputs.of_image(w), record)
         })?;
         let entries: Vec<(String, String, [u32; 256])> = annotated
             .iter()
@@ -396,14 +449,9 @@ pub fn prepare_coco(options: &CocoOptions) -> Result<PrepareSummary, PrepareErro
                 })
             })
             .collect();
-        write_list_of(
-            &options.lists.join(list_name),
-            &entries,
-            CLASSES,
-            &mut summary,
-        )?;
+        write_list_of(&options.lists.join(list_name), &entries, CLASSES, summary)?;
     }
-    Ok(summary)
+    Ok(())
 }
 
 #[cfg(test)]

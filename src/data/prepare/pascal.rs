@@ -19,10 +19,12 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use super::label_record::{describe_input, LabelRecord};
 use super::mat5::{self, MatValue};
 use super::{
-    check_label_values, create_dir, place_image, place_label, require_dir, require_file, run_items,
-    write_list_of, ImageMode, ItemOutcome, PrepareError, PrepareSummary, SkippedFile,
+    check_label_values, claim_output, create_dir, finish, place_image, place_label, require_dir,
+    require_file, run_items, write_list_of, ImageMode, ItemOutcome, PrepareError, PrepareSummary,
+    SkippedFile,
 };
 use crate::data::raster::{read_image_size, LabelMap};
 
@@ -192,6 +194,7 @@ pub fn read_sbd_label(path: &Path) -> Result<LabelMap, String> {
 fn prepare_id(
     id: &str,
     options: &PascalOptions,
+    record: &LabelRecord,
 ) -> Result<Result<ItemOutcome, SkippedFile>, PrepareError> {
     let voc_label = options
         .voc
@@ -212,18 +215,23 @@ fn prepare_id(
         }
         Err(e) => return Ok(Err(SkippedFile::new(&image, e.to_string()))),
     };
+    type Reader = fn(&Path) -> Result<LabelMap, String>;
+    let (source, read): (&Path, Reader) = if voc_label.is_file() {
+        (&voc_label, read_voc_label)
+    } else if sbd_label.is_file() {
+        (&sbd_label, read_sbd_label)
+    } else {
+        return Ok(Err(SkippedFile::new(
+            &sbd_label,
+            format!("no label: neither this nor {} exists", voc_label.display()),
+        )));
+    };
+    let inputs = match describe_input(source) {
+        Ok(inputs) => inputs,
+        Err(e) => return Ok(Err(SkippedFile::new(source, e.to_string()))),
+    };
     let make = || {
-        let (source, label) = if voc_label.is_file() {
-            (&voc_label, read_voc_label(&voc_label))
-        } else if sbd_label.is_file() {
-            (&sbd_label, read_sbd_label(&sbd_label))
-        } else {
-            return Err(SkippedFile::new(
-                &sbd_label,
-                format!("no label: neither this nor {} exists", voc_label.display()),
-            ));
-        };
-        let label = label.map_err(|reason| SkippedFile::new(source, reason))?;
+        let label = read(source).map_err(|reason| SkippedFile::new(source, reason))?;
         if (label.height, label.width) != size {
             return Err(SkippedFile::new(
                 source,
@@ -244,7 +252,8 @@ fn prepare_id(
         .out
         .join("SegmentationClassAug")
         .join(format!("{id}.png"));
-    let (histogram, label_written) = match place_label(&target, Some(size), CLASSES, make)? {
+    let (histogram, label) = match place_label(&target, Some(size), CLASSES, record, &inputs, make)?
+    {
         Ok(done) => done,
         Err(skipped) => return Ok(Err(skipped)),
     };
@@ -252,7 +261,7 @@ fn prepare_id(
     let image_placed = place_image(&image, &image_target, options.images)?;
     Ok(Ok(ItemOutcome {
         histogram,
-        label_written,
+        label,
         image_placed,
     }))
 }
@@ -309,16 +318,29 @@ pub fn prepare_pascal(options: &PascalOptions) -> Result<PrepareSummary, Prepare
         train_ids.len(),
         voc_val.len()
     ));
+    let (_lock, record) = claim_output(&options.out)?;
+    let result = write_outputs(options, &record, &train_ids, &voc_val, &mut summary);
+    finish(summary, result)
+}
+
+/// Labels and images of the training then the validation ids, and the two lists.
+fn write_outputs(
+    options: &PascalOptions,
+    record: &LabelRecord,
+    train_ids: &[String],
+    voc_val: &[String],
+    summary: &mut PrepareSummary,
+) -> Result<(), PrepareError> {
     create_dir(&options.out.join("JPEGImages"))?;
     create_dir(&options.out.join("SegmentationClassAug"))?;
-    let all_ids: Vec<&String> = train_ids.iter().chain(&voc_val).collect();
-    let histograms = run_items(&all_ids, options.threads, "pascal", &mut summary, |id| {
-        prepare_id(id, options)
+    let all_ids: Vec<&String> = train_ids.iter().chain(voc_val).collect();
+    let histograms = run_items(&all_ids, options.threads, "pascal", summary, |id| {
+        prepare_id(id, options, record)
     })?;
     let (train_done, val_done) = histograms.split_at(train_ids.len());
     for (ids, done, name) in [
-        (&train_ids, train_done, TRAIN_LIST),
-        (&voc_val, val_done, VAL_LIST),
+        (train_ids, train_done, TRAIN_LIST),
+        (voc_val, val_done, VAL_LIST),
     ] {
         let entries: Vec<(String, String, [u32; 256])> = ids
             .iter()
@@ -333,9 +355,9 @@ pub fn prepare_pascal(options: &PascalOptions) -> Result<PrepareSummary, Prepare
                 })
             })
             .collect();
-        write_list_of(&options.lists.join(name), &entries, CLASSES, &mut summary)?;
+        write_list_of(&options.lists.join(name), &entries, CLASSES, summary)?;
     }
-    Ok(summary)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@
 //! pycocotools' own algorithm (`rleFrPoly` in `maskApi.c`: upsample ×5, walk every edge, keep the
 //! points where the walk crosses a pixel column, turn them into run boundaries), so labels made here
 //! are pixel-identical to `annToMask`, which the published COCO-20i label maps were made with; a
-//! scan-line fill would differ along every edge.
+//! scan-line fill would differ along every edge. Polygon lists are read as `frPyObjects` reads them
+//! ([`Rle::from_polygons`]), odd lengths included; the lists it raises on are errors here too, and
+//! so are coordinates it would not survive (non-finite, or absurdly far outside the image).
 
 /// Pixels past this many image sizes outside the image mean a corrupt polygon: the upsampled edge
 /// walk would allocate a point per step.
@@ -20,27 +22,60 @@ pub struct Rle {
 }
 
 impl Rle {
+    /// The masks of an annotation's polygon list, as pycocotools' `frPyObjects` reads it: as
+    /// polygons only when the first one has more than 4 numbers (it takes a first one of exactly 4
+    /// for boxes and raises on them, as it does on a shorter first one or an empty list); every
+    /// polygon then goes to [`Rle::from_polygon`], whatever its length.
+    pub fn from_polygons(
+        polygons: &[Vec<f64>],
+        height: usize,
+        width: usize,
+    ) -> Result<Vec<Rle>, String> {
+        let cannot = "so pycocotools' annToMask cannot read this annotation either (it raises)";
+        match polygons.first().map(Vec::len) {
+            None => return Err(format!("its polygon list is empty, {cannot}")),
+            Some(4) => {
+                return Err(format!(
+                    "its first polygon has 4 coordinates, which pycocotools' frPyObjects takes for \
+                     a box, {cannot}"
+                ))
+            }
+            Some(n) if n < 4 => {
+                return Err(format!(
+                    "its first polygon has {n} coordinates, fewer than the 5 pycocotools' \
+                     frPyObjects needs to take the list for polygons, {cannot}"
+                ))
+            }
+            Some(_) => {}
+        }
+        polygons
+            .iter()
+            .map(|p| Rle::from_polygon(p, height, width))
+            .collect()
+    }
+
     /// The mask of one polygon `[x1, y1, x2, y2, …]` (pixel coordinates, 0-indexed, pixel (0, 0)
     /// covering [0, 1)²), as pycocotools' `frPyObjects` computes it. Points outside the image are
-    /// clipped by the algorithm itself. Errors: an odd number of coordinates, non-finite values,
-    /// points absurdly far outside the image.
+    /// clipped by the algorithm itself. Like pycocotools, an odd last number is ignored (7 numbers
+    /// are 3 points), and fewer than 3 points enclose no pixel. Errors: non-finite values, points
+    /// absurdly far outside the image.
     pub fn from_polygon(xy: &[f64], height: usize, width: usize) -> Result<Rle, String> {
-        if !xy.len().is_multiple_of(2) || xy.is_empty() {
-            return Err(format!(
-                "polygon has {} coordinates, not a non-zero even number (x, y pairs)",
-                xy.len()
-            ));
-        }
+        let xy = &xy[..xy.len() / 2 * 2];
         let limit = MAX_OUTSIDE_FACTOR * height.max(width) as f64 + 16.0;
         if let Some(bad) = xy.iter().find(|v| !v.is_finite() || v.abs() > limit) {
             return Err(format!(
                 "polygon coordinate {bad} lies far outside the {width}x{height} image"
             ));
         }
+        let counts = if xy.is_empty() {
+            vec![(height * width) as u32]
+        } else {
+            polygon_counts(xy, height as i64, width as i64)
+        };
         Ok(Rle {
             height,
             width,
-            counts: polygon_counts(xy, height as i64, width as i64),
+            counts,
         })
     }
 
@@ -262,6 +297,41 @@ mod tests {
     }
 
     #[test]
+    fn polygon_lists_are_read_as_pycocotools_reads_them() {
+        // pycocotools 2.0.11: decode(merge(frPyObjects(segm, 10, 10))).sum() is 21 for
+        // [[1,1,8,1,8,8,1]] (3 points) and 0 for [[1,1,8,1,8]]; it raises for [[1,1,8,1]] (boxes),
+        // [[1,1]] and [].
+        let area = |segm: &[Vec<f64>]| -> usize {
+            Rle::from_polygons(segm, 10, 10)
+                .unwrap()
+                .iter()
+                .map(|rle| rle.decode())
+                .fold(vec![0u8; 100], |a, m| {
+                    a.iter().zip(m).map(|(a, m)| a | m).collect()
+                })
+                .iter()
+                .map(|&v| v as usize)
+                .sum()
+        };
+        assert_eq!(area(&[vec![1.0, 1.0, 8.0, 1.0, 8.0, 8.0, 1.0]]), 21);
+        assert_eq!(area(&[vec![1.0, 1.0, 8.0, 1.0, 8.0]]), 0);
+        // Later polygons of any length.
+        let square = vec![1.0, 1.0, 8.0, 1.0, 8.0, 8.0, 1.0, 8.0];
+        assert_eq!(area(std::slice::from_ref(&square)), 49);
+        assert_eq!(
+            area(&[square, vec![], vec![3.0], vec![1.0, 1.0, 2.0, 2.0]]),
+            49
+        );
+        for segm in [vec![vec![1.0, 1.0, 8.0, 1.0]], vec![vec![1.0, 1.0]], vec![]] {
+            let message = Rle::from_polygons(&segm, 10, 10).unwrap_err();
+            assert!(
+                message.contains("cannot read this annotation either"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
     fn polygons_outside_the_image_are_clipped() {
         let rle = Rle::from_polygon(&[-5.0, -5.0, 3.0, -5.0, 3.0, 2.0, -5.0, 2.0], 4, 5).unwrap();
         assert_eq!(rows(&rle), ["11100", "11100", "00000", "00000"]);
@@ -282,7 +352,6 @@ mod tests {
         assert!(Rle::from_compressed("1o", 10, 10)
             .unwrap_err()
             .contains("truncated"));
-        assert!(Rle::from_polygon(&[1.0, 2.0, 3.0], 5, 5).is_err());
         assert!(Rle::from_polygon(&[1.0, f64::NAN, 3.0, 4.0], 5, 5).is_err());
         assert!(Rle::from_polygon(&[1.0, 1e12, 3.0, 4.0], 5, 5).is_err());
     }
