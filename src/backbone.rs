@@ -32,17 +32,20 @@ pub enum BackboneError {
     UnsupportedDepth(usize),
     #[error(transparent)]
     Read(#[from] crate::checkpoint::CheckpointError),
-    #[error("cannot write weights {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: tch::TchError,
-    },
-    #[error("backbone weights {path} do not fit the configured backbone ({backbone}){mismatch}; check the keys `layers`, `vgg`, `backbone_width` and `svf*`")]
+    #[error("backbone weights {path} do not fit the configured backbone ({backbone}){mismatch}; {advice}")]
     Mismatch {
         path: PathBuf,
         backbone: String,
         mismatch: WeightMismatch,
+        /// What to change: the config keys, or the file when no key can make it fit.
+        advice: String,
     },
+    #[error("backbone weights {path} are decomposed with truncated ranks ({layers}): recomposed, they are not the pretrained weights a full-rank backbone (`svf: false`) starts from; give the full-rank file that svf-decompose read (see README \"Pretrained weights\"), or set `svf: true`")]
+    TruncatedFactors { path: PathBuf, layers: String },
+    #[error("--out {out} is the --weights file {input}: the decomposition is lossy and would replace the original; write it elsewhere")]
+    OutputIsInput { out: PathBuf, input: PathBuf },
+    #[error("--out {0} exists; pass --overwrite to replace it, or write elsewhere")]
+    OutputExists(PathBuf),
     #[error("{0}")]
     UnknownSvfPrefix(crate::svf::UnknownPrefix),
     #[error(
@@ -77,8 +80,36 @@ impl Backbone {
         init: Init,
     ) -> Result<Backbone, BackboneError> {
         let options = config.svf.then(|| SvfOptions::from_config(config));
+        Backbone::build(root, config, init, options.as_ref(), options.as_ref())
+    }
+
+    /// The full-rank form of the configured backbone, its `svf_exclude` and `svf_layer_ratios`
+    /// prefixes checked as for the SVF form: what a full-rank file is checked against before it
+    /// is decomposed with those options.
+    pub(crate) fn full_rank_checked(
+        root: &nn::Path,
+        config: &Config,
+        init: Init,
+    ) -> Result<Backbone, BackboneError> {
+        let full_rank = Config {
+            svf: false,
+            ..config.clone()
+        };
+        let options = SvfOptions::from_config(config);
+        Backbone::build(root, &full_rank, init, None, Some(&options))
+    }
+
+    /// Builds the stages, decomposing the convolutions that `svf` selects, and checks the
+    /// prefixes of `prefixes` against the convolutions' names.
+    fn build(
+        root: &nn::Path,
+        config: &Config,
+        init: Init,
+        svf: Option<&SvfOptions>,
+        prefixes: Option<&SvfOptions>,
+    ) -> Result<Backbone, BackboneError> {
         let conv_names = std::cell::RefCell::new(Vec::new());
-        let scope = Scope::root(root, options.as_ref(), init, &conv_names);
+        let scope = Scope::root(root, svf, init, &conv_names);
         let (stages, out_channels) = if config.vgg {
             vgg::build(&scope, config.backbone_width)
         } else {
@@ -86,7 +117,7 @@ impl Backbone {
                 .ok_or(BackboneError::UnsupportedDepth(config.layers))?;
             resnet::build(&scope, layout, config.backbone_width, config.dilation)
         };
-        if let Some(options) = &options {
+        if let Some(options) = prefixes {
             options
                 .check_prefixes(&conv_names.borrow())
                 .map_err(BackboneError::UnknownSvfPrefix)?;

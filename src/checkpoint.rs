@@ -173,6 +173,26 @@ fn write_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<u64, Check
     file_size(path)
 }
 
+/// Writes `tensors` as the one safetensors file `path`, atomically: staged as `<path>.tmp`, fsynced
+/// and renamed over `path`, so a reader sees the old file or the whole new one, never half of it.
+/// A failed write removes what it staged and leaves `path` as it was.
+pub fn write_tensors_atomically(
+    tensors: &[(String, Tensor)],
+    path: &Path,
+) -> Result<(), CheckpointError> {
+    let tmp = tmp_path(path);
+    if let Err(error) = write_tensors(tensors, &tmp) {
+        let _ = remove_if_present(&tmp);
+        return Err(error);
+    }
+    std::fs::rename(&tmp, path).map_err(io_err("rename into place", &tmp))?;
+    sync_dir(
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    )
+}
+
 /// Phase one of a write: every file as `.tmp`, the state last (its completion is the commit).
 fn stage<S: Serialize>(
     files: &CheckpointFiles,

@@ -376,14 +376,16 @@ impl DecompositionReport {
 }
 
 impl fmt::Display for DecompositionReport {
-    /// A table: one row per decomposed layer, then the totals.
+    /// A table: one row per decomposed layer (no table when none is), then the totals.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let width = self.layers.iter().map(|l| l.name.len()).max().unwrap_or(5);
-        writeln!(
-            f,
-            "{:<width$}  {:>16}  {:>9}  {:>5}  {:>10}",
-            "layer", "shape", "full rank", "rank", "rel. error"
-        )?;
+        if !self.layers.is_empty() {
+            writeln!(
+                f,
+                "{:<width$}  {:>16}  {:>9}  {:>5}  {:>10}",
+                "layer", "shape", "full rank", "rank", "rel. error"
+            )?;
+        }
         for layer in &self.layers {
             let shape: Vec<String> = layer.shape.iter().map(i64::to_string).collect();
             let error = layer
@@ -507,6 +509,25 @@ pub fn recompose(weights: &HashMap<String, Tensor>) -> HashMap<String, Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn report_without_decomposed_layers_prints_no_empty_table() {
+        let weights: HashMap<String, Tensor> = [(
+            "layer0.0.weight".to_string(),
+            Tensor::zeros([4, 3, 3, 3], (tch::Kind::Float, tch::Device::Cpu)),
+        )]
+        .into_iter()
+        .collect();
+        let text = DecompositionReport::describe(&weights, false).to_string();
+        assert!(!text.contains("rel. error"), "{text}");
+        assert!(text.starts_with("decomposed layers: 0"), "{text}");
+        let (decomposed, _) = decompose_weights(&weights, &SvfOptions::default());
+        let text = DecompositionReport::describe(&decomposed, true).to_string();
+        assert!(
+            text.contains("rel. error") && text.contains("layer0.0 "),
+            "{text}"
+        );
+    }
 
     #[test]
     fn rank_rule_matches_reference_examples() {

@@ -302,7 +302,38 @@ fn recomposed_weights_give_the_decomposed_outputs() {
     };
     let full_vs = nn::VarStore::new(Device::Cpu);
     let full = Backbone::new(&full_vs.root(), &full_config).unwrap();
-    // A decomposed file loaded into a full-rank model is recomposed on the way.
+    // As pretrained weights of a full-rank model, truncated factors are refused: recomposed, they
+    // are not the weights a full-rank baseline starts from.
+    let err = backbone::load_pretrained(&full_vs, &file, &full_config).unwrap_err();
+    assert!(
+        matches!(err, BackboneError::TruncatedFactors { .. }),
+        "{err}"
+    );
+    let message = err.to_string();
+    for needle in ["layer0.0: rank", "full-rank file", "svf: true"] {
+        assert!(message.contains(needle), "{needle} not in {message}");
+    }
+    // The truncated model itself, recomposed into full-rank variables, computes the same.
+    tch::no_grad(|| {
+        for (name, var) in backbone::backbone_variables(&full_vs) {
+            var.shallow_clone().copy_(&fused[&name]);
+        }
+    });
+    for (stage, err) in stage_errors(&decomposed, &full, 65).iter().enumerate() {
+        assert!(*err < 1e-4, "layer{stage}: {err}");
+    }
+
+    // Factors that keep every singular value are recomposed on load.
+    let exact_config = Config {
+        svf_rank_multiple: 1,
+        ..config.clone()
+    };
+    let exact_vs = nn::VarStore::new(Device::Cpu);
+    let decomposed = Backbone::new(&exact_vs.root(), &exact_config).unwrap();
+    randomize_batch_norm(&exact_vs);
+    let weights = backbone::backbone_variables(&exact_vs);
+    let fused = svf::svf::recompose(&weights);
+    backbone::write_weights(&weights, &file).unwrap();
     backbone::load_pretrained(&full_vs, &file, &full_config).unwrap();
     for (name, var) in backbone::backbone_variables(&full_vs) {
         assert!(
@@ -823,4 +854,239 @@ fn pytorch_cross_check_of_whole_backbones() {
             assert!(err < 1e-4, "{arch} layer{stage}: {err}");
         }
     }
+}
+
+/// Runs `svf-decompose` on a small ResNet-18 config with `args` added.
+fn svf_decompose(config_file: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_svf-decompose"))
+        .args(["--config", config_file.to_str().unwrap(), "--device", "cpu"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn svf_decompose_never_replaces_its_input_and_replaces_an_output_only_when_told() {
+    let dir = scratch("decompose_output");
+    let config = small(18, false, 4);
+    let vs = nn::VarStore::new(Device::Cpu);
+    Backbone::new(&vs.root(), &config).unwrap();
+    let input = dir.join("full.safetensors");
+    write(&to_pspnet_names(&backbone::backbone_variables(&vs)), &input);
+    let original = std::fs::read(&input).unwrap();
+    let link = dir.join("link.safetensors");
+    std::os::unix::fs::symlink(&input, &link).unwrap();
+    let other_spelling = dir.join(".").join("full.safetensors");
+    for out in [&input, &link, &other_spelling] {
+        // Refused even with --overwrite: the decomposition is lossy.
+        let err =
+            backbone::decompose_pretrained(&input, out, true, &config, Device::Cpu).unwrap_err();
+        assert!(
+            matches!(err, BackboneError::OutputIsInput { .. }),
+            "{}: {err}",
+            out.display()
+        );
+    }
+    assert_eq!(std::fs::read(&input).unwrap(), original);
+
+    let config_file = dir.join("config.yaml");
+    std::fs::write(&config_file, "layers: 18\nbackbone_width: 0.25\n").unwrap();
+    let output = dir.join("svf.safetensors");
+    std::fs::write(&output, b"earlier results").unwrap();
+    let (weights, out) = (input.to_str().unwrap(), output.to_str().unwrap());
+    let refused = svf_decompose(&config_file, &["--weights", weights, "--out", out]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("--overwrite"), "{stderr}");
+    assert_eq!(std::fs::read(&output).unwrap(), b"earlier results");
+
+    let replaced = svf_decompose(
+        &config_file,
+        &["--weights", weights, "--out", out, "--overwrite"],
+    );
+    assert!(
+        replaced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replaced.stderr)
+    );
+    let svf_config = Config {
+        svf: true,
+        ..config
+    };
+    let svf_vs = nn::VarStore::new(Device::Cpu);
+    Backbone::new(&svf_vs.root(), &svf_config).unwrap();
+    backbone::load_pretrained(&svf_vs, &output, &svf_config).unwrap();
+    let mut left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "config.yaml",
+            "full.safetensors",
+            "link.safetensors",
+            "svf.safetensors"
+        ]
+    );
+}
+
+#[test]
+fn svf_decompose_checks_the_svf_prefixes_like_training() {
+    let dir = scratch("decompose_prefixes");
+    let config = small(18, false, 4);
+    let vs = nn::VarStore::new(Device::Cpu);
+    Backbone::new(&vs.root(), &config).unwrap();
+    let input = dir.join("full.safetensors");
+    write(&to_pspnet_names(&backbone::backbone_variables(&vs)), &input);
+    let output = dir.join("svf.safetensors");
+    for (exclude, ratios) in [
+        (vec!["layer9".to_string()], vec![]),
+        (vec![], vec![("layr3".to_string(), 0.5)]),
+    ] {
+        let config = Config {
+            svf_exclude: exclude,
+            svf_layer_ratios: ratios.into_iter().collect(),
+            ..config.clone()
+        };
+        let err = backbone::decompose_pretrained(&input, &output, false, &config, Device::Cpu)
+            .unwrap_err();
+        assert!(matches!(err, BackboneError::UnknownSvfPrefix(_)), "{err}");
+        assert!(err.to_string().contains("names no convolution"), "{err}");
+        assert!(!output.exists());
+    }
+}
+
+#[test]
+fn weights_no_config_key_can_fit_say_which_file_to_give() {
+    let dir = scratch("advice");
+    let config = small(18, false, 4);
+    let source_vs = nn::VarStore::new(Device::Cpu);
+    Backbone::new(&source_vs.root(), &config).unwrap();
+    let source = backbone::backbone_variables(&source_vs);
+
+    // torchvision's ResNet: one 7x7 stem conv instead of PSPNet's three 3x3.
+    let mut torchvision: Vec<(String, Tensor)> = to_pspnet_names(&source)
+        .into_iter()
+        .filter(|(n, _)| {
+            !["conv2.", "bn2.", "conv3.", "bn3."]
+                .iter()
+                .any(|p| n.starts_with(p))
+        })
+        .collect();
+    for (name, t) in torchvision.iter_mut() {
+        if name == "conv1.weight" {
+            *t = Tensor::zeros([16, 3, 7, 7], CPU_F32);
+        }
+    }
+    let file = dir.join("resnet18_torchvision.safetensors");
+    write(&torchvision, &file);
+    for svf in [false, true] {
+        let config = Config {
+            svf,
+            ..config.clone()
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        Backbone::with_init(&vs.root(), &config, backbone::Init::Zeros).unwrap();
+        let message = backbone::load_pretrained(&vs, &file, &config)
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "7x7",
+            "resnet50_v2",
+            "README \"Pretrained weights\"",
+            "layer0.0.weight",
+        ] {
+            assert!(
+                message.contains(needle),
+                "svf {svf}: {needle} not in {message}"
+            );
+        }
+        assert!(!message.contains("check the keys"), "{message}");
+    }
+
+    // A whole PFENet model: its head's names as in the file, and where such a file goes.
+    let mut whole: Vec<(String, Tensor)> = source
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    whole.push((
+        "down_query.0.weight".into(),
+        Tensor::zeros([8, 24, 1, 1], CPU_F32),
+    ));
+    whole.push(("cls.3.bias".into(), Tensor::zeros([2], CPU_F32)));
+    let file = dir.join("pfenet_model.safetensors");
+    write(&whole, &file);
+    let svf_config = Config {
+        svf: true,
+        ..config.clone()
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    Backbone::with_init(&vs.root(), &svf_config, backbone::Init::Zeros).unwrap();
+    let message = backbone::load_pretrained(&vs, &file, &svf_config)
+        .unwrap_err()
+        .to_string();
+    for needle in [
+        "down_query.0.weight",
+        "cls.3.bias",
+        "unexpected (2)",
+        "`weight:`",
+    ] {
+        assert!(message.contains(needle), "{needle} not in {message}");
+    }
+    assert!(!message.contains("conv_U"), "{message}");
+}
+
+#[test]
+fn convert_weights_refuses_pickled_modules_and_unwraps_a_nested_state_dict() {
+    let dir = scratch("convert");
+    let python = common::venv_python();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/convert_weights.py");
+    common::run_python(
+        "import sys, torch\n\
+         m = torch.nn.Conv2d(3, 4, 3)\n\
+         torch.save(m, sys.argv[1] + '/module.pth')\n\
+         torch.save({'model': m.state_dict(), 'epoch': 3,\n\
+                     'optimizer': {'state': {}, 'param_groups': []}}, sys.argv[1] + '/nested.pth')\n\
+         torch.save({'model': m.state_dict(), 'ema': m.state_dict()}, sys.argv[1] + '/two.pth')\n",
+        &[&dir],
+    );
+    let convert = |name: &str| {
+        Command::new(&python)
+            .arg(&script)
+            .arg(dir.join(format!("{name}.pth")))
+            .arg(dir.join(format!("{name}.safetensors")))
+            .output()
+            .unwrap()
+    };
+    let refused = convert("module");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("model.state_dict()"), "{stderr}");
+    assert!(!stderr.contains("Traceback"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(!dir.join("module.safetensors").exists());
+
+    let nested = convert("nested");
+    assert!(
+        nested.status.success(),
+        "{}",
+        String::from_utf8_lossy(&nested.stderr)
+    );
+    let mut names: Vec<String> = Tensor::read_safetensors(dir.join("nested.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["bias", "weight"]);
+
+    let two = convert("two");
+    let stderr = String::from_utf8_lossy(&two.stderr);
+    assert!(!two.status.success());
+    assert!(
+        stderr.contains("'model'") && stderr.contains("'ema'"),
+        "{stderr}"
+    );
 }

@@ -141,17 +141,15 @@ pub fn read_backbone_weights(
         .collect())
 }
 
-/// Writes a weight map as safetensors (CPU, contiguous, names sorted so files are reproducible).
+/// Writes a weight map as safetensors (names sorted so files are reproducible), atomically: a
+/// reader, or a write that fails, never leaves half a file at `path`.
 pub fn write_weights(weights: &HashMap<String, Tensor>, path: &Path) -> Result<(), BackboneError> {
-    let mut entries: Vec<(&String, Tensor)> = weights
+    let mut entries: Vec<(String, Tensor)> = weights
         .iter()
-        .map(|(n, t)| (n, t.to_device(Device::Cpu).contiguous()))
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
         .collect();
-    entries.sort_by(|a, b| a.0.cmp(b.0));
-    Tensor::write_safetensors(&entries, path).map_err(|source| BackboneError::Write {
-        path: path.to_path_buf(),
-        source,
-    })
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(crate::checkpoint::write_tensors_atomically(&entries, path)?)
 }
 
 /// The backbone's variables of `vs` (names under `layer0.`..`layer4.`: the backbone sits at the
@@ -179,16 +177,100 @@ fn describe(config: &Config) -> String {
     format!("{arch}, width {}, {form}", config.backbone_width)
 }
 
-fn mismatch_error(path: &Path, config: &Config, mismatch: WeightMismatch) -> BackboneError {
+/// What to do about weights that do not fit: when no config key can make `file` fit (a 7×7-stem
+/// ResNet, a whole model), what file to give instead; else the keys that shape the backbone.
+fn mismatch_advice(config: &Config, file: &HashMap<String, Tensor>) -> String {
+    let stem_kernel = file
+        .get("layer0.0.weight")
+        .map(|t| t.size())
+        .filter(|s| s.len() == 4)
+        .map(|s| s[2]);
+    if !config.vgg && stem_kernel == Some(7) {
+        return "the file's stem is a single 7x7 convolution (torchvision's ResNet), but this \
+                project's ResNets are PSPNet's deep-stem ones (three 3x3 convolutions): use \
+                PSPNet's resnet50_v2 / resnet101_v2 weights (torchvision names are accepted for \
+                VGG only); see README \"Pretrained weights\""
+            .to_string();
+    }
+    let mut head: Vec<&String> = file
+        .keys()
+        .filter(|n| crate::model::is_head_parameter(n))
+        .collect();
+    if !head.is_empty() {
+        head.sort();
+        return format!(
+            "the file holds head parameters (`{}`, ...): a whole trained model goes under the \
+             config key `weight:`, not `backbone_weights:`",
+            head[0]
+        );
+    }
+    "check the keys `layers`, `vgg`, `backbone_width` and `svf*`".to_string()
+}
+
+fn mismatch_error(
+    path: &Path,
+    config: &Config,
+    file: &HashMap<String, Tensor>,
+    mismatch: WeightMismatch,
+) -> BackboneError {
     BackboneError::Mismatch {
         path: path.to_path_buf(),
         backbone: describe(config),
+        advice: mismatch_advice(config, file),
         mismatch,
     }
 }
 
+/// Checks a full-rank `file` against the full-rank form of the configured backbone, with the
+/// file's own names (before any decomposition renames them), and the config's `svf_exclude` /
+/// `svf_layer_ratios` prefixes against the backbone's convolutions.
+fn check_full_rank_file(
+    path: &Path,
+    file: &HashMap<String, Tensor>,
+    config: &Config,
+) -> Result<(), BackboneError> {
+    let vs = nn::VarStore::new(Device::Cpu);
+    Backbone::full_rank_checked(&vs.root(), config, Init::Zeros)?;
+    match WeightMismatch::between(&backbone_variables(&vs), file, batch_counter) {
+        Some(mismatch) => {
+            let full_rank = Config {
+                svf: false,
+                ..config.clone()
+            };
+            Err(mismatch_error(path, &full_rank, file, mismatch))
+        }
+        None => Ok(()),
+    }
+}
+
+/// Refuses a decomposed `file` for a full-rank backbone when some of its layers keep fewer
+/// singular values than their full rank: recomposed, those layers are not the pretrained weights
+/// (the reference's rank rule truncates the stem conv, rank 27, to 24), and a full-rank baseline
+/// started from them would be silently off.
+fn check_not_truncated(path: &Path, file: &HashMap<String, Tensor>) -> Result<(), BackboneError> {
+    let truncated: Vec<String> = DecompositionReport::describe(file, true)
+        .layers
+        .iter()
+        .filter(|l| l.rank < l.full_rank)
+        .map(|l| format!("{}: rank {} of {}", l.name, l.rank, l.full_rank))
+        .collect();
+    if truncated.is_empty() {
+        return Ok(());
+    }
+    let shown = truncated.len().min(NAMES_SHOWN);
+    let mut layers = truncated[..shown].join(", ");
+    if truncated.len() > shown {
+        layers.push_str(&format!(", ... and {} more", truncated.len() - shown));
+    }
+    Err(BackboneError::TruncatedFactors {
+        path: path.to_path_buf(),
+        layers,
+    })
+}
+
 /// Copies pretrained backbone weights (PSPNet or PFENet names, full-rank or already decomposed) from a
 /// safetensors file into the backbone's variables of `vs`, decomposing when the model is SVF. Strict.
+/// A decomposed file is recomposed for a full-rank model only when no layer's rank is truncated.
 pub fn load_pretrained(
     vs: &nn::VarStore,
     path: &Path,
@@ -201,8 +283,12 @@ pub fn load_pretrained(
             .map(|(n, t)| (n, t.to_device(vs.device())))
             .collect();
     let (weights, report) = match (is_decomposed(&file), config.svf) {
-        (false, true) => svf::decompose_weights(&file, &SvfOptions::from_config(config)),
+        (false, true) => {
+            check_full_rank_file(path, &file, config)?;
+            svf::decompose_weights(&file, &SvfOptions::from_config(config))
+        }
         (true, false) => {
+            check_not_truncated(path, &file)?;
             let full = svf::recompose(&file);
             let report = DecompositionReport::describe(&full, false);
             (full, report)
@@ -214,7 +300,7 @@ pub fn load_pretrained(
     };
     let variables = backbone_variables(vs);
     if let Some(mismatch) = WeightMismatch::between(&variables, &weights, batch_counter) {
-        return Err(mismatch_error(path, config, mismatch));
+        return Err(mismatch_error(path, config, &weights, mismatch));
     }
     tch::no_grad(|| {
         for (name, var) in &variables {
@@ -226,15 +312,48 @@ pub fn load_pretrained(
     Ok(report)
 }
 
+/// Whether `a` and `b` name the same existing file (through links or other spellings too).
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
+    }
+}
+
+/// Refuses an `output` that is the `input` file, and an existing `output` unless `overwrite`.
+fn check_output(input: &Path, output: &Path, overwrite: bool) -> Result<(), BackboneError> {
+    if same_file(input, output) {
+        return Err(BackboneError::OutputIsInput {
+            out: output.to_path_buf(),
+            input: input.to_path_buf(),
+        });
+    }
+    if !overwrite && std::fs::symlink_metadata(output).is_ok() {
+        return Err(BackboneError::OutputExists(output.to_path_buf()));
+    }
+    Ok(())
+}
+
 /// Decomposes a full-rank backbone file (`svf-decompose`): checks it strictly against the full-rank
-/// form of the configured backbone, decomposes with the config's `svf_*` options on `device` and
-/// writes the decomposed weights (PFENet names) to `output`.
+/// form of the configured backbone (and the `svf_*` prefixes against its convolutions), decomposes
+/// with the config's `svf_*` options on `device` and writes the decomposed weights (PFENet names)
+/// to `output`, atomically. `output` may not be `input`, nor exist unless `overwrite`.
 pub fn decompose_pretrained(
     input: &Path,
     output: &Path,
+    overwrite: bool,
     config: &Config,
     device: Device,
 ) -> Result<DecompositionReport, BackboneError> {
+    check_output(input, output, overwrite)?;
     let weights: HashMap<String, Tensor> = read_backbone_weights(input, "--weights")?
         .into_iter()
         .map(|(n, t)| (n, t.to_device(device)))
@@ -244,17 +363,7 @@ pub fn decompose_pretrained(
             path: input.to_path_buf(),
         });
     }
-    let full_rank = Config {
-        svf: false,
-        ..config.clone()
-    };
-    let vs = nn::VarStore::new(Device::Cpu);
-    Backbone::with_init(&vs.root(), &full_rank, Init::Zeros)?;
-    if let Some(mismatch) =
-        WeightMismatch::between(&backbone_variables(&vs), &weights, batch_counter)
-    {
-        return Err(mismatch_error(input, &full_rank, mismatch));
-    }
+    check_full_rank_file(input, &weights, config)?;
     let (decomposed, report) = svf::decompose_weights(&weights, &SvfOptions::from_config(config));
     write_weights(&decomposed, output)?;
     Ok(report)

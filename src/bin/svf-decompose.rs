@@ -14,9 +14,12 @@ struct Cli {
     /// Full-rank backbone weights (safetensors; see scripts/convert_weights.py for .pth files).
     #[arg(long)]
     weights: PathBuf,
-    /// Where to write the decomposed weights (safetensors, PFENet names).
+    /// Where to write the decomposed weights (safetensors, PFENet names); never the --weights file.
     #[arg(long)]
     out: PathBuf,
+    /// Replace --out when it exists.
+    #[arg(long)]
+    overwrite: bool,
     #[command(flatten)]
     config: ConfigArgs,
     #[command(flatten)]
@@ -32,7 +35,13 @@ fn run() -> anyhow::Result<()> {
     let config = cli.config.load()?;
     let device = cli.runtime.start(None)?;
     let start = Instant::now();
-    let report = svf::backbone::decompose_pretrained(&cli.weights, &cli.out, &config, device)?;
+    let report = svf::backbone::decompose_pretrained(
+        &cli.weights,
+        &cli.out,
+        cli.overwrite,
+        &config,
+        device,
+    )?;
     println!("{report}");
     println!(
         "decomposed {} layers in {:.2} s; wrote {}",
