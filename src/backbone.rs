@@ -36,7 +36,7 @@ pub enum BackboneError {
     Mismatch {
         path: PathBuf,
         backbone: String,
-        mismatch: WeightMismatch,
+        mismatch: Box<WeightMismatch>,
         /// What to change: the config keys, or the file when no key can make it fit.
         advice: String,
     },

@@ -217,7 +217,7 @@ fn mismatch_error(
         path: path.to_path_buf(),
         backbone: describe(config),
         advice: mismatch_advice(config, file),
-        mismatch,
+        mismatch: Box::new(mismatch),
     }
 }
 
