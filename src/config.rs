@@ -522,6 +522,69 @@ impl Config {
     }
 }
 
+/// The keys a resumed run may change: they extend the run (`epochs`, `stop_interval`), or only say
+/// how often it logs and saves and how many threads load its episodes (each episode is a pure
+/// function of (seed, index)), or where its directory now is (`save_path`). None of them changes
+/// the weights of an iteration. Every other key, validation's included (it picks `best`), is
+/// recorded by the checkpoints and must stay as it was ([`ConfigRecord`]).
+pub const RESUMABLE_KEYS: &[&str] = &[
+    "epochs",
+    "stop_interval",
+    "print_freq",
+    "save_freq",
+    "workers",
+    "save_path",
+];
+
+/// The keys of a config that decide what a run learns (all but [`RESUMABLE_KEYS`]), as a
+/// checkpoint records them: `svf-train --resume` refuses a config.yaml
+/// edited since, which would otherwise continue the weights on other data or another recipe and
+/// then describe them wrongly (e.g. another fold, whose novel classes the run has learned).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ConfigRecord(serde_json::Map<String, serde_json::Value>);
+
+/// A recorded key whose value the current config changes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyChange {
+    pub key: String,
+    /// The values in YAML flow syntax (what a config.yaml line takes).
+    pub recorded: String,
+    pub now: String,
+}
+
+impl ConfigRecord {
+    /// What `config`'s checkpoints record.
+    pub fn of(config: &Config) -> ConfigRecord {
+        let serde_json::Value::Object(mut keys) =
+            serde_json::to_value(config).expect("a Config always serialises")
+        else {
+            unreachable!("a Config serialises as a mapping")
+        };
+        keys.retain(|key, _| !RESUMABLE_KEYS.contains(&key.as_str()));
+        ConfigRecord(keys)
+    }
+
+    /// The recorded keys that `config` changes, in alphabetical order. A key the record lacks
+    /// (written before the key existed) counts as its default, as in a config file; `Err` when the
+    /// record holds a key or value this version does not know.
+    pub fn changes_to(&self, config: &Config) -> Result<Vec<KeyChange>, String> {
+        let recorded: Config = serde_json::from_value(serde_json::Value::Object(self.0.clone()))
+            .map_err(|e| format!("the recorded config is unreadable: {e}"))?;
+        let (recorded, now) = (ConfigRecord::of(&recorded), ConfigRecord::of(config));
+        Ok(now
+            .0
+            .iter()
+            .filter(|(key, value)| recorded.0.get(*key) != Some(*value))
+            .map(|(key, value)| KeyChange {
+                key: key.clone(),
+                recorded: recorded.0.get(key).map_or("null".into(), |v| v.to_string()),
+                now: value.to_string(),
+            })
+            .collect())
+    }
+}
+
 /// The key naming the file a config file builds on, relative to its own folder.
 pub const BASE_KEY: &str = "base";
 
@@ -857,6 +920,42 @@ mod tests {
             "{message}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn config_record_names_changed_keys_but_not_resumable_ones() {
+        let config = Config::default();
+        let record = ConfigRecord::of(&config);
+        let text = serde_json::to_string(&record).unwrap();
+        assert!(
+            !text.contains("epochs") && !text.contains("save_path"),
+            "{text}"
+        );
+        let changed = Config {
+            split: 2,
+            ppm_scales: vec![8],
+            epochs: 400,
+            workers: 8,
+            save_path: PathBuf::from("elsewhere"),
+            ..config.clone()
+        };
+        let back: ConfigRecord = serde_json::from_str(&text).unwrap();
+        let changes = back.changes_to(&changed).unwrap();
+        let described: Vec<(&str, &str, &str)> = changes
+            .iter()
+            .map(|c| (c.key.as_str(), c.recorded.as_str(), c.now.as_str()))
+            .collect();
+        assert_eq!(
+            described,
+            [("ppm_scales", "[60,30,15,8]", "[8]"), ("split", "0", "2")]
+        );
+        // A key missing from an older record counts as its default.
+        let mut older = record.clone();
+        older.0.remove("dilation");
+        assert!(older.changes_to(&config).unwrap().is_empty());
+        let mut unknown = record;
+        unknown.0.insert("retired_key".into(), 1.into());
+        assert!(unknown.changes_to(&config).is_err());
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //! covers episodes `e·E .. e·E + n·B` (E episodes per epoch, n = ⌊E/B⌋ iterations of batch B,
 //! the reference's `drop_last`). Before every iteration the libtorch generator (dropout) is
 //! re-seeded from (seed, iteration). So the iteration count, the weights and the momentum buffers
-//! are the whole state: a resumed run repeats the same episodes, dropout masks and LRs.
+//! are the whole state: a resumed run repeats the same episodes, dropout masks and LRs, given the
+//! same config: the checkpoints record it ([`ConfigRecord`]), and a resume whose config.yaml
+//! changes more than [`RESUMABLE_KEYS`] (e.g. `epochs`, to extend the run) is refused.
 //!
 //! Validation and stopping. The model is validated before training and after every `val_freq`
 //! epochs (with `val_half_epoch` also at the middle iteration of those epochs); the best mIoU over
@@ -39,7 +41,9 @@ pub use sgd::{Sgd, SgdStateError};
 use crate::amp;
 use crate::backbone::{self, BackboneError, Init};
 use crate::checkpoint::{self, CheckpointError, CheckpointFiles, BEST, LAST};
-use crate::config::{Config, ConfigError, LrScheduleKind, Method, Stage};
+use crate::config::{
+    Config, ConfigError, ConfigRecord, KeyChange, LrScheduleKind, Method, Stage, RESUMABLE_KEYS,
+};
 use crate::data::{DataError, EpisodeBatch, EpisodeLoader, FewShotDataset, Split};
 use crate::dir_lock::{lock_dir, DirLock, DirLockError};
 use crate::eval::{self, EvalError, EvalOptions};
@@ -132,6 +136,10 @@ pub struct TrainState {
     /// BAM's base stage: what the base learner was trained for (the meta stage checks it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_learner: Option<BaseLearnerMeta>,
+    /// The config keys that decide what the run learns, which `--resume` checks config.yaml
+    /// against. (Absent in checkpoints written before they were recorded.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ConfigRecord>,
 }
 
 impl TrainState {
@@ -479,7 +487,7 @@ fn run<T: TrainingTask>(
     }
     let mut sgd = optimiser_over(task.trainable(), config);
     let state = if resume {
-        restore(&dir, task.vs(), &mut sgd, iterations_per_epoch)?
+        restore(&dir, config, task.vs(), &mut sgd, iterations_per_epoch)?
     } else {
         let path = dir.join(CONFIG_FILE);
         std::fs::write(&path, config.to_yaml()).map_err(run_dir_error(&path))?;
@@ -493,6 +501,7 @@ fn run<T: TrainingTask>(
             epochs_without_improvement: 0,
             lr: 0.0,
             base_learner: (config.stage == Stage::Base).then(|| BaseLearnerMeta::of(config)),
+            config: Some(ConfigRecord::of(config)),
         }
     };
     // On resume, records written after the checkpoint (then lost) are dropped.
@@ -640,9 +649,11 @@ fn optimiser_over(parameters: Vec<(String, Tensor, f64)>, config: &Config) -> Sg
     Sgd::new(parameters, config.momentum, config.weight_decay)
 }
 
-/// Loads `dir/last` into the model and the optimiser and returns its state.
+/// Loads `dir/last` into the model and the optimiser and returns its state, once `config` is found
+/// to be the config the checkpoint was trained with (see [`check_config`]).
 fn restore(
     dir: &Path,
+    config: &Config,
     vs: &nn::VarStore,
     sgd: &mut Sgd,
     iterations_per_epoch: u64,
@@ -657,6 +668,7 @@ fn restore(
         }
         other => other.into(),
     })?;
+    check_config(dir, config, saved.state.config.as_ref()).map_err(nothing)?;
     if saved.state.iterations_per_epoch != iterations_per_epoch {
         return Err(nothing(format!(
             "the checkpoint has {} iterations per epoch but the data now gives {}; the dataset or batch_size changed",
@@ -666,7 +678,43 @@ fn restore(
     crate::model::copy_into(vs, &saved.weights, &CheckpointFiles::new(dir, LAST).weights)?;
     sgd.load_state(saved.optimizer.unwrap_or_default())?;
     tracing::info!("resuming {} at {}", dir.display(), saved.state.position());
-    Ok(saved.state)
+    // An unrecorded checkpoint's later ones record the config it goes on with.
+    Ok(TrainState {
+        config: Some(ConfigRecord::of(config)),
+        ..saved.state
+    })
+}
+
+/// `Err(reason)` naming every key, with its recorded and current value, that `config` changes
+/// from the run's `recorded` config: continuing would train the checkpoint's weights under
+/// another recipe, and config.yaml would then describe a model it did not make (another fold's
+/// model, say, that has learned the fold's novel classes). A checkpoint without a record resumes
+/// with a warning.
+fn check_config(
+    dir: &Path,
+    config: &Config,
+    recorded: Option<&ConfigRecord>,
+) -> Result<(), String> {
+    let resumable = RESUMABLE_KEYS.join(", ");
+    let Some(recorded) = recorded else {
+        tracing::warn!(
+            "checkpoint `{LAST}` in {} records no config (written before checkpoints did): cannot check that {CONFIG_FILE} still describes the run; make sure that only {resumable} changed since it started",
+            dir.display()
+        );
+        return Ok(());
+    };
+    let changes = recorded.changes_to(config)?;
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let listed =
+        |f: &dyn Fn(&KeyChange) -> String| changes.iter().map(f).collect::<Vec<_>>().join(", ");
+    Err(format!(
+        "{CONFIG_FILE} changes what the run learns since its checkpoint: {}. A change of these needs a new run: start one with another save_path. To continue this run, put the recorded values back in {} ({}); only {resumable} may change on resume",
+        listed(&|c| format!("`{}` {} -> {}", c.key, c.recorded, c.now)),
+        dir.join(CONFIG_FILE).display(),
+        listed(&|c| format!("{}: {}", c.key, c.recorded)),
+    ))
 }
 
 thread_local! {

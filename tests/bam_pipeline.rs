@@ -243,6 +243,40 @@ fn base_stage_resumes_to_the_same_weights() {
     }
 }
 
+/// The base stage records its fold in its checkpoints: a resume after `split` was edited in its
+/// config.yaml would give a fold-1 base learner that has learned fold 1's novel classes.
+#[test]
+fn base_stage_refuses_to_resume_on_another_fold() {
+    let _torch = common::exclusive_torch();
+    let config = Config {
+        epochs: 1,
+        val_freq: 0,
+        ..base_config("base-refold", 5)
+    };
+    let hooks = TrainHooks {
+        stop_after: Some(1),
+        ..Default::default()
+    };
+    train::train(&config, Device::Cpu, None, hooks).unwrap();
+    let config_yaml = config.save_path.join(train::CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_yaml).unwrap();
+    std::fs::write(&config_yaml, text.replace("\nsplit: 0\n", "\nsplit: 1\n")).unwrap();
+    let edited = train::resume_config(&config.save_path).unwrap();
+    assert_eq!(edited.split, 1);
+    let err = train::train(
+        &edited,
+        Device::Cpu,
+        Some(&config.save_path),
+        TrainHooks::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("`split` 0 -> 1"), "{err}");
+    assert!(err.contains("(split: 0)"), "{err}");
+    let saved = checkpoint::load::<TrainState>(&config.save_path, LAST).unwrap();
+    assert_eq!(saved.state.iteration, 1);
+}
+
 // Thresholds: measured with BAM_TEST_SEED=321, 1, 2, 3, 4 (base stage 12 epochs, meta stage 16):
 // base-class mIoU untrained 0.003..0.006, trained 0.09..0.19; novel-class mIoU untrained
 // 0.27..0.31 (near all-foreground), best 0.42..0.54.

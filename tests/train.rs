@@ -235,6 +235,116 @@ fn resume_in_a_fresh_process_matches_the_straight_run() {
     assert!(matches!(err, TrainError::RunExists { .. }), "{err}");
 }
 
+/// `path` with every `from` replaced by `to` (a config.yaml line edited by hand).
+fn edit(path: &Path, edits: &[(&str, &str)]) {
+    let mut text = std::fs::read_to_string(path).unwrap();
+    for (from, to) in edits {
+        assert!(text.contains(from), "{from} not in {}", path.display());
+        text = text.replace(from, to);
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+/// Extending a run is editing `epochs` in its config.yaml; any edit that changes what it learns
+/// (here the fold, whose novel classes the first epoch would have trained on, and the LR) is refused
+/// with every key's recorded value, and once they are put back the run continues to the weights of
+/// a straight run of the new length.
+#[test]
+fn resume_accepts_more_epochs_and_refuses_edits_that_change_what_is_learned() {
+    let _rng = exclusive_torch();
+    let config = |tag: &str, epochs: usize| Config {
+        epochs,
+        lr_schedule: svf::config::LrScheduleKind::Constant,
+        val_freq: 0,
+        ..tiny_config(tag)
+    };
+    let straight = config("extend-straight", 2);
+    train::train(&straight, Device::Cpu, None, TrainHooks::default()).unwrap();
+    let extended = config("extend-resumed", 1);
+    train::train(&extended, Device::Cpu, None, TrainHooks::default()).unwrap();
+
+    let config_yaml = extended.save_path.join("config.yaml");
+    edit(
+        &config_yaml,
+        &[
+            ("\nepochs: 1\n", "\nepochs: 2\n"),
+            ("\nsplit: 0\n", "\nsplit: 1\n"),
+            ("\nbase_lr: 0.005\n", "\nbase_lr: 0.01\n"),
+            ("\nprint_freq: 1\n", "\nprint_freq: 3\n"),
+        ],
+    );
+    let refused = svf_train()
+        .arg("--resume")
+        .arg(&extended.save_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    for expected in [
+        "changes what the run learns since its checkpoint: `base_lr` 0.005 -> 0.01, `split` 0 -> 1.",
+        "needs a new run",
+        "put the recorded values back in",
+        "(base_lr: 0.005, split: 0)",
+    ] {
+        assert!(stderr.contains(expected), "{expected:?} not in {stderr}");
+    }
+    let saved: checkpoint::Checkpoint<train::TrainState> =
+        checkpoint::load(&extended.save_path, "last").unwrap();
+    assert_eq!(saved.state.iteration, 4, "a refused resume trains nothing");
+
+    edit(
+        &config_yaml,
+        &[
+            ("\nsplit: 1\n", "\nsplit: 0\n"),
+            ("\nbase_lr: 0.01\n", "\nbase_lr: 0.005\n"),
+        ],
+    );
+    common::run_ok(svf_train().arg("--resume").arg(&extended.save_path));
+    let (a, b) = (
+        weights(&straight.save_path.join("last.safetensors")),
+        weights(&extended.save_path.join("last.safetensors")),
+    );
+    assert_eq!(a.len(), b.len());
+    for (name, tensor) in &a {
+        assert!(
+            tensor.equal(&b[name]),
+            "{name} differs from the straight run"
+        );
+    }
+}
+
+/// A checkpoint written before checkpoints recorded their config still resumes, with a warning.
+#[test]
+fn checkpoint_without_a_recorded_config_resumes_with_a_warning() {
+    let _rng = exclusive_torch();
+    let config = Config {
+        epochs: 1,
+        val_freq: 0,
+        ..tiny_config("unrecorded")
+    };
+    let hooks = TrainHooks {
+        stop_after: Some(2),
+        ..TrainHooks::default()
+    };
+    train::train(&config, Device::Cpu, None, hooks).unwrap();
+    let state_file = config.save_path.join("last.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    assert!(state.as_object_mut().unwrap().remove("config").is_some());
+    std::fs::write(&state_file, state.to_string()).unwrap();
+
+    let output = common::run_ok(svf_train().arg("--resume").arg(&config.save_path));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("records no config (written before checkpoints did): cannot check that config.yaml still describes the run"),
+        "{stderr}"
+    );
+    let saved: checkpoint::Checkpoint<train::TrainState> =
+        checkpoint::load(&config.save_path, "last").unwrap();
+    assert_eq!(saved.state.iteration, 4);
+    assert!(saved.state.config.is_some(), "later checkpoints record it");
+}
+
 #[test]
 fn nan_loss_stops_with_the_iteration_and_last_good_checkpoint() {
     let _rng = exclusive_torch();
