@@ -565,12 +565,17 @@ impl ConfigRecord {
         ConfigRecord(keys)
     }
 
+    /// The recorded config, keys it lacks at their defaults (the resumable keys among them).
+    pub fn to_config(&self) -> Result<Config, String> {
+        serde_json::from_value(serde_json::Value::Object(self.0.clone()))
+            .map_err(|e| format!("the recorded config is unreadable: {e}"))
+    }
+
     /// The recorded keys that `config` changes, in alphabetical order. A key the record lacks
     /// (written before the key existed) counts as its default, as in a config file; `Err` when the
     /// record holds a key or value this version does not know.
     pub fn changes_to(&self, config: &Config) -> Result<Vec<KeyChange>, String> {
-        let recorded: Config = serde_json::from_value(serde_json::Value::Object(self.0.clone()))
-            .map_err(|e| format!("the recorded config is unreadable: {e}"))?;
+        let recorded = self.to_config()?;
         let (recorded, now) = (ConfigRecord::of(&recorded), ConfigRecord::of(config));
         Ok(now
             .0

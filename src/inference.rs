@@ -10,7 +10,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::amp;
 use crate::backbone::Init;
 use crate::checkpoint::{self, CheckpointError, CheckpointFiles};
-use crate::config::Config;
+use crate::config::{Config, ConfigRecord};
 use crate::data::IGNORE_LABEL;
 use crate::model::{FewShotModel, ModelError};
 
@@ -75,24 +75,14 @@ pub fn resolve_weights(path: &Path) -> Result<PathBuf, InferenceError> {
     }
 }
 
-/// Refuses to evaluate `weights` under another fold or dataset than they were trained on, when
-/// their run's `config.yaml` lies beside them (a run directory's checkpoint): a fold's novel classes
-/// are other folds' training classes, so such a score looks fine and means nothing.
+/// Refuses to evaluate `weights` under another fold or dataset than they were trained on: a fold's
+/// novel classes are other folds' training classes, so such a score looks fine and means nothing.
+/// What they were trained on is the config their checkpoint recorded (`<name>.json`'s `config`,
+/// which a later edit of config.yaml does not change), else their run's `config.yaml` beside them;
+/// weights with neither are not checked.
 pub fn check_trained_for(config: &Config, weights: &Path) -> Result<(), InferenceError> {
-    let run_config = weights
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("config.yaml");
-    if !run_config.exists() {
+    let Some((trained, source)) = trained_config(weights) else {
         return Ok(());
-    }
-    // A run config this version cannot read (an older run's, say) leaves the check undone, said.
-    let trained = match Config::load(&run_config, &[]) {
-        Ok(trained) => trained,
-        Err(e) => {
-            tracing::warn!("fold of {} not checked: {e}", weights.display());
-            return Ok(());
-        }
     };
     let keys = [
         ("split", trained.split.to_string(), config.split.to_string()),
@@ -110,12 +100,52 @@ pub fn check_trained_for(config: &Config, weights: &Path) -> Result<(), Inferenc
     match keys.into_iter().find(|(_, t, e)| t != e) {
         Some((key, trained, evaluated)) => Err(InferenceError::OtherSetting {
             weights: weights.to_path_buf(),
-            config: run_config,
+            config: source,
             key,
             trained,
             evaluated,
         }),
         None => Ok(()),
+    }
+}
+
+/// The config `weights` were trained with and the file that says so (see [`check_trained_for`]).
+/// One that this version cannot read (an older run's, say) leaves the check undone, said.
+fn trained_config(weights: &Path) -> Option<(Config, PathBuf)> {
+    let unchecked = |source: &Path, e: &dyn std::fmt::Display| {
+        tracing::warn!(
+            "fold of {} not checked: {}: {e}",
+            weights.display(),
+            source.display()
+        );
+        None
+    };
+    // The checkpoint's metadata, when it has a config record (not one from before configs were
+    // recorded, nor some other JSON file beside a user's weights).
+    let record = weights.with_extension("json");
+    let recorded = std::fs::read_to_string(&record)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|mut meta| meta.get_mut("config").map(serde_json::Value::take));
+    if let Some(recorded) = recorded {
+        return match serde_json::from_value::<ConfigRecord>(recorded)
+            .map_err(|e| e.to_string())
+            .and_then(|recorded| recorded.to_config())
+        {
+            Ok(trained) => Some((trained, record)),
+            Err(e) => unchecked(&record, &e),
+        };
+    }
+    let run_config = weights
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("config.yaml");
+    if !run_config.exists() {
+        return None;
+    }
+    match Config::load(&run_config, &[]) {
+        Ok(trained) => Some((trained, run_config)),
+        Err(e) => unchecked(&run_config, &e),
     }
 }
 
@@ -303,7 +333,7 @@ mod tests {
     }
 
     #[test]
-    fn weights_are_refused_under_another_fold_than_their_run_config() {
+    fn weights_are_refused_under_another_fold_than_they_were_trained_on() {
         let dir = std::env::temp_dir().join(format!("svf-inference-fold-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let weights = dir.join("best.safetensors");
@@ -332,6 +362,22 @@ mod tests {
         assert!(message.contains("`use_coco: false`"), "{message}");
         // A run config this version cannot read leaves the check undone, not the evaluation.
         std::fs::write(dir.join("config.yaml"), "no_such_key: 1\n").unwrap();
+        assert!(check_trained_for(&other_fold, &weights).is_ok());
+        // The checkpoint's own record says what it was trained on, whatever config.yaml says now
+        // (edited for a resume that was then refused, say).
+        std::fs::write(dir.join("config.yaml"), other_fold.to_yaml()).unwrap();
+        let meta = serde_json::json!({"iteration": 4, "config": ConfigRecord::of(&trained)});
+        std::fs::write(dir.join("best.json"), meta.to_string()).unwrap();
+        let message = check_trained_for(&other_fold, &weights)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("`split: 0` (") && message.contains("best.json"),
+            "{message}"
+        );
+        assert!(check_trained_for(&trained, &weights).is_ok());
+        // Metadata without a record (an older checkpoint): config.yaml decides.
+        std::fs::write(dir.join("best.json"), r#"{"iteration": 4}"#).unwrap();
         assert!(check_trained_for(&other_fold, &weights).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
