@@ -698,10 +698,7 @@ pub fn run(config: &Config, plan: &BenchPlan) -> Result<BenchReport, BenchError>
     let mut report = BenchReport {
         method: setting.method,
         backbone: setting.backbone,
-        device: match plan.options.device {
-            Device::Cuda(index) => format!("cuda:{index}"),
-            other => format!("{other:?}").to_lowercase(),
-        },
+        device: crate::device::name(plan.options.device),
         threads: tch::get_num_threads(),
         track_frozen: plan.options.track_frozen,
         warmup: plan.options.warmup,
@@ -757,20 +754,23 @@ impl std::fmt::Display for BenchReport {
                 ""
             }
         )?;
-        writeln!(
-            f,
-            "{:<12} {:>5} {:>4} {:>5} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10}",
-            "section",
-            "size",
-            "shot",
-            "batch",
-            "s/step",
-            "s/episode",
-            "episodes/s",
-            "peak MiB",
-            "setup s",
-            "CPU s/step"
-        )?;
+        let has_rows = !(self.train.is_empty() && self.eval.is_empty() && self.loader.is_empty());
+        if has_rows {
+            writeln!(
+                f,
+                "{:<12} {:>5} {:>4} {:>5} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10}",
+                "section",
+                "size",
+                "shot",
+                "batch",
+                "s/step",
+                "s/episode",
+                "episodes/s",
+                "peak MiB",
+                "setup s",
+                "CPU s/step"
+            )?;
+        }
         let mib = |m: Option<f64>| m.map_or("n/a".to_string(), |m| format!("{m:.0}"));
         let mut row = |name: &str, s: &StepThroughput| {
             writeln!(

@@ -151,3 +151,44 @@ fn bam_svf_train_and_eval_sections_run() {
     let trainable = |i: usize| report["train"][i]["tracked_parameters"].as_i64().unwrap();
     assert_eq!(trainable(1) - trainable(0), 2 * 2 + 2 + 2 * 2 + 2);
 }
+
+/// `--what decompose` alone prints no empty train/eval table; the CPU is named as `--device`
+/// names it; more `--threads` than cores is warned about.
+#[test]
+fn decompose_alone_prints_no_empty_table_and_warnings_name_what_was_given() {
+    let dir = common::scratch("decompose");
+    let config = Config {
+        svf: true,
+        ..common::tiny_config(dir.join("run"))
+    };
+    let config_path = dir.join("tiny.yaml");
+    std::fs::write(&config_path, config.to_yaml()).unwrap();
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let threads = (cores + 1).to_string();
+    let output = Command::new(env!("CARGO_BIN_EXE_svf-bench"))
+        .arg("--config")
+        .arg(&config_path)
+        .args([
+            "--set",
+            "amp=bf16",
+            "--device",
+            "cpu",
+            "--threads",
+            &threads,
+        ])
+        .args(["--what", "decompose", "--warmup", "0", "--repeats", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "svf-bench failed:\n{stderr}");
+    assert!(!stderr.contains("s/episode"), "{stderr}");
+    assert!(stderr.contains("decompose: "), "{stderr}");
+    assert!(
+        stderr.contains("this run on cpu stays in float32"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("--threads {threads} exceeds the {cores} core")),
+        "{stderr}"
+    );
+}
