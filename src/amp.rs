@@ -125,7 +125,10 @@ pub fn prepare(config: &Config, device: Device) {
     if device.is_cuda() {
         tch::Cuda::cudnn_set_benchmark(true);
     } else if config.amp == Amp::Bf16 {
-        tracing::warn!("`amp: bf16` applies on CUDA only: this run on {device:?} stays in float32");
+        tracing::warn!(
+            "`amp: bf16` applies on CUDA only: this run on {} stays in float32",
+            crate::device::name(device)
+        );
     }
 }
 

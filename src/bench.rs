@@ -15,7 +15,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::amp;
 use crate::backbone::{self, Backbone, BackboneError, Init};
-use crate::config::{Config, Method};
+use crate::config::{Config, Method, Stage};
 use crate::data::segmentation::BaseClassMap;
 use crate::data::{DataError, EpisodeLoader, FewShotDataset, Split};
 use crate::inference::InferenceError;
@@ -42,6 +42,9 @@ pub enum BenchError {
         path: PathBuf,
         source: tch::TchError,
     },
+    /// A section with no counterpart in BAM's base stage.
+    #[error("--what {0}: `stage: base` (BAM's base learner, trained on whole images) has no {1}; svf-bench times its train step and evaluation (--what train,eval), or set stage: meta")]
+    BaseStage(&'static str, &'static str),
 }
 
 /// How to time: where, and how often.
@@ -315,6 +318,106 @@ impl TrainModel {
     }
 }
 
+/// Random whole images `[batch, 3, size, size]` and labels in {0, 1, 255} as the episodes' queries
+/// (for BAM's base stage, which trains on images, not episodes).
+fn synthetic_images(batch: usize, size: i64, device: Device) -> (Tensor, Tensor) {
+    let [images, labels, _, _] = synthetic_episodes(batch, 0, size, device);
+    (images, labels)
+}
+
+/// The sizes of `shapes`, each once, as shapes of no supports (BAM's base stage: whole images).
+fn image_shapes(shapes: &[EpisodeShape]) -> Vec<EpisodeShape> {
+    let mut sizes: Vec<EpisodeShape> = Vec::new();
+    for shape in shapes {
+        if !sizes.iter().any(|s| s.size == shape.size) {
+            sizes.push(EpisodeShape {
+                size: shape.size,
+                shot: 0,
+            });
+        }
+    }
+    sizes
+}
+
+/// BAM's base stage: [`train::base::train_step`] itself (the PSPNet base learner, forward in train
+/// mode, loss, backward, a step of [`train::base::optimiser`]) on `batch_size` random whole images
+/// per size (one row per size, shot 0).
+fn base_step_throughput(
+    config: &Config,
+    options: &BenchOptions,
+    shapes: &[EpisodeShape],
+) -> Result<Vec<StepThroughput>, BenchError> {
+    let setup = Instant::now();
+    tch::manual_seed(config.manual_seed as i64);
+    let vs = nn::VarStore::new(options.device);
+    let net = train::base::base_learner(&vs, config, Init::Random)?;
+    let mut sgd = train::base::optimiser(&vs, config);
+    let setup_s = setup.elapsed().as_secs_f64();
+    let tracked: i64 = vs
+        .variables()
+        .values()
+        .filter(|v| v.requires_grad())
+        .map(|v| v.numel() as i64)
+        .sum();
+    let batch = config.batch_size;
+    let mut results = Vec::new();
+    for shape in image_shapes(shapes) {
+        let (images, labels) = synthetic_images(batch, shape.size, options.device);
+        reset_peak_rss();
+        let timing = Timing::measure(options, || {
+            let no_map: Option<fn(Tensor) -> Tensor> = None;
+            train::base::train_step(
+                &net,
+                &mut sgd,
+                config,
+                options.device,
+                &images,
+                &labels,
+                config.base_lr,
+                no_map,
+            );
+        });
+        results.push(StepThroughput {
+            tracked_parameters: Some(tracked),
+            device_mib: cuda_memory_in_use_mib(options.device),
+            ..StepThroughput::new(shape.size, 0, batch, setup_s, timing)
+        });
+    }
+    Ok(results)
+}
+
+/// BAM's base stage: [`train::base::predict`] (as its validation runs) on `batch_size_val` random
+/// whole images per size (one row per size, shot 0).
+fn base_eval_throughput(
+    config: &Config,
+    options: &BenchOptions,
+    shapes: &[EpisodeShape],
+) -> Result<Vec<EvalThroughput>, BenchError> {
+    let setup = Instant::now();
+    tch::manual_seed(config.manual_seed as i64);
+    let vs = nn::VarStore::new(options.device);
+    let net = train::base::base_learner(&vs, config, Init::Random)?;
+    let setup_s = setup.elapsed().as_secs_f64();
+    let batch = config.batch_size_val;
+    let mut results = Vec::new();
+    for shape in image_shapes(shapes) {
+        let (images, _) = synthetic_images(batch, shape.size, options.device);
+        reset_peak_rss();
+        let timing = Timing::measure(options, || {
+            let _ = train::base::predict(&net, &images);
+        });
+        results.push(EvalThroughput {
+            unfused: StepThroughput {
+                device_mib: cuda_memory_in_use_mib(options.device),
+                ..StepThroughput::new(shape.size, 0, batch, setup_s, timing)
+            },
+            fused: None,
+            fused_max_abs_diff: None,
+        });
+    }
+    Ok(results)
+}
+
 /// One training iteration, [`train::train_step`] itself (forward in train mode, loss, backward, the
 /// loss read back, a step of [`train::optimiser`]) on a random batch of
 /// `batch_size` episodes, for each shape. The model is built once (BAM: once per shot, each
@@ -324,6 +427,9 @@ pub fn train_step_throughput(
     options: &BenchOptions,
     shapes: &[EpisodeShape],
 ) -> Result<Vec<StepThroughput>, BenchError> {
+    if config.stage == Stage::Base {
+        return base_step_throughput(config, options, shapes);
+    }
     let batch = config.batch_size;
     let mut model: Option<(Config, TrainModel)> = None;
     let mut results = Vec::with_capacity(shapes.len());
@@ -471,6 +577,9 @@ pub fn eval_throughput(
     options: &BenchOptions,
     shapes: &[EpisodeShape],
 ) -> Result<Vec<EvalThroughput>, BenchError> {
+    if config.stage == Stage::Base {
+        return base_eval_throughput(config, options, shapes);
+    }
     let mut models: Option<(Config, EvalModels)> = None;
     let mut results = Vec::with_capacity(shapes.len());
     for &shape in shapes {
@@ -634,6 +743,15 @@ pub enum Section {
     Decompose,
 }
 
+/// The sections `svf-bench` runs without `--what`: all of them, or for BAM's base stage the ones
+/// it has (train, eval).
+pub fn default_sections(config: &Config) -> Vec<Section> {
+    match config.stage {
+        Stage::Base => vec![Section::Train, Section::Eval],
+        Stage::Meta => <Section as clap::ValueEnum>::value_variants().to_vec(),
+    }
+}
+
 /// What to time: the sections, for every image size × shot.
 #[derive(Debug, Clone)]
 pub struct BenchPlan {
@@ -656,6 +774,9 @@ pub struct BenchReport {
     pub method: String,
     /// `ResNet-50`, `VGG-16`, ... (with the width when reduced).
     pub backbone: String,
+    /// BAM's `base` stage times the base learner on whole images (shot 0, one item an image);
+    /// `meta` the few-shot model on episodes.
+    pub stage: Stage,
     pub device: String,
     /// libtorch intra-op threads.
     pub threads: i32,
@@ -694,14 +815,26 @@ pub fn run(config: &Config, plan: &BenchPlan) -> Result<BenchReport, BenchError>
     {
         shape.apply(config)?;
     }
+    if config.stage == Stage::Base {
+        for section in &plan.sections {
+            match section {
+                Section::Loader => return Err(BenchError::BaseStage("loader", "episode loader")),
+                Section::Decompose => {
+                    return Err(BenchError::BaseStage("decompose", "SVD decomposition"))
+                }
+                Section::Train | Section::Eval => {}
+            }
+        }
+    }
     let setting = crate::results::EvalSetting::new(config, config.shot, 0, false);
     let mut report = BenchReport {
-        method: setting.method,
-        backbone: setting.backbone,
-        device: match plan.options.device {
-            Device::Cuda(index) => format!("cuda:{index}"),
-            other => format!("{other:?}").to_lowercase(),
+        method: match config.stage {
+            Stage::Base => "BAM base learner (PSPNet)".into(),
+            Stage::Meta => setting.method,
         },
+        stage: config.stage,
+        backbone: setting.backbone,
+        device: crate::device::name(plan.options.device),
         threads: tch::get_num_threads(),
         track_frozen: plan.options.track_frozen,
         warmup: plan.options.warmup,
@@ -757,20 +890,29 @@ impl std::fmt::Display for BenchReport {
                 ""
             }
         )?;
-        writeln!(
-            f,
-            "{:<12} {:>5} {:>4} {:>5} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10}",
-            "section",
-            "size",
-            "shot",
-            "batch",
-            "s/step",
-            "s/episode",
-            "episodes/s",
-            "peak MiB",
-            "setup s",
-            "CPU s/step"
-        )?;
+        if self.stage == Stage::Base {
+            writeln!(
+                f,
+                "stage: base: whole images, not episodes (one image per \"episode\", shot 0)"
+            )?;
+        }
+        let has_rows = !(self.train.is_empty() && self.eval.is_empty() && self.loader.is_empty());
+        if has_rows {
+            writeln!(
+                f,
+                "{:<12} {:>5} {:>4} {:>5} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10}",
+                "section",
+                "size",
+                "shot",
+                "batch",
+                "s/step",
+                "s/episode",
+                "episodes/s",
+                "peak MiB",
+                "setup s",
+                "CPU s/step"
+            )?;
+        }
         let mib = |m: Option<f64>| m.map_or("n/a".to_string(), |m| format!("{m:.0}"));
         let mut row = |name: &str, s: &StepThroughput| {
             writeln!(

@@ -123,6 +123,10 @@ impl RuntimeArgs {
         crate::device::keep_freed_host_memory();
         if let Some(threads) = self.threads {
             tch::set_num_threads(threads);
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            if let Some(warning) = crate::device::warn_oversubscribed(threads, cores) {
+                tracing::warn!("{warning}");
+            }
         }
         let device = self.device.resolve()?;
         crate::device::log_startup(device);

@@ -11,6 +11,8 @@ pub enum DeviceArg {
     Auto,
     Cpu,
     Cuda(usize),
+    /// `gpu`: the first CUDA device, named as the user spelled it in messages.
+    Gpu,
 }
 
 impl FromStr for DeviceArg {
@@ -21,7 +23,8 @@ impl FromStr for DeviceArg {
         match s.as_str() {
             "auto" => Ok(DeviceArg::Auto),
             "cpu" => Ok(DeviceArg::Cpu),
-            "cuda" | "gpu" => Ok(DeviceArg::Cuda(0)),
+            "cuda" => Ok(DeviceArg::Cuda(0)),
+            "gpu" => Ok(DeviceArg::Gpu),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(index)) => Ok(DeviceArg::Cuda(index)),
                 _ => Err(format!(
@@ -33,6 +36,16 @@ impl FromStr for DeviceArg {
 }
 
 impl DeviceArg {
+    /// The flag as the user gave it, for messages: `--device gpu (cuda:0)`, `--device cuda:1`.
+    fn flag(self) -> String {
+        match self {
+            DeviceArg::Auto => "--device auto".into(),
+            DeviceArg::Cpu => "--device cpu".into(),
+            DeviceArg::Cuda(index) => format!("--device cuda:{index}"),
+            DeviceArg::Gpu => "--device gpu (cuda:0)".into(),
+        }
+    }
+
     /// The libtorch device to use; an explicit CUDA request fails when no such GPU is visible.
     /// Loads libtorch's CUDA library first unless the CPU is asked for ([`load_cuda`]).
     pub fn resolve(self) -> anyhow::Result<Device> {
@@ -43,11 +56,12 @@ impl DeviceArg {
                     tracing::debug!("the CPU for --device auto: {why}");
                 }
             }
-            DeviceArg::Cuda(index) => {
+            DeviceArg::Cuda(_) | DeviceArg::Gpu => {
                 if let Err(why) = load_cuda() {
                     anyhow::bail!(
-                        "--device cuda:{index} was asked for but CUDA cannot be used: {why}; \
-                         use --device cpu or auto"
+                        "{} was asked for but CUDA cannot be used: {why}; \
+                         use --device cpu or auto",
+                        self.flag()
                     );
                 }
             }
@@ -60,10 +74,12 @@ impl DeviceArg {
         match self {
             DeviceArg::Auto if available > 0 => Ok(Device::Cuda(0)),
             DeviceArg::Auto | DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Gpu if available > 0 => Ok(Device::Cuda(0)),
             DeviceArg::Cuda(index) if index < available => Ok(Device::Cuda(index)),
-            DeviceArg::Cuda(index) => anyhow::bail!(
-                "--device cuda:{index} was asked for but libtorch sees {available} CUDA device(s); \
-                 use --device cpu or auto"
+            DeviceArg::Cuda(_) | DeviceArg::Gpu => anyhow::bail!(
+                "{} was asked for but libtorch sees {available} CUDA device(s); \
+                 use --device cpu or auto",
+                self.flag()
             ),
         }
     }
@@ -111,14 +127,28 @@ fn dlopen(name: &str, flags: libc::c_int) -> Result<(), String> {
 /// The libtorch version this binary was built against (read from the install by build.rs).
 pub const LIBTORCH_VERSION: &str = env!("SVF_LIBTORCH_VERSION");
 
+/// `device` as `--device` names it: `cpu`, `cuda:0`.
+pub fn name(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// Warns when `threads` (`--threads`) exceeds the `cores` the process may run on: libtorch's
+/// threads then wait for one another (64 threads on 2 cores run about 40× slower).
+pub fn warn_oversubscribed(threads: i32, cores: usize) -> Option<String> {
+    (threads as usize > cores).then(|| {
+        format!(
+            "--threads {threads} exceeds the {cores} core(s) this process may use: libtorch's threads will wait for one another and run many times slower; use --threads {cores} or fewer"
+        )
+    })
+}
+
 /// Logs the device, libtorch version and thread count, as every command does at start.
 pub fn log_startup(device: Device) {
-    let name = match device {
-        Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".to_string(),
-    };
     tracing::info!(
-        device = %name,
+        device = %name(device),
         libtorch = LIBTORCH_VERSION,
         threads = tch::get_num_threads(),
         cuda_devices = %cuda_devices(),
@@ -190,6 +220,35 @@ mod tests {
         assert_eq!(auto.is_cuda(), tch::Cuda::is_available());
         let message = DeviceArg::Cuda(999).resolve().unwrap_err().to_string();
         assert!(message.contains("cuda:999"), "{message}");
+    }
+
+    /// `gpu` is echoed as given, with the device it stands for.
+    #[test]
+    fn gpu_alias_is_named_as_given() {
+        assert_eq!("GPU".parse(), Ok(DeviceArg::Gpu));
+        match DeviceArg::Gpu.resolve() {
+            Ok(device) => assert_eq!(device, Device::Cuda(0)),
+            Err(e) => {
+                let message = e.to_string();
+                assert!(message.starts_with("--device gpu (cuda:0) "), "{message}");
+            }
+        }
+    }
+
+    #[test]
+    fn devices_are_named_as_the_flag_names_them() {
+        assert_eq!(name(Device::Cpu), "cpu");
+        assert_eq!(name(Device::Cuda(1)), "cuda:1");
+    }
+
+    #[test]
+    fn more_threads_than_cores_are_warned_about() {
+        assert_eq!(warn_oversubscribed(2, 2), None);
+        let message = warn_oversubscribed(64, 2).unwrap();
+        assert!(
+            message.contains("--threads 64") && message.contains("2 core"),
+            "{message}"
+        );
     }
 
     /// libtorch's CUDA library is in the process exactly where the driver is: not linked (it

@@ -151,3 +151,105 @@ fn bam_svf_train_and_eval_sections_run() {
     let trainable = |i: usize| report["train"][i]["tracked_parameters"].as_i64().unwrap();
     assert_eq!(trainable(1) - trainable(0), 2 * 2 + 2 + 2 * 2 + 2);
 }
+
+/// `--what decompose` alone prints no empty train/eval table; the CPU is named as `--device`
+/// names it; more `--threads` than cores is warned about.
+#[test]
+fn decompose_alone_prints_no_empty_table_and_warnings_name_what_was_given() {
+    let dir = common::scratch("decompose");
+    let config = Config {
+        svf: true,
+        ..common::tiny_config(dir.join("run"))
+    };
+    let config_path = dir.join("tiny.yaml");
+    std::fs::write(&config_path, config.to_yaml()).unwrap();
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let threads = (cores + 1).to_string();
+    let output = Command::new(env!("CARGO_BIN_EXE_svf-bench"))
+        .arg("--config")
+        .arg(&config_path)
+        .args([
+            "--set",
+            "amp=bf16",
+            "--device",
+            "cpu",
+            "--threads",
+            &threads,
+        ])
+        .args(["--what", "decompose", "--warmup", "0", "--repeats", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "svf-bench failed:\n{stderr}");
+    assert!(!stderr.contains("s/episode"), "{stderr}");
+    assert!(stderr.contains("decompose: "), "{stderr}");
+    assert!(
+        stderr.contains("this run on cpu stays in float32"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("--threads {threads} exceeds the {cores} core")),
+        "{stderr}"
+    );
+}
+
+/// BAM's base stage times its own step: the PSPNet base learner on whole images (its trainable
+/// parameters, not the few-shot model's), and refuses the sections it has no counterpart of.
+#[test]
+fn bam_base_stage_times_the_base_learner() {
+    let dir = common::scratch("bam-base");
+    let config = Config {
+        method: svf::config::Method::Bam,
+        stage: svf::config::Stage::Base,
+        batch_size: 2,
+        ..common::tiny_config(dir.join("run"))
+    };
+    let config_path = dir.join("base.yaml");
+    std::fs::write(&config_path, config.to_yaml()).unwrap();
+    let bench = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_svf-bench"))
+            .env("OMP_NUM_THREADS", "1")
+            .arg("--config")
+            .arg(&config_path)
+            .args(["--device", "cpu", "--threads", "1", "--size", "65"])
+            .args(["--shot", "1,2", "--warmup", "0", "--repeats", "1"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let output = bench(&[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "svf-bench failed:\n{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["method"], "BAM base learner (PSPNet)");
+    assert_eq!(report["stage"], "base");
+    // One row per size: images have no supports.
+    let train = report["train"].as_array().unwrap();
+    assert_eq!(train.len(), 1);
+    assert_eq!(train[0]["shot"], 0);
+    assert_eq!(report["eval"].as_array().unwrap().len(), 1);
+    assert!(report["loader"].as_array().unwrap().is_empty());
+    assert!(report["decompose"].is_null());
+
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    svf::train::base::base_learner(&vs, &config, svf::backbone::Init::Random).unwrap();
+    let pspnet: i64 = vs
+        .variables()
+        .iter()
+        .filter(|(name, _)| {
+            !["running_mean", "running_var", "num_batches_tracked"]
+                .iter()
+                .any(|s| name.ends_with(s))
+        })
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+    assert_eq!(train[0]["tracked_parameters"], pspnet);
+
+    let output = bench(&["--what", "loader"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("--what loader") && stderr.contains("`stage: base`"),
+        "{stderr}"
+    );
+}

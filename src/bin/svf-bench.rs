@@ -1,6 +1,6 @@
 //! `svf-bench`: throughput of the pipeline's parts, printed as a small table (stderr) and one
 //! JSON line (stdout).
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use svf::bench::{self, BenchOptions, BenchPlan, Section};
 use svf::cli::{ConfigArgs, RuntimeArgs};
 
@@ -51,7 +51,7 @@ fn run() -> anyhow::Result<()> {
     let device = cli.runtime.start(None)?;
     let plan = BenchPlan {
         sections: if cli.what.is_empty() {
-            Section::value_variants().to_vec()
+            bench::default_sections(&config)
         } else {
             cli.what
         },

@@ -24,8 +24,9 @@ use crate::data::rng::EpisodeRng;
 use crate::data::segmentation::{BaseClassMap, SegmentationBatch, SegmentationDataset};
 use crate::data::{DataError, Split};
 use crate::metrics::IoUAccumulator;
-use crate::model::bam::{without_encoder_aliases, Bam};
+use crate::model::bam::{without_encoder_aliases, Bam, BASE_LEARNER};
 use crate::model::pspnet::PspNet;
+use crate::model::ModelError;
 
 use super::{optimise, upload, with_lr_scales, Losses, Sgd, TrainError, TrainState, TrainingTask};
 
@@ -46,6 +47,12 @@ pub struct BaseLearnerMeta {
     /// before it was recorded: PFENet's, the only pattern then.)
     #[serde(default)]
     pub dilation: DilationPattern,
+    /// The backbone, as results name it (`ResNet-18 x0.25`, `VGG-16`): the meta stage builds its
+    /// base learner from its own config's `layers`, `vgg` and `backbone_width`. (Absent in
+    /// checkpoints written before it was recorded: [`load_base_learner`] then compares the
+    /// weights' shapes.)
+    #[serde(default)]
+    pub backbone: Option<String>,
 }
 
 impl BaseLearnerMeta {
@@ -57,6 +64,7 @@ impl BaseLearnerMeta {
             fold: config.split,
             base_classes: BaseClassMap::of(config).base,
             dilation: config.dilation,
+            backbone: Some(backbone_name(config)),
         }
     }
 
@@ -93,6 +101,11 @@ impl BaseLearnerMeta {
                 word(want.dilation)
             ));
         }
+        if let (Some(have), Some(want)) = (&self.backbone, &want.backbone) {
+            if have != want {
+                differences.push(format!("backbone {have} (the config: {want})"));
+            }
+        }
         if differences.is_empty() && self.base_classes != want.base_classes {
             differences.push(format!(
                 "base classes {:?} (the config's: {:?})",
@@ -104,6 +117,49 @@ impl BaseLearnerMeta {
         }
         Err(format!("it was trained for {}", differences.join(", ")))
     }
+}
+
+/// `config`'s backbone as results name it.
+fn backbone_name(config: &Config) -> String {
+    crate::results::EvalSetting::new(config, config.shot, 0, false).backbone
+}
+
+/// A line for a base learner whose backbone tensors do not match the ones `config` builds in `vs`
+/// (names or shapes), to put before the list of missing or mismatched names: a base learner of
+/// another depth, VGG or width, whose record (if any) predates the backbone's.
+fn backbone_mismatch_hint(
+    vs: &nn::VarStore,
+    weights: &[(String, Tensor)],
+    config: &Config,
+) -> Option<String> {
+    let prefix = format!("{BASE_LEARNER}.");
+    let ours: std::collections::HashMap<String, Vec<i64>> = vs
+        .variables()
+        .into_iter()
+        .filter_map(|(name, t)| {
+            let name = name.strip_prefix(&prefix)?;
+            (name.starts_with("layer") && name.ends_with(".weight"))
+                .then(|| (name.to_string(), t.size()))
+        })
+        .collect();
+    let theirs: std::collections::HashMap<&str, Vec<i64>> = weights
+        .iter()
+        .filter(|(name, _)| name.starts_with("layer") && name.ends_with(".weight"))
+        .map(|(name, t)| (name.as_str(), t.size()))
+        .collect();
+    let same = ours.len() == theirs.len()
+        && ours
+            .iter()
+            .all(|(name, shape)| theirs.get(name.as_str()) == Some(shape));
+    (!same).then(|| {
+        format!(
+            "its backbone differs from the config's {} (`layers: {}`, `vgg: {}`, `backbone_width: {}`)",
+            backbone_name(config),
+            config.layers,
+            config.vgg,
+            config.backbone_width
+        )
+    })
 }
 
 fn dataset_name(config: &Config) -> &'static str {
@@ -134,8 +190,7 @@ pub fn base_miou(
         }
         let batch = data.batch(chunk, 0, 0, workers)?;
         let labels = batch.labels.to_device(device);
-        let pred =
-            tch::no_grad(|| model.forward(&batch.images.to_device(device), false)).argmax(1, false);
+        let pred = predict(model, &batch.images.to_device(device));
         let ignored = labels.eq(255);
         for (i, &class) in map.base.iter().enumerate() {
             let channel = (i + 1) as i64;
@@ -147,6 +202,64 @@ pub fn base_miou(
         }
     }
     Ok(Some((iou.miou(), iou.fb_iou())))
+}
+
+/// The base learner's prediction for `images` `[B, 3, H, W]`, as validation computes it: eval
+/// mode, no autograd, the argmax over its classes `[B, H, W]`.
+pub fn predict(model: &PspNet, images: &Tensor) -> Tensor {
+    tch::no_grad(|| model.forward(images, false)).argmax(1, false)
+}
+
+/// The base learner `config`'s base stage trains, in `vs`: PSPNet with a channel per base class
+/// of the fold (and background), full rank.
+pub fn base_learner(vs: &nn::VarStore, config: &Config, init: Init) -> Result<PspNet, ModelError> {
+    let full_rank = Config {
+        svf: false,
+        ..config.clone()
+    };
+    let classes = BaseClassMap::of(config).classes() as i64;
+    PspNet::new(&vs.root(), &full_rank, classes, init)
+}
+
+/// The parameters the base stage trains, with their LR scale: every one (BatchNorm statistics
+/// aside).
+fn trainable_parameters(vs: &nn::VarStore, config: &Config) -> Vec<(String, Tensor, f64)> {
+    let parameters = crate::model::freeze_all_but(vs, |name| {
+        !["running_mean", "running_var", "num_batches_tracked"]
+            .iter()
+            .any(|b| name.ends_with(b))
+    });
+    with_lr_scales(parameters, config)
+}
+
+/// The base stage's optimiser over [`base_learner`]'s parameters in `vs` (which it unfreezes), as
+/// `svf-train` builds it.
+pub fn optimiser(vs: &nn::VarStore, config: &Config) -> Sgd {
+    super::optimiser_over(trainable_parameters(vs, config), config)
+}
+
+/// One iteration of the base stage, as `svf-train` runs it and `svf-bench` times it: a batch of
+/// whole images `[B, 3, H, W]` and their base-class labels `[B, H, W]` copied to `device`,
+/// forward in train mode (BatchNorm included) under [`amp::autocast`], PSPNet's loss (then
+/// `map_loss`), backward, and the optimiser step at `lr` when the loss is finite.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step(
+    net: &PspNet,
+    sgd: &mut Sgd,
+    config: &Config,
+    device: Device,
+    images: &Tensor,
+    labels: &Tensor,
+    lr: f64,
+    map_loss: Option<impl FnOnce(Tensor) -> Tensor>,
+) -> Losses {
+    let labels = upload(labels, device);
+    let loss = amp::autocast(config, device, || {
+        let logits = net.forward(&upload(images, device), true);
+        PspNet::loss(&logits, &labels)
+    });
+    let no_aux = loss.zeros_like();
+    optimise(sgd, loss, no_aux, 0.0, lr, map_loss)
 }
 
 /// BAM's base stage: the PSPNet base learner on whole images.
@@ -170,22 +283,17 @@ impl<'a> BaseTask<'a> {
         };
         tch::manual_seed(config.manual_seed as i64);
         let vs = nn::VarStore::new(device);
-        let full_rank = Config {
-            svf: false,
-            ..config.clone()
-        };
         let init = if config.backbone_weights.is_some() {
             Init::Zeros
         } else {
             Init::Random
         };
-        let net = PspNet::new(
-            &vs.root(),
-            &full_rank,
-            train.class_map().classes() as i64,
-            init,
-        )?;
+        let net = base_learner(&vs, config, init)?;
         if let Some(path) = &config.backbone_weights {
+            let full_rank = Config {
+                svf: false,
+                ..config.clone()
+            };
             let report = backbone::load_pretrained(&vs, path, &full_rank)?;
             tracing::info!("backbone weights from {}: {report}", path.display());
         }
@@ -214,12 +322,7 @@ impl TrainingTask for BaseTask<'_> {
 
     /// Every parameter (BatchNorm statistics aside).
     fn trainable(&self) -> Vec<(String, Tensor, f64)> {
-        let parameters = crate::model::freeze_all_but(&self.vs, |name| {
-            !["running_mean", "running_var", "num_batches_tracked"]
-                .iter()
-                .any(|b| name.ends_with(b))
-        });
-        with_lr_scales(parameters, self.config)
+        trainable_parameters(&self.vs, self.config)
     }
 
     /// Epoch `epoch` shows every image once in a seeded order; image `j` of the epoch gets the
@@ -248,13 +351,16 @@ impl TrainingTask for BaseTask<'_> {
         lr: f64,
         map_loss: Option<&mut dyn FnMut(Tensor) -> Tensor>,
     ) -> Losses {
-        let labels = upload(&batch.labels, self.device);
-        let loss = amp::autocast(self.config, self.device, || {
-            let logits = self.net.forward(&upload(&batch.images, self.device), true);
-            PspNet::loss(&logits, &labels)
-        });
-        let no_aux = loss.zeros_like();
-        optimise(sgd, loss, no_aux, 0.0, lr, map_loss)
+        train_step(
+            &self.net,
+            sgd,
+            self.config,
+            self.device,
+            &batch.images,
+            &batch.labels,
+            lr,
+            map_loss,
+        )
     }
 
     fn validate(&self, stop: Option<&AtomicBool>) -> Result<Option<(f64, f64)>, TrainError> {
@@ -301,7 +407,7 @@ pub fn load_base_learner(
         let saved = checkpoint::load::<TrainState>(dir, &name)?;
         let meta = saved.state.base_learner.ok_or_else(|| {
             refused(format!(
-                "{} is not a base stage's checkpoint (no base learner record); point at a run of configs/bam/*_base.yaml",
+                "{} is not a base stage's checkpoint (no base learner record)",
                 CheckpointFiles::new(dir, &name).state.display()
             ))
         })?;
@@ -317,7 +423,13 @@ pub fn load_base_learner(
         );
         without_encoder_aliases(weights)
     };
-    Bam::load_base_learner(vs, weights, &weights_path).map_err(|e| refused(e.to_string()))?;
+    let hint = backbone_mismatch_hint(vs, &weights, config);
+    Bam::load_base_learner(vs, weights, &weights_path).map_err(|e| {
+        refused(match &hint {
+            Some(hint) => format!("{hint}: {e}"),
+            None => e.to_string(),
+        })
+    })?;
     tracing::info!("base learner from {}", weights_path.display());
     Ok(())
 }
@@ -370,12 +482,72 @@ mod tests {
         BaseLearnerMeta::of(&vgg(DilationPattern::Pfenet))
             .check_against(&vgg(DilationPattern::Torchvision))
             .unwrap();
+        // The backbone: depth, VGG, width.
+        let deeper = Config {
+            layers: 101,
+            ..Config::default()
+        };
+        let message = meta.check_against(&deeper).unwrap_err();
+        assert!(
+            message.contains("backbone ResNet-50 (the config: ResNet-101)"),
+            "{message}"
+        );
+        let older = BaseLearnerMeta {
+            backbone: None,
+            ..meta.clone()
+        };
+        older.check_against(&deeper).unwrap();
         // A record written before the dilation was kept reads as PFENet's.
         let old: BaseLearnerMeta = serde_json::from_str(
             r#"{"dataset":"pascal","use_split_coco":false,"fold":0,"base_classes":[6,7]}"#,
         )
         .unwrap();
         assert_eq!(old.dilation, DilationPattern::Pfenet);
+    }
+
+    /// A base learner without a backbone record (released, converted or older) of another depth
+    /// is refused with a line saying so before the missing names.
+    #[test]
+    fn another_backbone_without_a_record_is_named_before_the_missing_weights() {
+        let meta_config = |layers| Config {
+            method: crate::config::Method::Bam,
+            layers,
+            backbone_width: 0.25,
+            reduce_dim: 16,
+            ppm_scales: vec![8, 4],
+            backbone_weights: None,
+            ..Config::default()
+        };
+        let dir = std::env::temp_dir().join(format!("svf-base-hint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("resnet18.safetensors");
+        let base = nn::VarStore::new(Device::Cpu);
+        let classes = BaseClassMap::of(&meta_config(18)).classes() as i64;
+        PspNet::new(&base.root(), &meta_config(18), classes, Init::Random).unwrap();
+        Tensor::write_safetensors(&crate::model::model_weights(&base), &path).unwrap();
+
+        let vs = nn::VarStore::new(Device::Cpu);
+        let config = meta_config(34);
+        crate::model::FewShotModel::new(&vs.root(), &config, Init::Random).unwrap();
+        let message = load_base_learner(&vs, &config, &path)
+            .unwrap_err()
+            .to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            message
+                .contains("its backbone differs from the config's ResNet-34 x0.25 (`layers: 34`"),
+            "{message}"
+        );
+        // The same depth loads.
+        let vs = nn::VarStore::new(Device::Cpu);
+        crate::model::FewShotModel::new(&vs.root(), &meta_config(18), Init::Random).unwrap();
+        let base = nn::VarStore::new(Device::Cpu);
+        PspNet::new(&base.root(), &meta_config(18), classes, Init::Random).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        Tensor::write_safetensors(&crate::model::model_weights(&base), &path).unwrap();
+        let loaded = load_base_learner(&vs, &meta_config(18), &path);
+        let _ = std::fs::remove_dir_all(&dir);
+        loaded.unwrap();
     }
 
     #[test]
