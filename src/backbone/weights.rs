@@ -192,16 +192,18 @@ fn mismatch_advice(config: &Config, file: &HashMap<String, Tensor>) -> String {
                 VGG only); see README \"Pretrained weights\""
             .to_string();
     }
-    let mut head: Vec<&String> = file
+    // Every backbone's variables live under its stages layer0..layer4 (ResNet's and VGG's alike);
+    // other names, once the file's naming is mapped, are a model's head.
+    let mut outside: Vec<&String> = file
         .keys()
-        .filter(|n| crate::model::is_head_parameter(n))
+        .filter(|n| !n.split('.').next().is_some_and(|m| m.starts_with("layer")))
         .collect();
-    if !head.is_empty() {
-        head.sort();
+    if !outside.is_empty() {
+        outside.sort();
         return format!(
-            "the file holds head parameters (`{}`, ...): a whole trained model goes under the \
-             config key `weight:`, not `backbone_weights:`",
-            head[0]
+            "the file holds parameters outside the backbone (`{}`, ...): a whole trained model \
+             goes under the config key `weight:`, not `backbone_weights:`",
+            outside[0]
         );
     }
     "check the keys `layers`, `vgg`, `backbone_width` and `svf*`".to_string()
