@@ -731,6 +731,14 @@ fn bam_filter_drops_exactly_the_images_showing_a_novel_class() {
         message.contains(&format!("{}, line 2", bad.display())) && message.contains("class 7"),
         "{message}"
     );
+    // `svf-data check` refutes it too, with training's message.
+    let (ok, stderr) = run_check(&Config {
+        train_list: bad.clone(),
+        save_path: config.save_path.join("check-claims"),
+        ..config.clone()
+    });
+    assert!(!ok);
+    assert!(stderr.contains(&message), "{message} not in {stderr}");
     // A list that does not exist names the path and the key.
     let missing = Config {
         train_list: out.join("nowhere.txt"),

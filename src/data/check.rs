@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::classes::FoldClasses;
 use super::dataset::check_listed_classes;
-use super::index::{map_parallel, MIN_CLASS_PIXELS};
+use super::index::{map_parallel, refuted_claim, MIN_CLASS_PIXELS};
 use super::lists::{read_list_lenient, ListEntry};
 use super::raster::{read_image, read_label};
 use super::{DataError, Split};
@@ -43,6 +43,9 @@ impl CheckReport {
         self.problems.is_empty()
     }
 }
+
+/// Refuted `sub_class_file_list` claims named one per line; the rest are counted.
+const CLAIMS_SHOWN: usize = 10;
 
 /// Checks one list entry; returns the label's histogram when the label could be read.
 fn check_entry(
@@ -93,7 +96,7 @@ fn check_entry(
 }
 
 /// Checks both lists of `config`: malformed lines (the well-formed ones are still checked), a
-/// `sub_class_file_list` of another fold or split, missing, unreadable or truncated files,
+/// `sub_class_file_list` of another fold or split or whose class claims its labels refute, missing, unreadable or truncated files,
 /// image/label size mismatches, label values outside {0..classes, 255}, and classes of the fold
 /// with fewer than `shot + 1` eligible images; counts each class's images for the fold.
 pub fn check_dataset(config: &Config) -> CheckReport {
@@ -133,14 +136,45 @@ pub fn check_dataset(config: &Config) -> CheckReport {
                 present: 0,
             })
             .collect();
+        let mut histograms = Vec::with_capacity(entries.len());
         for (histogram, problems) in checked {
             report.problems.extend(problems);
-            let Some(histogram) = histogram else { continue };
-            for count in &mut counts {
-                let pixels = histogram[count.class];
-                count.present += usize::from(pixels > 0);
-                count.eligible += usize::from(pixels >= MIN_CLASS_PIXELS);
+            if let Some(histogram) = histogram {
+                for count in &mut counts {
+                    let pixels = histogram[count.class];
+                    count.present += usize::from(pixels > 0);
+                    count.eligible += usize::from(pixels >= MIN_CLASS_PIXELS);
+                }
             }
+            histograms.push(histogram);
+        }
+        // A sub_class_file_list's claims, against the labels read (an unreadable label is a
+        // problem of its own); a list of other labels would refute thousands, so a few are named.
+        let refuted: Vec<String> = file
+            .claims
+            .iter()
+            .filter_map(|claim| {
+                let histogram = histograms[claim.entry]?;
+                let entry = &entries[claim.entry];
+                refuted_claim(
+                    claim,
+                    &entry.image,
+                    &entry.label,
+                    histogram.get(claim.class).copied().unwrap_or(0),
+                    list,
+                )
+            })
+            .map(|e| e.to_string())
+            .collect();
+        report
+            .problems
+            .extend(refuted.iter().take(CLAIMS_SHOWN).cloned());
+        if refuted.len() > CLAIMS_SHOWN {
+            report.problems.push(format!(
+                "{list}: {} more class claims refuted by their labels",
+                refuted.len() - CLAIMS_SHOWN,
+                list = list.display()
+            ));
         }
         for count in counts
             .iter()

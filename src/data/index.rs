@@ -79,6 +79,27 @@ impl IndexedItem {
     }
 }
 
+/// The error of a `sub_class_file_list` claim that its label refutes, given the `pixels` of the
+/// claimed class there: BAM lists an image under a class only where the class covers at least
+/// [`MIN_CLASS_PIXELS`] pixels, so anything else means the list belongs to other labels (another
+/// dataset version, fold or rule).
+pub(crate) fn refuted_claim(
+    claim: &ClassClaim,
+    image: &str,
+    label: &str,
+    pixels: u32,
+    list: &Path,
+) -> Option<DataError> {
+    (pixels < MIN_CLASS_PIXELS).then(|| DataError::ListLine {
+        path: list.to_path_buf(),
+        line: claim.line,
+        message: format!(
+            "class {} lists ({image}, {label}), but that label has {pixels} pixels of class {}, fewer than the {MIN_CLASS_PIXELS} a class's list requires; the list does not belong to these labels (regenerate it with `svf-data lists`)",
+            claim.class, claim.class
+        ),
+    })
+}
+
 /// Reads one entry: label histogram, and the image's header to check that the sizes agree.
 fn scan(entry: &ListEntry, data_root: &Path) -> Result<IndexedItem, DataError> {
     let image_path = entry.image_path(data_root);
@@ -211,28 +232,22 @@ impl ClassIndex {
         Ok(index)
     }
 
-    /// Checks a `sub_class_file_list`'s claims: BAM lists an image under a class only where the
-    /// class covers at least [`MIN_CLASS_PIXELS`] pixels, so anything else means the list belongs
-    /// to other labels (another dataset version, fold or rule).
+    /// Checks a `sub_class_file_list`'s claims (see [`refuted_claim`]); the first refuted one is
+    /// the error.
     fn check_claims(&self, claims: &[ClassClaim], list: &Path) -> Result<(), DataError> {
-        for claim in claims {
-            let item = &self.items[claim.entry];
-            if !item.is_eligible(claim.class) {
-                return Err(DataError::ListLine {
-                    path: list.to_path_buf(),
-                    line: claim.line,
-                    message: format!(
-                        "class {} lists ({}, {}), but that label has {} pixels of class {}, fewer than the {MIN_CLASS_PIXELS} a class's list requires; the list does not belong to these labels (regenerate it with `svf-data lists`)",
-                        claim.class,
-                        item.image,
-                        item.label,
-                        item.pixels(claim.class),
-                        claim.class
-                    ),
-                });
-            }
-        }
-        Ok(())
+        claims
+            .iter()
+            .find_map(|claim| {
+                let item = &self.items[claim.entry];
+                refuted_claim(
+                    claim,
+                    &item.image,
+                    &item.label,
+                    item.pixels(claim.class),
+                    list,
+                )
+            })
+            .map_or(Ok(()), Err)
     }
 
     fn write_cache(&self, list_id: &Path, name: &str, cache_dirs: &[PathBuf]) {
