@@ -87,6 +87,18 @@ impl CheckpointFiles {
         }
     }
 
+    /// The files of the checkpoint whose weights file is `weights` (`DIR/NAME.safetensors`).
+    pub fn of_weights(weights: &Path) -> Option<CheckpointFiles> {
+        let name = weights
+            .file_name()?
+            .to_str()?
+            .strip_suffix(".safetensors")?;
+        Some(CheckpointFiles::new(
+            weights.parent().unwrap_or(Path::new("")),
+            name,
+        ))
+    }
+
     fn all(&self) -> [&Path; 3] {
         [&self.weights, &self.optimizer, &self.state]
     }

@@ -122,12 +122,12 @@ fn trained_config(weights: &Path) -> Option<(Config, PathBuf)> {
     };
     // The checkpoint's metadata, when it has a config record (not one from before configs were
     // recorded, nor some other JSON file beside a user's weights).
-    let record = weights.with_extension("json");
-    let recorded = std::fs::read_to_string(&record)
-        .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .and_then(|mut meta| meta.get_mut("config").map(serde_json::Value::take));
-    if let Some(recorded) = recorded {
+    let recorded = CheckpointFiles::of_weights(weights).and_then(|files| {
+        let text = std::fs::read_to_string(&files.state).ok()?;
+        let mut meta = serde_json::from_str::<serde_json::Value>(&text).ok()?;
+        Some((meta.get_mut("config")?.take(), files.state))
+    });
+    if let Some((recorded, record)) = recorded {
         return match serde_json::from_value::<ConfigRecord>(recorded)
             .map_err(|e| e.to_string())
             .and_then(|recorded| recorded.to_config())
