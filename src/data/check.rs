@@ -150,30 +150,25 @@ pub fn check_dataset(config: &Config) -> CheckReport {
         }
         // A sub_class_file_list's claims, against the labels read (an unreadable label is a
         // problem of its own); a list of other labels would refute thousands, so a few are named.
-        let refuted: Vec<String> = file
-            .claims
-            .iter()
-            .filter_map(|claim| {
-                let histogram = histograms[claim.entry]?;
-                let entry = &entries[claim.entry];
-                refuted_claim(
-                    claim,
-                    &entry.image,
-                    &entry.label,
-                    histogram.get(claim.class).copied().unwrap_or(0),
-                    list,
-                )
-            })
-            .map(|e| e.to_string())
-            .collect();
+        let mut refuted = file.claims.iter().filter_map(|claim| {
+            let histogram = histograms[claim.entry]?;
+            let entry = &entries[claim.entry];
+            refuted_claim(
+                claim,
+                &entry.image,
+                &entry.label,
+                histogram.get(claim.class).copied().unwrap_or(0),
+                list,
+            )
+        });
         report
             .problems
-            .extend(refuted.iter().take(CLAIMS_SHOWN).cloned());
-        if refuted.len() > CLAIMS_SHOWN {
+            .extend(refuted.by_ref().take(CLAIMS_SHOWN).map(|e| e.to_string()));
+        let more = refuted.count();
+        if more > 0 {
             report.problems.push(format!(
-                "{list}: {} more class claims refuted by their labels",
-                refuted.len() - CLAIMS_SHOWN,
-                list = list.display()
+                "{}: {more} more class claims refuted by their labels",
+                list.display()
             ));
         }
         for count in counts

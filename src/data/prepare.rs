@@ -281,13 +281,15 @@ pub(crate) fn place_label(
     inputs: &str,
     make: impl FnOnce() -> Result<LabelMap, SkippedFile>,
 ) -> Result<Result<([u32; 256], LabelFate), SkippedFile>, PrepareError> {
-    let fate = match existing_label(path, size, classes) {
-        None => LabelFate::Written,
-        Some(histogram) => match record.compare(path, inputs) {
-            Recorded::Same => return Ok(Ok((histogram, LabelFate::Kept))),
-            Recorded::Other => LabelFate::Outdated,
-            Recorded::Missing => LabelFate::Unrecorded,
+    // The record first: a stat, where checking the label decodes it (wasted on one to rewrite).
+    let fate = match record.compare(path, inputs) {
+        Recorded::Same => match existing_label(path, size, classes) {
+            Some(histogram) => return Ok(Ok((histogram, LabelFate::Kept))),
+            None => LabelFate::Written,
         },
+        Recorded::Other => LabelFate::Outdated,
+        Recorded::Missing if path.is_file() => LabelFate::Unrecorded,
+        Recorded::Missing => LabelFate::Written,
     };
     let label = match make() {
         Ok(label) => label,
