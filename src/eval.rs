@@ -289,7 +289,7 @@ fn write_panels(
             path: dir.to_path_buf(),
             source,
         })?;
-        visual::write_png(
+        visual::write_rgb_png(
             &dir.join(format!("episode_{index:05}.png")),
             &visual::qualitative_panel(&title, &tiles),
         )?;

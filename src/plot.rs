@@ -88,17 +88,12 @@ fn render(
                 message,
             })?;
     }
-    let write_err = |message: String| PlotError::Write {
-        path: path.to_path_buf(),
-        message,
-    };
-    let image = image::RgbImage::from_raw(width, height, buffer)
-        .ok_or_else(|| write_err("buffer size".into()))?;
-    let tmp = path.with_extension("png.tmp");
-    image
-        .save_with_format(&tmp, image::ImageFormat::Png)
-        .map_err(|e| write_err(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| write_err(e.to_string()))
+    crate::visual::write_png(path, (width, height), png::ColorType::Rgb, &buffer, None).map_err(
+        |e| PlotError::Write {
+            path: path.to_path_buf(),
+            message: e.message,
+        },
+    )
 }
 
 /// The range of `values` with a margin, never empty.

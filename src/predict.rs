@@ -17,7 +17,7 @@ use crate::data::transform::{normalise_into, val_resize};
 use crate::data::DataError;
 use crate::inference::{inference_logits, original_resolution};
 use crate::model::FewShotModel;
-use crate::visual::{mask_image, overlay, VisualError, MASK_COLOUR};
+use crate::visual::{mask_image, overlay, write_png, VisualError, MASK_COLOUR};
 
 /// Why a prediction could not be made or written.
 #[derive(Debug, thiserror::Error)]
@@ -189,35 +189,6 @@ fn written_by_us(path: &Path) -> bool {
         })
 }
 
-/// Writes an 8-bit grey or RGB PNG marked as svf-predict's ([`SOFTWARE`]).
-fn write_marked_png(
-    path: &Path,
-    (width, height): (u32, u32),
-    colour: png::ColorType,
-    data: &[u8],
-) -> Result<(), PredictError> {
-    let failed = |message: String| {
-        PredictError::Write(VisualError {
-            path: path.to_path_buf(),
-            message,
-        })
-    };
-    // Unbuffered, and finished explicitly: the encoder's drop would write the end of the file
-    // and swallow its error (a full disk would leave a truncated PNG reported as written).
-    let file = std::fs::File::create(path).map_err(|e| failed(e.to_string()))?;
-    let mut encoder = png::Encoder::new(file, width, height);
-    encoder.set_color(colour);
-    encoder.set_depth(png::BitDepth::Eight);
-    encoder
-        .add_text_chunk("Software".to_string(), SOFTWARE.to_string())
-        .and_then(|()| encoder.write_header())
-        .and_then(|mut writer| {
-            writer.write_image_data(data)?;
-            writer.finish()
-        })
-        .map_err(|e| failed(e.to_string()))
-}
-
 /// The files written for one query.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prediction {
@@ -293,9 +264,21 @@ pub fn predict(
         )
         .expect("the buffer has h x w x 3 values");
         let size = mask.dimensions();
-        write_marked_png(mask_path, size, png::ColorType::Grayscale, mask.as_raw())?;
+        write_png(
+            mask_path,
+            size,
+            png::ColorType::Grayscale,
+            mask.as_raw(),
+            Some(SOFTWARE),
+        )?;
         let tinted = overlay(&original, &mask, MASK_COLOUR);
-        write_marked_png(overlay_path, size, png::ColorType::Rgb, tinted.as_raw())?;
+        write_png(
+            overlay_path,
+            size,
+            png::ColorType::Rgb,
+            tinted.as_raw(),
+            Some(SOFTWARE),
+        )?;
         predictions.push(Prediction {
             query: query.clone(),
             mask: mask_path.clone(),
@@ -452,8 +435,22 @@ mod tests {
         let planned = job(&query, &dir, true).unwrap();
         // svf-predict's own outputs are replaced without asking.
         let (_, mask_out, overlay_out) = &planned.queries[0];
-        write_marked_png(mask_out, (4, 3), png::ColorType::Grayscale, &[0; 12]).unwrap();
-        write_marked_png(overlay_out, (4, 3), png::ColorType::Rgb, &[0; 36]).unwrap();
+        write_png(
+            mask_out,
+            (4, 3),
+            png::ColorType::Grayscale,
+            &[0; 12],
+            Some(SOFTWARE),
+        )
+        .unwrap();
+        write_png(
+            overlay_out,
+            (4, 3),
+            png::ColorType::Rgb,
+            &[0; 36],
+            Some(SOFTWARE),
+        )
+        .unwrap();
         // Complete files (the PNG's end written): they decode to the pixels given.
         assert!(read_mask(mask_out).unwrap().pixels().all(|p| p[0] == 0));
         assert!(job(&query, &dir, false).is_ok());

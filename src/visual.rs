@@ -53,19 +53,55 @@ pub fn mask_image(mask: &Tensor) -> GrayImage {
 /// Colour of masks drawn over images (cyan: rare in natural images' objects).
 pub const MASK_COLOUR: Rgb<u8> = Rgb([0, 230, 255]);
 
-/// Writes `image` as PNG.
-pub fn write_png<P, C>(path: &Path, image: &image::ImageBuffer<P, C>) -> Result<(), VisualError>
-where
-    P: image::PixelWithColorType,
-    [P::Subpixel]: image::EncodableLayout,
-    C: std::ops::Deref<Target = [P::Subpixel]>,
-{
-    image
-        .save_with_format(path, image::ImageFormat::Png)
-        .map_err(|e| VisualError {
-            path: path.to_path_buf(),
-            message: e.to_string(),
+/// Writes 8-bit `data` (`colour` pixels of `width` x `height`) as the PNG `path`, with a `Software`
+/// text when given. Atomic and checked to the end: staged as `<path>.tmp`, unbuffered and finished
+/// explicitly (a PNG encoder's or a buffer's drop writes the file's end and swallows its error, so a
+/// full disk would leave a truncated file reported as written), then renamed into place.
+pub fn write_png(
+    path: &Path,
+    (width, height): (u32, u32),
+    colour: png::ColorType,
+    data: &[u8],
+    software: Option<&str>,
+) -> Result<(), VisualError> {
+    let failed = |message: String| VisualError {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut tmp = path.as_os_str().to_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let written = std::fs::File::create(&tmp)
+        .map_err(|e| e.to_string())
+        .and_then(|file| {
+            let mut encoder = png::Encoder::new(file, width, height);
+            encoder.set_color(colour);
+            encoder.set_depth(png::BitDepth::Eight);
+            if let Some(software) = software {
+                encoder
+                    .add_text_chunk("Software".to_string(), software.to_string())
+                    .map_err(|e| e.to_string())?;
+            }
+            let mut writer = encoder.write_header().map_err(|e| e.to_string())?;
+            writer.write_image_data(data).map_err(|e| e.to_string())?;
+            writer.finish().map_err(|e| e.to_string())
         })
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
+    written.map_err(|message| {
+        let _ = std::fs::remove_file(&tmp);
+        failed(message)
+    })
+}
+
+/// Writes an RGB `image` as the PNG `path` ([`write_png`]).
+pub fn write_rgb_png(path: &Path, image: &RgbImage) -> Result<(), VisualError> {
+    write_png(
+        path,
+        image.dimensions(),
+        png::ColorType::Rgb,
+        image.as_raw(),
+        None,
+    )
 }
 
 /// `image` with the non-zero pixels of `mask` tinted half-way to `colour` and the mask's outline
@@ -232,6 +268,39 @@ pub fn qualitative_panel(title: &str, tiles: &[(&str, &RgbImage)]) -> RgbImage {
 mod tests {
     use super::*;
     use image::Luma;
+
+    #[test]
+    fn pngs_are_written_whole_tagged_and_in_place_or_not_at_all() {
+        let dir = std::env::temp_dir().join(format!("svf-visual-png-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("grey.png");
+        let pixels = [0u8, 255, 7, 9, 11, 13];
+        write_png(
+            &path,
+            (3, 2),
+            png::ColorType::Grayscale,
+            &pixels,
+            Some("me"),
+        )
+        .unwrap();
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+        let reader = decoder.read_info().unwrap();
+        let text = &reader.info().uncompressed_latin1_text;
+        assert!(text
+            .iter()
+            .any(|t| t.keyword == "Software" && t.text == "me"));
+        assert_eq!(image::open(&path).unwrap().to_luma8().into_raw(), pixels);
+        assert!(!dir.join("grey.png.tmp").exists());
+        // A failed write (the data does not fill the size) leaves neither file nor stage.
+        let bad = dir.join("bad.png");
+        let message = write_png(&bad, (3, 3), png::ColorType::Grayscale, &pixels, None)
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("bad.png"), "{message}");
+        assert!(!bad.exists() && !dir.join("bad.png.tmp").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn overlay_tints_inside_and_outlines_the_edge() {
